@@ -1,0 +1,138 @@
+"""Command line: ``semid train ...`` (also ``python -m semid_dist ...``).
+
+The seed's flags keep their names and defaults (``--data_path``, ``--n_layers``, ``--use_ema`` /
+``--no_ema`` ...). ``semid --data_path ...`` without a sub-command means ``train``, as the seed's
+``train_tokenizer.py`` did. ``--config FILE`` (YAML/JSON) sets the same fields; flags given on
+the command line win.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import typing
+
+from semid_dist.config import Config, load_config_file
+from semid_dist.errors import UserError, find_user_error, one_line
+
+HELP = {
+    "data_path": "parquet input: the seed's dir with item_emb.parquet, a file, a dir of shards, a glob, or s3://",
+    "output_dir": "where results are published (local path or s3:// prefix)",
+    "mode": "tiger (RQ-VAE) or kmeans (residual k-means)",
+    "epochs": "training epochs (tiger)",
+    "batch_size": "global training batch size (tiger)",
+    "learning_rate": "AdamW learning rate (tiger)",
+    "device": "auto, cpu or cuda",
+    "n_layers": "number of quantization levels",
+    "n_embed": "codes per level (tiger)",
+    "n_clusters": "codes per level (kmeans)",
+    "latent_dim": "latent dimension (tiger)",
+    "max_items": "use only the first N items (quick tests)",
+    "save_every": "checkpoint every N epochs (tiger)",
+    "log_level": "DEBUG, INFO, WARNING or ERROR (DEBUG also shows tracebacks)",
+    "max_iters": "Lloyd iterations per level at full dimension (kmeans)",
+    "seed": "random seed (sampling, k-means seeding, model init)",
+    "sample_per_centroid": "k-means sample size = this x n_clusters",
+    "num_workers": "Ray Train workers (tiger)",
+    "resume": "continue from the latest checkpoint (tiger)",
+    "max_failures": "restarts allowed after a worker failure (tiger)",
+    "ray_address": "Ray cluster address (default: RAY_ADDRESS, else a local Ray)",
+    "s3_endpoint_url": "S3 endpoint override (default: AWS_ENDPOINT_URL)",
+    "item_titles": "parquet with ItemID,title shown in the summary",
+}
+HIDDEN = {"fail_at_step"}
+
+
+def _arg_type(tp):
+    if tp in (int, "int"):
+        return int
+    if tp in (float, "float"):
+        return float
+    return str
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="semid", description="Train semantic-ID tokenizers (tiger / kmeans).")
+    p.add_argument("command", nargs="?", default="train", choices=["train"],
+                   help="what to do (default: train)")
+    p.add_argument("--config", help="YAML or JSON file of config fields")
+    p.add_argument("--log_dir", default=argparse.SUPPRESS, help="local folder for log files (default: logs)")
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        name, tp = f.name, hints[f.name]
+        h = argparse.SUPPRESS if name in HIDDEN else HELP.get(name, name.replace("_", " "))
+        if name == "use_ema":
+            p.add_argument("--use_ema", dest="use_ema", action="store_true", default=argparse.SUPPRESS,
+                           help="EMA codebook updates (default)")
+            p.add_argument("--no_ema", dest="use_ema", action="store_false", default=argparse.SUPPRESS,
+                           help="learn codebooks by gradient")
+        elif tp is bool:
+            p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=h)
+        else:
+            base = tp if tp in (int, float, str) else int  # int | None (max_items)
+            p.add_argument(f"--{name}", type=_arg_type(base), default=argparse.SUPPRESS,
+                           help=h if h is argparse.SUPPRESS else f"{h} (default: {f.default})")
+    return p
+
+
+def parse_config(argv: list[str]) -> tuple[Config, dict]:
+    ns = vars(build_parser().parse_args(argv))
+    extra = {"log_dir": ns.pop("log_dir", "logs")}
+    ns.pop("command", None)
+    fields: dict = {}
+    cfg_file = ns.pop("config", None)
+    if cfg_file:
+        fields.update(load_config_file(cfg_file))
+    fields.update(ns)  # only flags actually given (defaults are suppressed)
+    return Config.from_dict(fields), extra
+
+
+def print_summary(results: dict) -> None:
+    m, c = results["metrics"], results["config"]
+    k = c["n_embed"] if results["mode"] == "tiger" else c["n_clusters"]
+    used = ", ".join(str(lv["codes_used"]) for lv in m["levels"])
+    ppl = ", ".join(f"{lv['perplexity']:.0f}" for lv in m["levels"])
+    print(f"\nsemid_dist {results['mode']}: {results['input']['items']} items -> "
+          f"{c['n_layers']} levels x {k} codes + 1 dedup code")
+    print(f"  collision rate before dedup: {100 * m['collision_rate']:.2f}%  (max bucket {m['max_bucket']})")
+    print(f"  codes used per level:        {used}")
+    print(f"  perplexity per level:        {ppl}")
+    print(f"  relative recon. error:       {m['relative_reconstruction_error']:.4f}")
+    print(f"  wall time:                   {results['timings_s']['total']:.1f} s")
+    print(f"  outputs:                     {results['output_dir']}")
+    print(f"  log:                         {results['log_path']}")
+    if results.get("examples"):
+        print("  items sharing a prefix:")
+        for ex in results["examples"]:
+            title = f"  {ex['title']}" if ex.get("title") else ""
+            print(f"    {ex['ItemID']:>8}  {ex['semantic_id']}{title}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "DEBUG" in [a.upper() for a in argv]
+    try:
+        cfg, extra = parse_config(argv)
+        from semid_dist import train
+
+        results = train.run(cfg, log_dir=extra["log_dir"])
+        print_summary(results)
+        return 0
+    except KeyboardInterrupt:
+        print("semid: interrupted; nothing was published", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line for user errors; traceback only with DEBUG
+        err = find_user_error(e)
+        if debug:
+            logging.getLogger("semid_dist").exception("run failed")
+        if err is not None:
+            print(f"semid: error: {one_line(err)}", file=sys.stderr)
+            return 2
+        print(f"semid: internal error: {type(e).__name__}: {one_line(e)}"
+              + ("" if debug else " (rerun with --log_level DEBUG for the traceback)"), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

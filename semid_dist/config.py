@@ -1,0 +1,158 @@
+"""One typed config, validated in one place.
+
+The CLI maps onto it field for field (the seed's flag names and defaults); ``--config`` files
+(YAML or JSON) set the same fields; Ray workers receive ``to_dict()`` and rebuild it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from semid_dist.errors import UserError
+
+MODES = ("tiger", "kmeans")
+DEVICES = ("auto", "cpu", "cuda")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass
+class Config:
+    # --- the seed's contract (names and defaults from SEED.md) ---
+    data_path: str = ""
+    output_dir: str = ""
+    mode: str = "tiger"
+    epochs: int = 100
+    batch_size: int = 512
+    learning_rate: float = 1e-3
+    device: str = "auto"
+    n_layers: int = 4
+    n_embed: int = 512
+    n_clusters: int = 512
+    latent_dim: int = 128
+    max_items: int | None = None
+    save_every: int = 10
+    log_level: str = "INFO"
+    use_ema: bool = True
+    max_iters: int = 20
+    # --- kmeans mode ---
+    seed: int = 42
+    sample_per_centroid: int = 256  # k-means sample = this x n_clusters points
+    kmeans_progressive: bool = True  # progressive-dimension k-means (see math/kmeans.py)
+    # --- tiger mode ---
+    beta: float = 0.25
+    ema_decay: float = 0.99
+    dead_code_threshold: float = 1.0
+    gumbel: bool = False
+    gumbel_temperature: float = 1.0
+    gumbel_temperature_min: float = 0.1
+    patience: int = 10  # early stopping on the validation split; 0 disables it
+    val_fraction: float = 0.05
+    num_workers: int = 1
+    cpus_per_worker: float = 0.5
+    resume: bool = False
+    max_failures: int = 0
+    storage_path: str = ""  # Ray Train checkpoints; default <output_dir>/_ray_train
+    # --- data and cluster ---
+    ray_address: str = ""  # empty: RAY_ADDRESS or a local single-node Ray
+    s3_endpoint_url: str = ""  # overrides AWS_ENDPOINT_URL
+    encode_batch_size: int = 16384
+    item_titles: str = ""  # optional parquet (ItemID, title) shown in the run summary
+    examples: int = 5
+    fail_at_step: int = -1  # test hook: a worker raises once at this global step
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        unknown = sorted(set(d) - set(cls.field_names()))
+        if unknown:
+            raise UserError(f"unknown config field(s): {', '.join(unknown)}")
+        return cls(**d).validated()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **kw: Any) -> "Config":
+        return dataclasses.replace(self, **kw).validated()
+
+    @property
+    def n_codes(self) -> int:
+        """Codes per level for the active mode (--n_embed for tiger, --n_clusters for kmeans)."""
+        return self.n_embed if self.mode == "tiger" else self.n_clusters
+
+    @property
+    def dataset_name(self) -> str:
+        """Name used in the log file: the data directory's (or file's stem) last component."""
+        p = self.data_path.rstrip("/").split("/")[-1] or "data"
+        for suffix in (".parquet",):
+            if p.endswith(suffix):
+                p = p[: -len(suffix)]
+        return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in p) or "data"
+
+    def validated(self) -> "Config":
+        def bad(name: str, why: str) -> UserError:
+            return UserError(f"invalid --{name}={getattr(self, name)!r}: {why}")
+
+        if not self.data_path:
+            raise UserError("--data_path is required")
+        if not self.output_dir:
+            raise UserError("--output_dir is required")
+        if self.mode not in MODES:
+            raise bad("mode", f"choose one of {', '.join(MODES)}")
+        if self.device not in DEVICES:
+            raise bad("device", f"choose one of {', '.join(DEVICES)}")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise bad("log_level", f"choose one of {', '.join(LOG_LEVELS)}")
+        self.log_level = self.log_level.upper()
+        positive = ("epochs", "batch_size", "n_layers", "n_embed", "n_clusters", "latent_dim",
+                    "save_every", "max_iters", "sample_per_centroid", "num_workers",
+                    "encode_batch_size")
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise bad(name, "must be >= 1")
+        if self.max_items is not None and self.max_items < 1:
+            raise bad("max_items", "must be >= 1")
+        if not self.learning_rate > 0:
+            raise bad("learning_rate", "must be > 0")
+        if not 0 < self.ema_decay < 1:
+            raise bad("ema_decay", "must be in (0, 1)")
+        if not 0 <= self.val_fraction < 0.5:
+            raise bad("val_fraction", "must be in [0, 0.5)")
+        if self.cpus_per_worker <= 0:
+            raise bad("cpus_per_worker", "must be > 0")
+        if self.max_failures < 0 or self.patience < 0:
+            raise UserError("--max_failures and --patience must be >= 0")
+        if self.gumbel and self.use_ema:
+            raise UserError("--gumbel needs --no_ema (codebooks learned by gradient)")
+        if self.n_codes > 65535:
+            raise bad("n_embed" if self.mode == "tiger" else "n_clusters", "must be <= 65535")
+        return self
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """Read a YAML or JSON config file into a dict of Config fields."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{path}: config file does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # parse errors from either library
+        raise UserError(f"{path}: cannot parse config: {str(e).splitlines()[0]}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: config must be a mapping of field: value")
+    return data
+
+

@@ -1,0 +1,162 @@
+"""Reading and validating item embeddings with Ray Data.
+
+Data contract (DESIGN.md section 3): parquet with ``ItemID`` (integer) and ``embedding`` (list,
+large_list or fixed_size_list of float32/float64, one length on every row). Bad input raises
+UserError naming the file and the ItemID/row.
+
+The happy path carries no file names through the pipeline (a string per row would cost more
+than the codes themselves); when a batch fails validation, the driver finds the offending file
+afterwards by looking for the ItemID in each file (``locate_item``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from semid_dist import storage
+from semid_dist.errors import UserError
+
+ID_COL, EMB_COL = "ItemID", "embedding"
+
+
+class RowError(UserError):
+    """A bad row found inside a Ray task; the driver adds the file name (``locate_item``)."""
+
+    def __init__(self, message: str, item_id: int | None = None):
+        super().__init__(message)
+        self.item_id = item_id
+
+
+@dataclass
+class InputInfo:
+    files: list[str]
+    num_rows: int
+    dim: int
+
+
+def _open_parquet(path: str, endpoint_url: str) -> pq.ParquetFile:
+    fs = storage.filesystem(path, endpoint_url)
+    try:
+        return pq.ParquetFile(fs.open(storage.strip_scheme(path), "rb"))
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: not a readable parquet file ({first})") from e
+
+
+def _check_schema(path: str, schema: pa.Schema) -> None:
+    names = schema.names
+    for col in (ID_COL, EMB_COL):
+        if col not in names:
+            raise UserError(f"{path}: missing column '{col}' (columns: {', '.join(names)})")
+    id_type = schema.field(ID_COL).type
+    if not pa.types.is_integer(id_type):
+        raise UserError(f"{path}: column '{ID_COL}' must be integer, got {id_type}")
+    emb_type = schema.field(EMB_COL).type
+    is_list = (pa.types.is_list(emb_type) or pa.types.is_large_list(emb_type)
+               or pa.types.is_fixed_size_list(emb_type))
+    if not is_list or not (pa.types.is_floating(emb_type.value_type)
+                           or pa.types.is_integer(emb_type.value_type)):
+        raise UserError(f"{path}: column '{EMB_COL}' must be a list of floats, got {emb_type}")
+
+
+def inspect_inputs(files: list[str], endpoint_url: str = "") -> InputInfo:
+    """Check every file's footer (columns, types, row count) and find the embedding size."""
+    total, dim = 0, None
+    for path in files:
+        pf = _open_parquet(path, endpoint_url)
+        _check_schema(path, pf.schema_arrow)
+        n = pf.metadata.num_rows
+        total += n
+        if dim is None and n > 0:
+            for rg in range(pf.num_row_groups):
+                if pf.metadata.row_group(rg).num_rows:
+                    first = pf.read_row_group(rg, columns=[EMB_COL]).column(0).slice(0, 1)
+                    lengths = pc.list_value_length(first.combine_chunks())
+                    dim = int(lengths[0].as_py() or 0)
+                    break
+            if dim == 0:
+                raise UserError(f"{path}: empty embedding vector in the first row")
+    if total == 0:
+        raise UserError(f"{files[0] if len(files) == 1 else 'input'}: zero rows in "
+                        f"{len(files)} parquet file(s)")
+    assert dim is not None
+    return InputInfo(files=files, num_rows=total, dim=dim)
+
+
+def batch_to_arrays(batch: pa.Table, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a batch and return (ItemID int64 (N,), embeddings float32 (N, dim)).
+
+    Zero-copy where the layout allows: flatten the list column, view it as (N, dim).
+    """
+    ids = batch.column(ID_COL)
+    if ids.null_count:
+        row = int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0])
+        raise RowError(f"null ItemID at row {row} of a batch")
+    ids_N = ids.to_numpy().astype(np.int64, copy=False)
+    emb = batch.column(EMB_COL).combine_chunks() if isinstance(batch.column(EMB_COL), pa.ChunkedArray) \
+        else batch.column(EMB_COL)
+    if emb.null_count:
+        bad = int(np.flatnonzero(emb.is_null().to_numpy(zero_copy_only=False))[0])
+        raise RowError(f"ItemID {ids_N[bad]}: embedding is null", int(ids_N[bad]))
+    lengths = pc.list_value_length(emb).to_numpy(zero_copy_only=False)
+    wrong = np.flatnonzero(lengths != dim)
+    if wrong.size:
+        bad = int(wrong[0])
+        what = "empty embedding vector" if lengths[bad] == 0 else \
+            f"ragged embedding: length {lengths[bad]}, expected {dim}"
+        raise RowError(f"ItemID {ids_N[bad]}: {what}", int(ids_N[bad]))
+    values = pc.list_flatten(emb)
+    if values.null_count:
+        raise RowError("null value inside an embedding vector")
+    x_ND = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+    finite_N = np.isfinite(x_ND).all(axis=1)
+    if not finite_N.all():
+        bad = int(np.flatnonzero(~finite_N)[0])
+        raise RowError(f"ItemID {ids_N[bad]}: embedding contains NaN or Inf", int(ids_N[bad]))
+    return ids_N, x_ND
+
+
+def locate_item(files: list[str], item_id: int, endpoint_url: str = "") -> str | None:
+    """The first file holding ItemID item_id (used only to word an error message)."""
+    for path in files:
+        try:
+            col = _open_parquet(path, endpoint_url).read(columns=[ID_COL]).column(0)
+        except UserError:
+            continue
+        if pc.any(pc.equal(col, pa.scalar(item_id, col.type))).as_py():
+            return path
+    return None
+
+
+def with_file(err: RowError, files: list[str], endpoint_url: str = "") -> UserError:
+    where = locate_item(files, err.item_id, endpoint_url) if err.item_id is not None else None
+    prefix = where if where else (files[0] if len(files) == 1 else f"one of {len(files)} input files")
+    return UserError(f"{prefix}: {err.args[0]}")
+
+
+def hash_unit(ids_N: np.ndarray, seed: int) -> np.ndarray:
+    """A uniform number in [0, 1) per ItemID (splitmix64): the sample is a function of the
+    ItemIDs and the seed alone, never of row order or sharding."""
+    with np.errstate(over="ignore"):
+        z = ids_N.astype(np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15) % (1 << 64))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def read_dataset(info: InputInfo, endpoint_url: str = "", max_items: int | None = None):
+    """The Ray Dataset of (ItemID, embedding); max_items keeps the first rows in file order."""
+    import ray
+
+    ds = ray.data.read_parquet(
+        info.files, columns=[ID_COL, EMB_COL],
+        filesystem=storage.arrow_filesystem(info.files[0], endpoint_url),
+    )
+    if max_items is not None and max_items < info.num_rows:
+        ds = ds.limit(max_items)
+    return ds

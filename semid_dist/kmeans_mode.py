@@ -1,0 +1,40 @@
+"""kmeans mode: residual k-means fitted on the in-memory hash sample from the scan pass."""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from semid_dist.config import Config
+from semid_dist.math.kmeans import fit_residual_codebooks
+from semid_dist.math.metrics import level_stats
+from semid_dist.passes import ScanResult
+from semid_dist.tokenizer import Tokenizer
+
+log = logging.getLogger("semid_dist")
+
+
+def fit(cfg: Config, scan: ScanResult) -> tuple[Tokenizer, dict]:
+    x_SD = torch.from_numpy(scan.sample_SD)
+    log.info("kmeans: fitting %d levels x %d centroids on a sample of %d x %d (%s k-means, %d iters)",
+             cfg.n_layers, cfg.n_clusters, x_SD.shape[0], x_SD.shape[1],
+             "progressive-dimension" if cfg.kmeans_progressive else "plain", cfg.max_iters)
+    per_level = []
+
+    def on_level(level: int, cb_KD: torch.Tensor, idx_S: torch.Tensor) -> None:
+        st = level_stats(idx_S.numpy()[:, None], cfg.n_clusters)[0]
+        st["level"] = level
+        st["seconds"] = round(time.time() - t0, 3)
+        per_level.append(st)
+        log.info("kmeans: level %d fitted: %d/%d codes used on the sample, perplexity %.1f",
+                 level, st["codes_used"], cfg.n_clusters, st["perplexity"])
+
+    t0 = time.time()
+    codebooks = fit_residual_codebooks(x_SD, cfg.n_layers, cfg.n_clusters, cfg.max_iters,
+                                       seed=cfg.seed, progressive=cfg.kmeans_progressive,
+                                       on_level=on_level)
+    tok = Tokenizer("kmeans", cfg.to_dict(), codebooks_LKD=torch.stack(codebooks))
+    return tok, {"sample_size": int(x_SD.shape[0]), "levels_on_sample": per_level,
+                 "sample_ids_checksum": int(np.bitwise_xor.reduce(scan.sample_ids_S)) if scan.sample_ids_S.size else 0}

@@ -1,0 +1,48 @@
+"""Quality metrics, computed the same way for every mode (DESIGN.md section 4)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def collision_stats(codes_NL: np.ndarray) -> dict:
+    """Collision rate = 1 - distinct tuples / N, and the largest group sharing a tuple."""
+    n = codes_NL.shape[0]
+    if n == 0:
+        return {"collision_rate": 0.0, "max_bucket": 0, "distinct_ids": 0}
+    _, counts = np.unique(codes_NL, axis=0, return_counts=True)
+    return {
+        "collision_rate": float(1.0 - len(counts) / n),
+        "max_bucket": int(counts.max()),
+        "distinct_ids": int(len(counts)),
+    }
+
+
+def level_stats(codes_NL: np.ndarray, n_codes: int) -> list[dict]:
+    """Per level: codes used, perplexity exp(H) of the code distribution, dead codes."""
+    out = []
+    n = max(codes_NL.shape[0], 1)
+    for level in range(codes_NL.shape[1]):
+        counts = np.bincount(codes_NL[:, level], minlength=n_codes)
+        p = counts[counts > 0] / n
+        used = int((counts > 0).sum())
+        out.append({
+            "level": level,
+            "codes_used": used,
+            "dead_codes": int(n_codes - used),
+            "perplexity": float(np.exp(-(p * np.log(p)).sum())) if used else 0.0,
+        })
+    return out
+
+
+def relative_reconstruction_error(sq_err_sum: float, sq_norm_sum: float) -> float:
+    """sum ||x - x_hat||^2 / sum ||x||^2 (sums accumulated over the streaming pass)."""
+    return float(sq_err_sum / sq_norm_sum) if sq_norm_sum > 0 else 0.0
+
+
+def quality_report(codes_NL: np.ndarray, n_codes: int, sq_err_sum: float,
+                   sq_norm_sum: float) -> dict:
+    return {
+        **collision_stats(codes_NL),
+        "levels": level_stats(codes_NL, n_codes),
+        "relative_reconstruction_error": relative_reconstruction_error(sq_err_sum, sq_norm_sum),
+    }

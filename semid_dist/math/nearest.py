@@ -1,0 +1,62 @@
+"""Nearest-centroid search and residual updates, chunked so memory stays flat.
+
+Why torch and not faiss on CPU: the faiss-cpu wheel's bundled OpenBLAS ran matrix products
+4-10x slower than torch/MKL on the 2-core machines we measured (DESIGN.md section 6), and
+the assignment is one matmul plus an argmin.
+"""
+from __future__ import annotations
+
+import torch
+
+# 16k+ rows per chunk keeps the GEMM efficient; the distance block is chunk x K floats.
+DEFAULT_CHUNK = 32768
+
+
+def nearest_code(
+    x_ND: torch.Tensor, codebook_KD: torch.Tensor, chunk: int = DEFAULT_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of the nearest codeword (squared L2) for every row, and that squared distance.
+
+    Ties go to the lowest index (torch.argmin semantics), which keeps results deterministic.
+    """
+    assert x_ND.ndim == 2 and codebook_KD.ndim == 2 and x_ND.shape[1] == codebook_KD.shape[1]
+    n = x_ND.shape[0]
+    idx_N = torch.empty(n, dtype=torch.long, device=x_ND.device)
+    dist_N = torch.empty(n, dtype=x_ND.dtype, device=x_ND.device)
+    c_norm_K = (codebook_KD * codebook_KD).sum(1)
+    for start in range(0, n, chunk):
+        xb = x_ND[start : start + chunk]
+        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; ||x||^2 is constant per row for the argmin.
+        d_BK = torch.addmm(c_norm_K.unsqueeze(0), xb, codebook_KD.T, beta=1.0, alpha=-2.0)
+        best, arg = d_BK.min(dim=1)
+        idx_N[start : start + chunk] = arg
+        dist_N[start : start + chunk] = (best + (xb * xb).sum(1)).clamp_min_(0)
+    return idx_N, dist_N
+
+
+def residual_encode(
+    x_ND: torch.Tensor, codebooks: list[torch.Tensor], chunk: int = DEFAULT_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy residual quantization: codes (N, L) and the final residual (N, D).
+
+    Level l picks the codeword nearest to the residual left by levels < l.
+    """
+    n = x_ND.shape[0]
+    codes_NL = torch.empty(n, len(codebooks), dtype=torch.long, device=x_ND.device)
+    resid_ND = x_ND.clone()
+    for start in range(0, n, chunk):
+        r = resid_ND[start : start + chunk]
+        for level, cb_KD in enumerate(codebooks):
+            idx, _ = nearest_code(r, cb_KD, chunk=chunk)
+            codes_NL[start : start + chunk, level] = idx
+            r -= cb_KD[idx]  # in place on the chunk view: no N x D temporary
+    return codes_NL, resid_ND
+
+
+def residual_decode(codes_NL: torch.Tensor, codebooks: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of the selected codewords over levels: the reconstruction of residual_encode."""
+    out = torch.zeros(codes_NL.shape[0], codebooks[0].shape[1], dtype=codebooks[0].dtype,
+                      device=codebooks[0].device)
+    for level, cb_KD in enumerate(codebooks):
+        out += cb_KD[codes_NL[:, level]]
+    return out

@@ -1,0 +1,131 @@
+"""The Python API: load a trained tokenizer and turn embeddings into codes.
+
+    >>> from semid_dist import load_tokenizer
+    >>> tok = load_tokenizer("output/films/final_model.pt")
+    >>> codes_NL = tok.encode(embeddings_ND)      # (N, n_layers) int64, before dedup
+
+``final_model.pt`` holds only tensors, numbers and strings, so it loads with
+``torch.load(weights_only=True)``: opening a file someone hands you runs no code.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from semid_dist.errors import UserError
+from semid_dist.math.nearest import residual_decode, residual_encode
+
+FORMAT = "semid_dist/v1"
+
+
+class Tokenizer:
+    """Residual-quantization tokenizer: kmeans codebooks, or a tiger RQ-VAE."""
+
+    def __init__(self, mode: str, config: dict[str, Any], codebooks_LKD: torch.Tensor | None = None,
+                 model: torch.nn.Module | None = None, model_args: dict | None = None):
+        self.mode = mode
+        self.config = config
+        self.codebooks_LKD = codebooks_LKD
+        self.model = model
+        self.model_args = model_args or {}
+        if mode == "kmeans":
+            assert codebooks_LKD is not None and codebooks_LKD.ndim == 3
+        else:
+            assert model is not None
+            self.model.eval()
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.codebooks_LKD.shape[0]) if self.mode == "kmeans" else self.model.n_layers
+
+    @property
+    def n_codes(self) -> int:
+        return int(self.codebooks_LKD.shape[1]) if self.mode == "kmeans" else self.model.n_embed
+
+    @property
+    def input_dim(self) -> int:
+        return int(self.codebooks_LKD.shape[2]) if self.mode == "kmeans" else self.model.input_dim
+
+    @property
+    def device(self) -> torch.device:
+        return self.codebooks_LKD.device if self.mode == "kmeans" else next(self.model.buffers()).device
+
+    def to(self, device: str | torch.device) -> "Tokenizer":
+        """Move the codebooks/model to a device (encode then runs there)."""
+        if self.mode == "kmeans":
+            self.codebooks_LKD = self.codebooks_LKD.to(device)
+        else:
+            self.model.to(device)
+        return self
+
+    def _as_tensor(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        x_ND = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+        if x_ND.ndim != 2 or x_ND.shape[1] != self.input_dim:
+            raise UserError(f"expected embeddings of shape (N, {self.input_dim}), got {tuple(x_ND.shape)}")
+        return x_ND.to(self.device, torch.float32)
+
+    @torch.no_grad()
+    def encode_with_error(self, x: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Codes (N, L) and the squared reconstruction error of every row."""
+        x_ND = self._as_tensor(x)
+        if self.mode == "kmeans":
+            codes_NL, resid_ND = residual_encode(x_ND, list(self.codebooks_LKD))
+            sq_err_N = (resid_ND.double() ** 2).sum(1)
+        else:
+            codes_NL = self.model.encode(x_ND)
+            x_hat_ND = self.model.decode_codes(codes_NL)
+            sq_err_N = ((x_ND - x_hat_ND).double() ** 2).sum(1)
+        return codes_NL.cpu().numpy(), sq_err_N.cpu().numpy()
+
+    def encode(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        return self.encode_with_error(x)[0]
+
+    @torch.no_grad()
+    def decode(self, codes_NL: np.ndarray | torch.Tensor) -> np.ndarray:
+        """The reconstruction of the given codes (sum of centroids, or the decoder output)."""
+        c = torch.as_tensor(np.asarray(codes_NL), dtype=torch.long)
+        if self.mode == "kmeans":
+            return residual_decode(c.to(self.device), list(self.codebooks_LKD)).cpu().numpy()
+        return self.model.decode_codes(c.to(self.device)).cpu().numpy()
+
+    # --- serialisation ----------------------------------------------------------------------
+    def payload(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"format": FORMAT, "mode": self.mode, "config": self.config}
+        if self.mode == "kmeans":
+            out["codebooks"] = self.codebooks_LKD.detach().cpu().contiguous()
+        else:
+            out["model_args"] = self.model_args
+            out["state_dict"] = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        return out
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> "Tokenizer":
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            raise UserError("not a semid_dist tokenizer file (missing format marker)")
+        mode = payload["mode"]
+        if mode == "kmeans":
+            return cls("kmeans", payload["config"], codebooks_LKD=payload["codebooks"].float())
+        if mode == "tiger":
+            from semid_dist.math.rqvae import RQVAE
+
+            model = RQVAE(**payload["model_args"])
+            model.load_state_dict(payload["state_dict"])
+            return cls("tiger", payload["config"], model=model, model_args=payload["model_args"])
+        raise UserError(f"unknown tokenizer mode {mode!r}")
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """Load ``final_model.pt`` (local path or s3:// URI) safely (weights_only=True)."""
+    from semid_dist import storage
+
+    fs = storage.filesystem(path)
+    try:
+        with fs.open(storage.strip_scheme(path), "rb") as f:
+            payload = torch.load(f, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise UserError(f"{path}: tokenizer file does not exist") from e
+    except Exception as e:
+        raise UserError(f"{path}: cannot load tokenizer: {str(e).splitlines()[0]}") from e
+    return Tokenizer.from_payload(payload)

@@ -1,0 +1,149 @@
+"""One run, top to bottom: inputs -> scan pass -> fit -> encode pass -> dedup -> export -> publish."""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from typing import Any
+
+import numpy as np
+
+from semid_dist import __version__, data as datalib, export, passes, storage
+from semid_dist.config import Config
+from semid_dist.errors import UserError
+from semid_dist.math.dedup import dedup_codes
+from semid_dist.math.metrics import quality_report
+from semid_dist.runtime import close_logging, ensure_ray, setup_logging
+
+log = logging.getLogger("semid_dist")
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.stages: dict[str, float] = {}
+
+    def stage(self, name: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.stages[name] = round(time.perf_counter() - self.t0, 3)
+                if exc[0] is None:
+                    log.info("stage %s: %.2f s", name, timer.stages[name])
+
+        return _Ctx()
+
+
+def _fit(cfg: Config, ds, info, scan, n_items: int, pub) -> tuple[Any, dict]:
+    if cfg.mode == "kmeans":
+        from semid_dist import kmeans_mode
+
+        return kmeans_mode.fit(cfg, scan)
+    try:
+        from semid_dist.tiger import trainer
+    except ImportError:
+        raise UserError("--mode tiger is not available in this build yet; use --mode kmeans") from None
+    return trainer.fit(cfg, ds, info, scan, n_items, pub)
+
+
+def run(cfg: Config, log_dir: str = "logs") -> dict:
+    """Train a tokenizer, encode the catalog, publish the outputs. Returns training_results."""
+    log_path = setup_logging(cfg, log_dir)
+    t_start = time.perf_counter()
+    timer = _Timer()
+    ep = cfg.s3_endpoint_url
+    pub = None
+    try:
+        log.info("semid_dist %s: mode=%s data=%s output=%s", __version__, cfg.mode, cfg.data_path,
+                 cfg.output_dir)
+        log.info("config: %s", cfg.to_dict())
+        with timer.stage("inspect"):
+            files = storage.list_parquet_inputs(cfg.data_path, ep)
+            info = datalib.inspect_inputs(files, ep)
+        n_items = min(info.num_rows, cfg.max_items or info.num_rows)
+        log.info("input: %d parquet file(s), %d rows, dim %d%s", len(files), info.num_rows, info.dim,
+                 f" (using the first {n_items})" if n_items < info.num_rows else "")
+        if cfg.n_codes > n_items:
+            flag = "n_embed" if cfg.mode == "tiger" else "n_clusters"
+            raise UserError(f"--{flag} {cfg.n_codes} is larger than the number of items ({n_items})")
+        pub = storage.Publisher(cfg.output_dir, ep)
+        ensure_ray(cfg)
+        ds = datalib.read_dataset(info, ep, cfg.max_items)
+        with timer.stage("scan"):
+            scan = passes.scan_pass(ds, info, cfg.seed, cfg.sample_per_centroid * cfg.n_codes, ep,
+                                    cfg.encode_batch_size, n_items)
+            passes.check_unique_ids(scan.ids_N, files, ep)
+        with timer.stage("fit"):
+            tokenizer, fit_info = _fit(cfg, ds, info, scan, n_items, pub)
+        with timer.stage("encode"):
+            enc = passes.encode_pass(ds, info, tokenizer, ep, cfg.encode_batch_size, n_items)
+        with timer.stage("dedup"):
+            dedup_N = dedup_codes(enc.ids_N, enc.codes_NL)
+            sid_NM = export.semantic_ids(enc.codes_NL, dedup_N)
+            quality = quality_report(enc.codes_NL, tokenizer.n_codes, enc.sq_err_sum, enc.sq_norm_sum)
+            quality["max_dedup_code"] = int(dedup_N.max()) if dedup_N.size else 0
+            assert np.unique(sid_NM, axis=0).shape[0] == sid_NM.shape[0], "dedup left a duplicate ID"
+        with timer.stage("export"):
+            export.write_mappings(pub, enc.ids_N, sid_NM, cfg.dataset_name)
+            export.write_torch(pub, export.MODEL, tokenizer.payload())
+        results = {
+            "semid_dist_version": __version__,
+            "mode": cfg.mode,
+            "config": cfg.to_dict(),
+            "input": {"files": len(files), "rows": info.num_rows, "items": n_items, "dim": info.dim},
+            "metrics": quality,
+            "training": fit_info,
+            "timings_s": {**timer.stages, "total": round(time.perf_counter() - t_start, 3)},
+            "host": {"python": platform.python_version(), "machine": platform.machine()},
+            "run_id": pub.run_id,
+            "log_file": os.path.basename(log_path),
+            "examples": example_items(enc.ids_N, sid_NM, cfg),
+        }
+        export.write_results(pub, results)
+        log.info("collision rate before dedup %.3f%%, max bucket %d, codes used per level %s, "
+                 "relative reconstruction error %.4f", 100 * quality["collision_rate"],
+                 quality["max_bucket"], [lv["codes_used"] for lv in quality["levels"]],
+                 quality["relative_reconstruction_error"])
+        close_logging()
+        pub.put_file(log_path, f"logs/{os.path.basename(log_path)}")
+        pub.publish({"mode": cfg.mode, "items": n_items})
+        results["output_dir"] = cfg.output_dir
+        results["log_path"] = log_path
+        return results
+    except BaseException:
+        if pub is not None:
+            pub.abort()
+        raise
+    finally:
+        close_logging()
+
+
+def example_items(ids_N: np.ndarray, sid_NM: np.ndarray, cfg: Config) -> list[dict]:
+    """Items of the largest group sharing a two-code prefix: what the IDs mean, at a glance."""
+    if cfg.examples <= 0 or ids_N.size == 0:
+        return []
+    depth = min(2, sid_NM.shape[1] - 1)
+    _, inverse, counts = np.unique(sid_NM[:, :depth], axis=0, return_inverse=True, return_counts=True)
+    rows = np.flatnonzero(inverse.ravel() == int(np.argmax(counts)))[: cfg.examples]
+    titles = _titles(cfg, ids_N[rows]) if cfg.item_titles else {}
+    return [{"ItemID": int(ids_N[r]), "semantic_id": sid_NM[r].tolist(),
+             **({"title": titles.get(int(ids_N[r]))} if titles else {})} for r in rows]
+
+
+def _titles(cfg: Config, ids: np.ndarray) -> dict[int, str]:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    fs = storage.filesystem(cfg.item_titles, cfg.s3_endpoint_url)
+    try:
+        with fs.open(storage.strip_scheme(cfg.item_titles), "rb") as f:
+            t = pq.read_table(f, columns=["ItemID", "title"])
+    except Exception as e:
+        log.warning("cannot read --item_titles %s: %s", cfg.item_titles, str(e).splitlines()[0])
+        return {}
+    t = t.filter(pc.is_in(t.column("ItemID"), value_set=__import__("pyarrow").array(ids.tolist())))
+    return dict(zip(t.column("ItemID").to_pylist(), t.column("title").to_pylist()))

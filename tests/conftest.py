@@ -1,0 +1,78 @@
+"""Shared fixtures: ONE local Ray for the whole session (DESIGN.md §6), small real catalogs."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+HERE = os.path.dirname(__file__)
+sys.path.insert(0, HERE)  # tests/s3server.py and helpers import as top-level modules
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray with its own temp dir and no dashboard; shut down (not `ray stop`) at the end."""
+    import ray
+
+    tmp = tempfile.mkdtemp(prefix="semid-ray-")
+    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=tmp, log_to_driver=False,
+             configure_logging=False, runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = True
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def make_catalog(n: int, dim: int, seed: int = 0, n_clusters: int = 16,
+                 first_id: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """Hierarchically clustered, unit-normalised embeddings (like real sentence embeddings)."""
+    rng = np.random.default_rng(seed)
+    top = rng.normal(size=(n_clusters, dim))
+    sub = top[rng.integers(n_clusters, size=n)] + 0.5 * rng.normal(size=(n, dim))
+    x = sub + 0.25 * rng.normal(size=(n, dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = first_id + rng.permutation(n * 3)[:n].astype(np.int64)  # sparse, unordered ItemIDs
+    return ids, x.astype(np.float32)
+
+
+def write_parquet(path: str, ids: np.ndarray, x: np.ndarray, list_type: str = "list",
+                  row_group_size: int = 65536) -> None:
+    d = x.shape[1]
+    flat = pa.array(x.ravel())
+    if list_type == "fixed":
+        emb = pa.FixedSizeListArray.from_arrays(flat, d)
+    else:
+        emb = pa.ListArray.from_arrays(pa.array(np.arange(0, x.size + 1, d, dtype=np.int32)), flat)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    pq.write_table(pa.table({"ItemID": pa.array(ids), "embedding": emb}), path,
+                   row_group_size=row_group_size)
+
+
+def write_shards(directory: str, ids: np.ndarray, x: np.ndarray, n_shards: int) -> list[str]:
+    paths = []
+    for i, idx in enumerate(np.array_split(np.arange(len(ids)), n_shards)):
+        p = os.path.join(directory, f"part-{i:05d}.parquet")
+        write_parquet(p, ids[idx], x[idx])
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def small_catalog(tmp_path_factory):
+    """600 items x 32-d in 3 shards; returns (dir, ids, x)."""
+    d = tmp_path_factory.mktemp("catalog")
+    ids, x = make_catalog(600, 32, seed=1)
+    write_shards(str(d), ids, x, 3)
+    return str(d), ids, x
