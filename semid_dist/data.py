@@ -154,9 +154,8 @@ def read_dataset(info: InputInfo, endpoint_url: str = "", max_items: int | None 
     import ray
 
     ds = ray.data.read_parquet(
-        info.files, columns=[ID_COL, EMB_COL],
-        filesystem=storage.arrow_filesystem(info.files[0], endpoint_url),
-    )
+        info.files, filesystem=storage.arrow_filesystem(info.files[0], endpoint_url),
+    ).select_columns([ID_COL, EMB_COL])
     if max_items is not None and max_items < info.num_rows:
         ds = ds.limit(max_items)
     return ds

@@ -39,16 +39,29 @@ class EncodeResult:
     sq_norm_sum: float
 
 
+def _result(error: datalib.RowError | None = None, **cols) -> pa.Table:
+    """One result row per batch. A bad row is reported IN the result, not raised: Ray Data
+    wraps exceptions from a UDF into a generic UserCodeException and the original message
+    (which names the ItemID) would be lost."""
+    cols["error"] = pa.array([None if error is None else error.args[0]], pa.string())
+    cols["error_item"] = pa.array([-1 if error is None or error.item_id is None else error.item_id],
+                                  pa.int64())
+    return pa.table(cols)
+
+
 def _scan_batch(batch: pa.Table, dim: int, seed: int, fraction: float) -> pa.Table:
-    ids_N, x_ND = datalib.batch_to_arrays(batch, dim)
+    try:
+        ids_N, x_ND = datalib.batch_to_arrays(batch, dim)
+    except datalib.RowError as e:
+        ids_N, x_ND = np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+        return _result(e, ids=[ids_N], sample_ids=[ids_N], sample=[x_ND.ravel()], sq_norm=[0.0])
     keep = datalib.hash_unit(ids_N, seed) < fraction
-    sq_norm = float(np.einsum("nd,nd->", x_ND, x_ND, dtype=np.float64))
-    return pa.table({
-        "ids": [ids_N],
-        "sample_ids": [ids_N[keep]],
-        "sample": [np.ascontiguousarray(x_ND[keep]).ravel()],
-        "sq_norm": [sq_norm],
-    })
+    return _result(
+        ids=[ids_N],
+        sample_ids=[ids_N[keep]],
+        sample=[np.ascontiguousarray(x_ND[keep]).ravel()],
+        sq_norm=[float(np.einsum("nd,nd->", x_ND, x_ND, dtype=np.float64))],
+    )
 
 
 def _collect(ds, what: str, total: int):
@@ -56,6 +69,9 @@ def _collect(ds, what: str, total: int):
     done, t0, last = 0, time.time(), 0.0
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         for row in _rows(batch):
+            if row["error"] is not None:
+                item = row["error_item"]
+                raise datalib.RowError(row["error"], None if item < 0 else item)
             done += len(row["ids"])
             yield row
         now = time.time()
@@ -114,14 +130,18 @@ def check_unique_ids(ids_N: np.ndarray, files: list[str], endpoint_url: str) -> 
 
 
 def _encode_batch(batch: pa.Table, tokenizer, dim: int) -> pa.Table:
-    ids_N, x_ND = datalib.batch_to_arrays(batch, dim)
+    try:
+        ids_N, x_ND = datalib.batch_to_arrays(batch, dim)
+    except datalib.RowError as e:
+        empty = np.zeros(0, np.int64)
+        return _result(e, ids=[empty], codes=[empty.astype(np.int32)], sq_err=[0.0], sq_norm=[0.0])
     codes_NL, sq_err_N = tokenizer.encode_with_error(x_ND)
-    return pa.table({
-        "ids": [ids_N],
-        "codes": [codes_NL.astype(np.int32).ravel()],
-        "sq_err": [float(sq_err_N.sum())],
-        "sq_norm": [float(np.einsum("nd,nd->", x_ND, x_ND, dtype=np.float64))],
-    })
+    return _result(
+        ids=[ids_N],
+        codes=[codes_NL.astype(np.int32).ravel()],
+        sq_err=[float(sq_err_N.sum())],
+        sq_norm=[float(np.einsum("nd,nd->", x_ND, x_ND, dtype=np.float64))],
+    )
 
 
 class _EncodeBatches:

@@ -12,27 +12,38 @@ every level and collisions fall to ~0.7% (measurements in the README).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from semid_dist.math.nearest import nearest_code
 
 
-def kmeans_plus_plus(x_ND: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding (Arthur & Vassilvitskii 2007): each seed drawn with prob ~ D(x)^2."""
+def kmeans_plus_plus(x_ND: torch.Tensor, k: int, generator: torch.Generator,
+                     trials: int | None = None) -> torch.Tensor:
+    """Greedy k-means++ seeding (Arthur & Vassilvitskii 2007): each step draws `trials`
+    candidates with probability ~ D(x)^2 and keeps the one that lowers the potential most.
+    Plain k-means++ (one candidate) sometimes drops two seeds into one blob; the greedy
+    variant (2 + log k candidates, the usual choice) rarely does."""
     n = x_ND.shape[0]
     assert k <= n, (k, n)
+    trials = trials or 2 + int(math.log(k))
     centers_KD = torch.empty(k, x_ND.shape[1], dtype=x_ND.dtype)
     first = int(torch.randint(n, (1,), generator=generator))
     centers_KD[0] = x_ND[first]
     d2_N = ((x_ND - centers_KD[0]) ** 2).sum(1)
     for j in range(1, k):
         total = float(d2_N.sum())
-        if total <= 0:  # fewer distinct points than k: take any unused row
-            idx = int(torch.randint(n, (1,), generator=generator))
+        if total <= 0:  # fewer distinct points than k: any row will do
+            cand = torch.randint(n, (trials,), generator=generator)
         else:
-            idx = int(torch.multinomial(d2_N / total, 1, generator=generator))
-        centers_KD[j] = x_ND[idx]
-        d2_N = torch.minimum(d2_N, ((x_ND - centers_KD[j]) ** 2).sum(1))
+            cand = torch.multinomial(d2_N / total, trials, replacement=True, generator=generator)
+        # new potential for each candidate: sum_x min(d2(x), ||x - cand||^2)
+        cand_d2_TN = torch.cdist(x_ND[cand], x_ND).pow_(2)
+        pot_T = torch.minimum(cand_d2_TN, d2_N.unsqueeze(0)).sum(1)
+        best = int(torch.argmin(pot_T))
+        centers_KD[j] = x_ND[cand[best]]
+        d2_N = torch.minimum(d2_N, cand_d2_TN[best])
     return centers_KD
 
 
