@@ -42,6 +42,8 @@ HELP = {
     "item_titles": "parquet with ItemID,title shown in the summary",
 }
 HIDDEN = {"fail_at_step"}
+# sub-command -> module whose run(cfg, log_dir=...) does the work and returns the results dict
+COMMANDS = {"train": "semid_dist.train", "encode": "semid_dist.encode_only", "nightly": "semid_dist.nightly"}
 
 
 def _arg_type(tp):
@@ -54,8 +56,10 @@ def _arg_type(tp):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="semid", description="Train semantic-ID tokenizers (tiger / kmeans).")
-    p.add_argument("command", nargs="?", default="train", choices=["train"],
-                   help="what to do (default: train)")
+    p.add_argument("command", nargs="?", default="train", choices=sorted(COMMANDS),
+                   help="train: fit a tokenizer and export IDs (default); encode: apply an existing "
+                        "tokenizer (--tokenizer) to a catalog; nightly: write a new ID generation "
+                        "that keeps unchanged items' IDs")
     p.add_argument("--config", help="YAML or JSON file of config fields")
     p.add_argument("--log_dir", default=argparse.SUPPRESS, help="local folder for log files (default: logs)")
     hints = typing.get_type_hints(Config)
@@ -78,8 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv: list[str]) -> tuple[Config, dict]:
     ns = vars(build_parser().parse_args(argv))
-    extra = {"log_dir": ns.pop("log_dir", "logs")}
-    ns.pop("command", None)
+    extra = {"log_dir": ns.pop("log_dir", "logs"), "command": ns.pop("command", "train")}
     fields: dict = {}
     cfg_file = ns.pop("config", None)
     if cfg_file:
@@ -114,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = "DEBUG" in [a.upper() for a in argv]
     try:
         cfg, extra = parse_config(argv)
-        from semid_dist import train
+        import importlib
 
-        results = train.run(cfg, log_dir=extra["log_dir"])
+        results = importlib.import_module(COMMANDS[extra["command"]]).run(cfg, log_dir=extra["log_dir"])
         print_summary(results)
         return 0
     except KeyboardInterrupt:

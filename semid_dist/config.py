@@ -62,6 +62,8 @@ class Config:
     item_titles: str = ""  # optional parquet (ItemID, title) shown in the run summary
     examples: int = 5
     fail_at_step: int = -1  # test hook: a worker raises once at this global step
+    # --- encode / nightly ---
+    tokenizer: str = ""  # an existing final_model.pt (local or s3://) to apply instead of training
 
     @classmethod
     def field_names(cls) -> list[str]:

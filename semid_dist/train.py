@@ -5,7 +5,7 @@ import logging
 import os
 import platform
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -52,6 +52,18 @@ def _fit(cfg: Config, ds, info, scan, n_items: int, pub) -> tuple[Any, dict]:
 
 def run(cfg: Config, log_dir: str = "logs") -> dict:
     """Train a tokenizer, encode the catalog, publish the outputs. Returns training_results."""
+    return execute(cfg, log_dir, fit=_fit)
+
+
+FitFn = Callable[..., "tuple[Any, dict]"]  # (cfg, ds, info, scan|None, n_items, pub) -> (Tokenizer, info)
+
+
+def execute(cfg: Config, log_dir: str, fit: FitFn, scan_first: bool = True) -> dict:
+    """The shared run: inputs -> [scan pass] -> fit -> encode pass -> dedup -> export -> publish.
+
+    scan_first=False skips the validation/sample pass (for applying an existing tokenizer):
+    the encode pass validates every row too, and duplicates are checked on its ItemIDs.
+    """
     log_path = setup_logging(cfg, log_dir)
     t_start = time.perf_counter()
     timer = _Timer()
@@ -67,20 +79,24 @@ def run(cfg: Config, log_dir: str = "logs") -> dict:
         n_items = min(info.num_rows, cfg.max_items or info.num_rows)
         log.info("input: %d parquet file(s), %d rows, dim %d%s", len(files), info.num_rows, info.dim,
                  f" (using the first {n_items})" if n_items < info.num_rows else "")
-        if cfg.n_codes > n_items:
+        if scan_first and cfg.n_codes > n_items:
             flag = "n_embed" if cfg.mode == "tiger" else "n_clusters"
             raise UserError(f"--{flag} {cfg.n_codes} is larger than the number of items ({n_items})")
         pub = storage.Publisher(cfg.output_dir, ep)
         ensure_ray(cfg)
         ds = datalib.read_dataset(info, ep, cfg.max_items)
-        with timer.stage("scan"):
-            scan = passes.scan_pass(ds, info, cfg.seed, cfg.sample_per_centroid * cfg.n_codes, ep,
-                                    cfg.encode_batch_size, n_items)
-            passes.check_unique_ids(scan.ids_N, files, ep)
+        scan = None
+        if scan_first:
+            with timer.stage("scan"):
+                scan = passes.scan_pass(ds, info, cfg.seed, cfg.sample_per_centroid * cfg.n_codes, ep,
+                                        cfg.encode_batch_size, n_items)
+                passes.check_unique_ids(scan.ids_N, files, ep)
         with timer.stage("fit"):
-            tokenizer, fit_info = _fit(cfg, ds, info, scan, n_items, pub)
+            tokenizer, fit_info = fit(cfg, ds, info, scan, n_items, pub)
         with timer.stage("encode"):
             enc = passes.encode_pass(ds, info, tokenizer, ep, cfg.encode_batch_size, n_items)
+            if scan is None:
+                passes.check_unique_ids(enc.ids_N, files, ep)
         with timer.stage("dedup"):
             dedup_N = dedup_codes(enc.ids_N, enc.codes_NL)
             sid_NM = export.semantic_ids(enc.codes_NL, dedup_N)
