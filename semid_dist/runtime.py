@@ -49,6 +49,9 @@ def ensure_ray(cfg: Config) -> None:
     Locally we advertise at least 4 logical CPUs: on a 2-core machine, train workers holding
     whole CPUs would leave Ray Data no slot and the job hangs silently (DESIGN.md section 6).
     """
+    if cfg.log_level != "DEBUG":  # before ray.data is imported: it configures logging then
+        os.environ.setdefault("RAY_DATA_LOGGING_CONFIG",
+                              os.path.join(os.path.dirname(__file__), "ray_data_logging.yaml"))
     import ray
 
     if ray.is_initialized():
@@ -64,9 +67,6 @@ def ensure_ray(cfg: Config) -> None:
         log.info("starting a local Ray (%d logical CPUs)", ncpu)
         ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=cfg.log_level == "DEBUG",
                  configure_logging=False)
-    if cfg.log_level != "DEBUG":  # Ray Data narrates every execution plan at INFO
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-        logging.getLogger("ray.train").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
     ctx.execution_options.preserve_order = True  # --max_items keeps the first rows, stably
