@@ -40,6 +40,10 @@ HELP = {
     "ray_address": "Ray cluster address (default: RAY_ADDRESS, else a local Ray)",
     "s3_endpoint_url": "S3 endpoint override (default: AWS_ENDPOINT_URL)",
     "item_titles": "parquet with ItemID,title shown in the summary",
+    "tokenizer": "existing final_model.pt to apply (encode, nightly)",
+    "generation": "nightly: name of tonight's generation (default: today's UTC date)",
+    "retrain": "nightly: fit a new tokenizer instead of reusing the previous generation's",
+    "changed_policy": "nightly: keep_if_same_codes or reassign, for items whose embedding changed",
 }
 HIDDEN = {"fail_at_step"}
 # sub-command -> module whose run(cfg, log_dir=...) does the work and returns the results dict
@@ -105,6 +109,11 @@ def print_summary(results: dict) -> None:
     print(f"  wall time:                   {results['timings_s']['total']:.1f} s")
     print(f"  outputs:                     {results['output_dir']}")
     print(f"  log:                         {results['log_path']}")
+    if results.get("counts"):
+        n, g = results["counts"], results["generation"]
+        print(f"  generation:                  {g['name']} (#{g['seq']}, {g['status']}, LATEST {g['latest']})")
+        print(f"  items:                       {n['stable']} stable, {n['new']} new, {n['changed']} changed "
+              f"({n['changed_kept_id']} kept their ID), {n['removed']} removed, {n['reclaimed']} reclaimed")
     if results.get("examples"):
         print("  items sharing a prefix:")
         for ex in results["examples"]:

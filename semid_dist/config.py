@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from semid_dist.errors import UserError
 MODES = ("tiger", "kmeans")
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+CHANGED_POLICIES = ("keep_if_same_codes", "reassign")  # == math.generations.POLICIES
+GENERATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass
@@ -64,6 +67,10 @@ class Config:
     fail_at_step: int = -1  # test hook: a worker raises once at this global step
     # --- encode / nightly ---
     tokenizer: str = ""  # an existing final_model.pt (local or s3://) to apply instead of training
+    # --- nightly ---
+    generation: str = ""  # name of tonight's generation; empty: today's UTC date (YYYY-MM-DD)
+    retrain: bool = False  # fit a new tokenizer tonight (unchanged items still keep their IDs)
+    changed_policy: str = "keep_if_same_codes"  # or "reassign" (see semid_dist/math/generations.py)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -133,6 +140,11 @@ class Config:
             raise UserError("--gumbel needs --no_ema (codebooks learned by gradient)")
         if self.n_codes > 65535:
             raise bad("n_embed" if self.mode == "tiger" else "n_clusters", "must be <= 65535")
+        if self.generation and not GENERATION_NAME.fullmatch(self.generation):
+            raise bad("generation", "use letters, digits, '.', '_' or '-' (up to 128, not starting "
+                                    "with '.', '_' or '-')")
+        if self.changed_policy not in CHANGED_POLICIES:
+            raise bad("changed_policy", f"choose one of {', '.join(CHANGED_POLICIES)}")
         return self
 
 
