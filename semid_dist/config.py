@@ -47,7 +47,7 @@ class Config:
     # --- tiger mode ---
     beta: float = 0.25
     ema_decay: float = 0.99
-    dead_code_threshold: float = 1.0
+    dead_code_threshold: float = 0.25  # EMA rows per step; below it a code is restarted
     gumbel: bool = False
     gumbel_temperature: float = 1.0
     gumbel_temperature_min: float = 0.1

@@ -1,0 +1,78 @@
+"""PNG plots a user looks at after a TIGER run: training curves and per-level code usage."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+CURVES = "training_curves.png"
+USAGE = "code_usage.png"
+
+
+def _figure(nrows: int, ncols: int, size: tuple[float, float]):
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    return plt, *plt.subplots(nrows, ncols, figsize=size, squeeze=False)
+
+
+def _png(plt, fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def training_curves(history: list[dict]) -> bytes:
+    """Loss terms, validation reconstruction, codes used and duplicate rate per epoch."""
+    plt, fig, ax = _figure(2, 2, (11, 7.5))
+    ep = [h["epoch"] for h in history]
+    a = ax[0][0]
+    for key in ("loss", "recon", "commit", "codebook"):
+        vals = [h[key] for h in history]
+        if any(v > 0 for v in vals):
+            a.plot(ep, vals, label=key)
+    a.set_yscale("log")
+    a.set_title("training loss (per item, summed over dims)")
+    a.set_xlabel("epoch")
+    a.legend()
+    a = ax[0][1]
+    a.plot(ep, [h["rel_recon"] for h in history], label="all items")
+    if any(h.get("val_rel_recon") is not None for h in history):
+        a.plot(ep, [h.get("val_rel_recon") for h in history], label="validation")
+    a.set_title("relative reconstruction error")
+    a.set_xlabel("epoch")
+    a.legend()
+    a = ax[1][0]
+    levels = len(history[0]["codes_used"]) if history else 0
+    for lvl in range(levels):
+        a.plot(ep, [h["codes_used"][lvl] for h in history], label=f"level {lvl} used")
+        a.plot(ep, [h["perplexity"][lvl] for h in history], ls="--", label=f"level {lvl} perplexity")
+    a.set_title("codes used and perplexity per level")
+    a.set_xlabel("epoch")
+    a.legend(fontsize=7)
+    a = ax[1][1]
+    a.plot(ep, [100 * h["dup_rate"] for h in history])
+    a.set_title("duplicate rate before dedup (%)")
+    a.set_xlabel("epoch")
+    return _png(plt, fig)
+
+
+def code_usage(usage_LK: np.ndarray) -> bytes:
+    """Per level: how many items each code holds, codes sorted from most to least used."""
+    usage_LK = np.asarray(usage_LK)
+    n_lvl, k = usage_LK.shape
+    plt, fig, ax = _figure(1, n_lvl, (4.2 * n_lvl, 3.6))
+    for lvl in range(n_lvl):
+        counts = np.sort(usage_LK[lvl])[::-1]
+        a = ax[0][lvl]
+        a.bar(np.arange(k), counts, width=1.0)
+        a.axhline(counts.sum() / k, color="k", lw=0.8, ls="--", label="uniform")
+        a.set_title(f"level {lvl}: {int((counts > 0).sum())}/{k} codes used")
+        a.set_xlabel("code (sorted by usage)")
+        a.set_ylabel("items")
+        a.legend()
+    return _png(plt, fig)

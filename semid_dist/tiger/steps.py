@@ -1,0 +1,237 @@
+"""The TIGER training step, epoch and evaluation, written once for 1 and N workers.
+
+No Ray and no I/O here: the worker (worker.py) hands in this rank's rows and a Collectives
+object; with one process every collective is the identity. Three rules keep N workers equal to
+one worker over the same global batches (issue 3):
+
+1. Step j of an epoch runs on every rank, on that rank's rows of global batch j (batches.py),
+   even when it has none (a zero row with weight 0 keeps the DDP all-reduce in step).
+2. Each rank scales its mean loss by world * b_rank / b_global, so DDP's gradient average equals
+   the gradient of the mean over the global batch.
+3. The codebook statistics are summed over ranks before the EMA division (RQVAE.ema_update);
+   dead-code restarts and the k-means init draw from data gathered from every rank and sorted
+   by ItemID, so they pick the same vectors whatever the sharding, and rank 0 broadcasts them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from semid_dist.config import Config
+from semid_dist.math.kmeans import fit_kmeans
+from semid_dist.math.metrics import collision_stats, level_stats
+from semid_dist.math.rqvae import RQVAE
+from semid_dist.tiger import batches
+from semid_dist.tiger.collectives import Collectives
+
+# TIGER initialises the codebooks by k-means on the first batch; one batch has too few points
+# per code for K=256 (512 rows), so we take the first global batches holding ~32 points per code.
+INIT_POINTS_PER_CODE = 32
+EVAL_CHUNK = 16384
+HIDDEN_DIMS = (512, 256, 128)  # the seed's encoder: input -> 512 -> 256 -> 128 -> latent
+
+
+def model_args(cfg: Config, input_dim: int) -> dict:
+    """RQVAE constructor arguments (plain types: they are saved in final_model.pt)."""
+    return {
+        "input_dim": int(input_dim), "latent_dim": cfg.latent_dim, "n_layers": cfg.n_layers,
+        "n_embed": cfg.n_embed, "hidden_dims": list(HIDDEN_DIMS), "use_ema": cfg.use_ema,
+        "decay": cfg.ema_decay, "beta": cfg.beta, "dead_code_threshold": cfg.dead_code_threshold,
+        "gumbel": cfg.gumbel,
+    }
+
+
+def init_weights(model: RQVAE) -> None:
+    """He-normal weights for the bias-free SiLU MLPs, so the latent starts at the scale training
+    takes it to. torch's default Linear init shrinks activations ~2x per layer: the seed's
+    4-layer encoder then emits latents ~40x smaller than after a few hundred steps, the k-means
+    codebooks fitted at init are left behind and every item lands on one code (measured on
+    MovieLens: 256 -> 3 codes used at level 0 within two epochs)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+
+
+def temperature(cfg: Config, epoch: int) -> float:
+    """Gumbel-softmax temperature: exponential decay from gumbel_temperature at the first epoch
+    to gumbel_temperature_min at the last (Jang et al. 2017 anneal towards a hard sample)."""
+    t0, t1 = cfg.gumbel_temperature, min(cfg.gumbel_temperature_min, cfg.gumbel_temperature)
+    frac = epoch / max(cfg.epochs - 1, 1)
+    return float(t0 * (t1 / t0) ** frac)
+
+
+@dataclass
+class RankData:
+    """This rank's rows, sorted by ItemID, split into train and validation."""
+
+    ids_train_T: np.ndarray
+    x_train_TD: torch.Tensor
+    ids_val_V: np.ndarray
+    x_val_VD: torch.Tensor
+    n_train: int  # over all ranks
+    n_val: int  # over all ranks
+    n_batches: int
+
+    @classmethod
+    def build(cls, ids_N: np.ndarray, x_ND: np.ndarray, cfg: Config, comm: Collectives,
+              device: torch.device) -> "RankData":
+        order = np.argsort(ids_N, kind="stable")
+        ids_N, x_ND = ids_N[order], x_ND[order]
+        val_N = batches.validation_mask(ids_N, cfg.seed, cfg.val_fraction)
+        n_train, n_val = (int(v) for v in comm.sum_numbers([float((~val_N).sum()), float(val_N.sum())]))
+        if n_train < cfg.n_embed:
+            raise ValueError(f"n_embed={cfg.n_embed} codes need at least as many training items, "
+                             f"got {n_train} (val_fraction={cfg.val_fraction})")
+        x = torch.from_numpy(np.ascontiguousarray(x_ND, dtype=np.float32))
+        return cls(ids_train_T=ids_N[~val_N], x_train_TD=x[torch.from_numpy(~val_N)].to(device),
+                   ids_val_V=ids_N[val_N], x_val_VD=x[torch.from_numpy(val_N)].to(device),
+                   n_train=n_train, n_val=n_val,
+                   n_batches=batches.num_batches(n_train, cfg.batch_size))
+
+
+def _global_rows_by_id(ids_B: np.ndarray, rows_BC: torch.Tensor, comm: Collectives) -> torch.Tensor:
+    """Rows from every rank, ordered by ItemID: the same tensor for any number of workers."""
+    ids = comm.gather_rows(torch.from_numpy(ids_B).to(rows_BC.device))
+    rows = comm.gather_rows(rows_BC)
+    return rows[torch.argsort(ids)]
+
+
+def init_codebooks(model: RQVAE, data: RankData, cfg: Config, comm: Collectives) -> bool:
+    """TIGER's k-means initialisation on the latents of epoch 0's first global batches.
+
+    Computed once on rank 0 with the project's k-means and broadcast; a no-op when the model
+    came from a checkpoint (model.is_initialized)."""
+    if model.is_initialized:
+        return False
+    n_init = min(data.n_batches, math.ceil(INIT_POINTS_PER_CODE * cfg.n_embed / cfg.batch_size))
+    take_T = batches.epoch_batch_index(data.ids_train_T, cfg.seed, 0, data.n_batches) < n_init
+    with torch.no_grad():
+        z_TH = model.encoder(data.x_train_TD[torch.from_numpy(take_T).to(data.x_train_TD.device)])
+    z_NH = _global_rows_by_id(data.ids_train_T[take_T], z_TH.float(), comm).cpu()
+    if z_NH.shape[0] < cfg.n_embed:  # tiny catalogs: fall back to every training row
+        with torch.no_grad():
+            z_TH = model.encoder(data.x_train_TD)
+        z_NH = _global_rows_by_id(data.ids_train_T, z_TH.float(), comm).cpu()
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    def kmeans_fn(z: torch.Tensor, k: int) -> torch.Tensor:
+        return fit_kmeans(z, k, cfg.max_iters, generator, progressive=cfg.kmeans_progressive)
+
+    avg_batch = data.n_train / data.n_batches
+    if comm.rank == 0:
+        model.init_codebooks_kmeans(z_NH, kmeans_fn, broadcast=comm.broadcast0_, batch_size=avg_batch)
+    else:
+        model.init_codebooks_kmeans(None, kmeans_fn, broadcast=comm.broadcast0_)
+    return True
+
+
+StepHook = Optional[Callable[[int], None]]
+
+
+def train_epoch(net: torch.nn.Module, model: RQVAE, opt: torch.optim.Optimizer, data: RankData,
+                epoch: int, step: int, cfg: Config, comm: Collectives, restart_every: int,
+                before_step: StepHook = None, after_step: StepHook = None) -> tuple[dict, int]:
+    """One pass over the training rows in global batches; returns (metrics, next global step).
+
+    ``net`` is the DDP wrapper (or the model itself at world 1); the EMA update, dead-code
+    restart and temperature live on ``model`` (DDP's .module).
+    """
+    device = data.x_train_TD.device
+    nb = data.n_batches
+    batch_T = batches.epoch_batch_index(data.ids_train_T, cfg.seed, epoch, nb)
+    counts_WB = torch.zeros(comm.world, nb, dtype=torch.int64, device=device)
+    counts_WB[comm.rank] = torch.from_numpy(np.bincount(batch_T, minlength=nb)).to(device)
+    comm.sum_(counts_WB)  # every rank knows every rank's batch sizes: no step is a surprise
+    counts_WB = counts_WB.cpu()
+    order_T, offsets = batches.group_rows(batch_T, nb)
+    order_dev = torch.from_numpy(order_T).to(device)
+    restart_gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
+    # Gumbel noise differs per rank (different rows) but is reproducible per epoch, so a resumed
+    # run draws what the uninterrupted run drew.
+    torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1009 + comm.rank)
+
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, recon, commit, codebook
+    restarted_L = [0] * model.n_layers
+    zero_row = data.x_train_TD.new_zeros(1, model.input_dim)
+    for j in range(nb):
+        b_global = int(counts_WB[:, j].sum())
+        if b_global == 0:  # an empty hash bucket: empty on every rank alike
+            continue
+        if before_step is not None:
+            before_step(step)
+        lo, hi = int(offsets[j]), int(offsets[j + 1])
+        rows = order_dev[lo:hi]
+        x_BD = data.x_train_TD[rows] if hi > lo else zero_row
+        out = net(x_BD)
+        weight = comm.world * (hi - lo) / b_global
+        opt.zero_grad(set_to_none=True)
+        (out.loss * weight).backward()
+        opt.step()
+        stats_LKC = out.stats_LKC
+        if hi == lo:
+            stats_LKC.zero_()
+        model.ema_update(stats_LKC, all_reduce=comm.sum_)
+        if restart_every and (step + 1) % restart_every == 0 and model.dead_code_threshold > 0 \
+                and bool((model.ema_count_LK < model.dead_code_threshold).any()):
+            # Same decision on every rank: the EMA counts were all-reduced, so are identical.
+            n_real = hi - lo
+            resid_BLH = out.residuals_LBH[:, :n_real].transpose(0, 1).reshape(
+                n_real, model.n_layers * model.latent_dim)
+            glob = _global_rows_by_id(data.ids_train_T[order_T[lo:hi]], resid_BLH.contiguous(), comm)
+            resid_LBH = glob.reshape(glob.shape[0], model.n_layers, model.latent_dim).transpose(0, 1)
+            n_dead = model.restart_dead_codes(resid_LBH, restart_gen, broadcast=comm.broadcast0_)
+            restarted_L = [a + b for a, b in zip(restarted_L, n_dead)]
+        with torch.no_grad():
+            sums += torch.stack([out.loss, out.recon, out.commit, out.codebook]).double() * (hi - lo)
+        if after_step is not None:
+            after_step(step)
+        step += 1
+    comm.sum_(sums)
+    loss, recon, commit, codebook = (v / max(data.n_train, 1) for v in sums.tolist())
+    return {"loss": loss, "recon": recon, "commit": commit, "codebook": codebook,
+            "restarted": restarted_L}, step
+
+
+@torch.no_grad()
+def evaluate(model: RQVAE, data: RankData, comm: Collectives) -> tuple[dict, np.ndarray]:
+    """Encode every item as the exported tokenizer will (greedy nearest codes, no noise) and
+    return validation reconstruction, collision rate and per-level usage over all items, plus
+    the per-level code counts (L, K) for the usage plot. Same on every rank."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=data.x_train_TD.device)  # val err, val norm, err, norm
+    codes = []
+    for x_ND, is_val in ((data.x_train_TD, False), (data.x_val_VD, True)):
+        for lo in range(0, x_ND.shape[0], EVAL_CHUNK):
+            x = x_ND[lo: lo + EVAL_CHUNK]
+            c_NL = model.encode(x, chunk=EVAL_CHUNK)
+            err = (x - model.decode_codes(c_NL)).double().pow(2).sum()
+            norm = x.double().pow(2).sum()
+            sums[2] += err
+            sums[3] += norm
+            if is_val:
+                sums[0] += err
+                sums[1] += norm
+            codes.append(c_NL.to(torch.int32))
+    model.train(was_training)
+    comm.sum_(sums)
+    local = torch.cat(codes) if codes else torch.zeros(0, model.n_layers, dtype=torch.int32,
+                                                       device=sums.device)
+    codes_NL = comm.gather_rows(local).cpu().numpy().astype(np.int64)
+    levels = level_stats(codes_NL, model.n_embed)
+    usage_LK = np.stack([np.bincount(codes_NL[:, l], minlength=model.n_embed)
+                         for l in range(model.n_layers)])
+    val_err, val_norm, err, norm = sums.tolist()
+    metrics = {
+        "val_recon": val_err / data.n_val if data.n_val else None,
+        "val_rel_recon": val_err / val_norm if val_norm > 0 else None,
+        "rel_recon": err / norm if norm > 0 else 0.0,
+        "dup_rate": collision_stats(codes_NL)["collision_rate"],
+        "codes_used": [lv["codes_used"] for lv in levels],
+        "perplexity": [round(lv["perplexity"], 2) for lv in levels],
+    }
+    return metrics, usage_LK

@@ -1,0 +1,289 @@
+"""Driver side of TIGER mode: one Ray Train TorchTrainer run, then the outputs a user reads.
+
+    fit(cfg, ds, info, scan, n_items, pub) -> (Tokenizer, fit_info)
+
+Where the run lives: ``--storage_path`` (default ``<output_dir>/.ray_train``, hidden next to the
+published files; local or s3://) / ``tiger-<hash>``, the hash taking every config field that
+changes what is trained but not how long or on how many workers. So ``--resume`` (possibly
+with more ``--epochs`` or another ``--num_workers``) finds the run, and Ray Train hands its
+latest checkpoint to the workers; a run without ``--resume`` clears that folder first.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue as pyqueue
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray.train
+
+from semid_dist import export, storage
+from semid_dist.config import Config
+from semid_dist.errors import UserError, find_user_error
+from semid_dist.math.rqvae import RQVAE
+from semid_dist.tiger import batches, checkpoint, plots, steps
+from semid_dist.tiger.worker import RESTART_EVERY, train_loop_per_worker
+from semid_dist.tokenizer import Tokenizer
+
+log = logging.getLogger("semid_dist")
+
+# Fields that define what a run trains (and so its checkpoint folder). Left out on purpose:
+# epochs, patience, save_every, num_workers, cpus_per_worker, device, max_failures, resume.
+RUN_FIELDS = ("data_path", "max_items", "n_layers", "n_embed", "latent_dim", "batch_size",
+              "learning_rate", "use_ema", "beta", "ema_decay", "dead_code_threshold", "gumbel",
+              "gumbel_temperature", "gumbel_temperature_min", "val_fraction", "seed", "max_iters",
+              "kmeans_progressive")
+HYPERPARAMETERS = ("epochs", "batch_size", "learning_rate", "n_layers", "n_embed", "latent_dim",
+                   "use_ema", "beta", "ema_decay", "dead_code_threshold", "gumbel",
+                   "gumbel_temperature", "gumbel_temperature_min", "patience", "val_fraction", "seed",
+                   "max_iters", "num_workers")
+
+
+class TigerTrainingError(RuntimeError):
+    """Training failed on a worker more often than --max_failures allows."""
+
+
+@dataclass
+class TrainRun:
+    model: RQVAE
+    model_args: dict
+    loop: checkpoint.LoopState
+    checkpoints: list[tuple[int, Any]]  # (epoch, ray.train.Checkpoint), by epoch
+    run_dir: str
+    fit_info: dict
+
+
+def fit(cfg: Config, ds, info, scan, n_items: int, pub: storage.Publisher) -> tuple[Tokenizer, dict]:
+    """Train (train.py's hook for --mode tiger); write checkpoint_epoch_*.pt and plots."""
+    n_train = int((~batches.validation_mask(scan.ids_N, cfg.seed, cfg.val_fraction)).sum())
+    if n_train < cfg.n_embed:
+        raise UserError(f"--n_embed {cfg.n_embed} is larger than the number of training items "
+                        f"({n_train} after holding out --val_fraction {cfg.val_fraction})")
+    run = train(cfg, ds, info.dim, n_items)
+    for epoch, ckpt in run.checkpoints:
+        with ckpt.as_directory() as d:
+            export.write_torch(pub, f"checkpoint_epoch_{epoch}.pt", checkpoint.seed_payload(checkpoint.load(d)))
+    if run.loop.history:
+        with pub.open(plots.CURVES, "wb") as f:
+            f.write(plots.training_curves(run.loop.history))
+        with pub.open(plots.USAGE, "wb") as f:
+            f.write(plots.code_usage(np.asarray(run.loop.usage_LK)))
+        run.fit_info["plots"] = [plots.CURVES, plots.USAGE]
+    run.fit_info["checkpoint_files"] = [f"checkpoint_epoch_{e}.pt" for e, _ in run.checkpoints]
+    tokenizer = Tokenizer("tiger", cfg.to_dict(), model=run.model.cpu(), model_args=run.model_args)
+    return tokenizer, run.fit_info
+
+
+def run_name(cfg: Config, input_dim: int, n_items: int) -> str:
+    key = {f: getattr(cfg, f) for f in RUN_FIELDS}
+    key.update(input_dim=int(input_dim), n_items=int(n_items))
+    return "tiger-" + hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def storage_root(cfg: Config) -> str:
+    """Where Ray Train keeps runs: --storage_path, else <output_dir>/.ray_train."""
+    base = cfg.storage_path or storage.join(cfg.output_dir, ".ray_train")
+    return base if storage.is_s3(base) else os.path.abspath(base)
+
+
+def train(cfg: Config, ds, input_dim: int, n_items: int, trace_dir: str | None = None) -> TrainRun:
+    """Run the TorchTrainer; return the trained model, its history and checkpoints."""
+    from ray.util.queue import Queue
+
+    use_gpu = _use_gpu(cfg)
+    device = "cuda" if use_gpu else "cpu"
+    root = storage_root(cfg)
+    name = run_name(cfg, input_dim, n_items)
+    run_dir = storage.join(root, name)
+    _prepare_run_dir(cfg, run_dir)
+    args = steps.model_args(cfg, input_dim)
+    arch = RQVAE(**args)
+    log.info("tiger: model (%d parameters):\n%s", sum(p.numel() for p in arch.parameters()), arch)
+    progress = Queue(actor_options={"num_cpus": 0})
+    loop_cfg = {"config": cfg.to_dict(), "model_args": args, "use_gpu": use_gpu,
+                "run_dir": run_dir, "progress": progress, "trace_dir": trace_dir}
+    trainer = _torch_trainer(cfg, loop_cfg, name, root, ds)
+    log.info("tiger: Ray Train, %d worker(s) on %s (%s), run %s", cfg.num_workers, device,
+             "nccl" if use_gpu else "gloo", run_dir)
+    try:
+        with _ProgressLog(progress):
+            result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise _training_failed(e, cfg, run_dir) from None
+    finally:
+        progress.shutdown()
+    if result.checkpoint is None:
+        raise TigerTrainingError(f"tiger training reported no checkpoint (run {run_dir})")
+    with result.checkpoint.as_directory() as d:
+        saved = checkpoint.load(d)
+    model = RQVAE(**saved["model_args"])
+    model.load_state_dict(saved["model"])
+    loop = checkpoint.loop_state(saved)
+    by_epoch = sorted(((int(m.get("epoch", 0)), c) for c, m in (result.best_checkpoints or [])),
+                      key=lambda ec: ec[0])
+    ckpts = list({e: c for e, c in by_epoch if e > 0}.items())  # one per epoch (a re-report wins)
+    info = {
+        "trainer": "ray.train.torch.TorchTrainer (DDP)",
+        "backend": "nccl" if use_gpu else "gloo",
+        "device": device,
+        "num_workers": cfg.num_workers,
+        "run_dir": run_dir,
+        "epochs_run": loop.epoch,
+        "steps": loop.step,
+        "stopped_early": loop.stopped_early,
+        "best_val_recon": None if loop.best_val == float("inf") else loop.best_val,
+        "model_args": saved["model_args"],
+        "model_architecture": str(model),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "hyperparameters": {k: getattr(cfg, k) for k in HYPERPARAMETERS},
+        "optimizer": "AdamW",
+        "restart_every_steps": RESTART_EVERY,
+        "history": loop.history,
+    }
+    return TrainRun(model=model, model_args=saved["model_args"], loop=loop, checkpoints=ckpts,
+                    run_dir=run_dir, fit_info=info)
+
+
+def _torch_trainer(cfg: Config, loop_cfg: dict, name: str, root: str, ds):
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = loop_cfg["use_gpu"]
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    is_s3 = storage.is_s3(root)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_cfg,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage.strip_scheme(root) if is_s3 else root,
+            storage_filesystem=storage.arrow_filesystem(root, cfg.s3_endpoint_url) if is_s3 else None,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),  # all: checkpoint_epoch_*
+        ),
+        datasets={"train": ds},
+        dataset_config=_EveryRowDataConfig(),
+    )
+
+
+def _use_gpu(cfg: Config) -> bool:
+    """GPUs are counted in the Ray cluster, not on the driver: under `ray job submit` the driver
+    often runs on a CPU-only head node while the workers land on GPU nodes."""
+    if cfg.device == "cpu":
+        return False
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if cfg.device == "cuda" and gpus < cfg.num_workers:
+        raise UserError(f"--device cuda with --num_workers {cfg.num_workers}: the Ray cluster has "
+                        f"{gpus} GPU(s); each worker needs one")
+    if cfg.device == "auto" and 0 < gpus < cfg.num_workers:
+        log.warning("tiger: %d GPU(s) for %d workers; training on CPU (lower --num_workers to use "
+                    "the GPUs)", gpus, cfg.num_workers)
+    return gpus >= cfg.num_workers
+
+
+def _prepare_run_dir(cfg: Config, run_dir: str) -> None:
+    fs = storage.filesystem(run_dir, cfg.s3_endpoint_url)
+    path = storage.strip_scheme(run_dir)
+    exists = fs.exists(path)
+    if cfg.resume:
+        if exists:
+            log.info("tiger: --resume: continuing the run in %s from its latest checkpoint", run_dir)
+        else:
+            log.warning("tiger: --resume: no earlier run in %s; starting from scratch", run_dir)
+    elif exists:
+        log.info("tiger: starting afresh; removing the earlier run in %s (use --resume to continue it)",
+                 run_dir)
+        fs.rm(path, recursive=True)
+
+
+def _training_failed(e: Exception, cfg: Config, run_dir: str) -> Exception:
+    failures = getattr(e, "worker_failures", None) or {}
+    for exc in failures.values():
+        user = find_user_error(exc)
+        if user is not None:
+            return user
+    if failures:
+        rank, exc = sorted(failures.items())[0]
+        what = f"worker rank {rank}: {_first_line(exc)}"
+    else:
+        what = _first_line(e)
+    return TigerTrainingError(
+        f"tiger training failed ({what}) after {cfg.max_failures} restart(s) allowed by "
+        f"--max_failures; checkpoints are kept in {run_dir}: rerun with --resume to continue")
+
+
+def _first_line(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None)  # RayTaskError keeps the worker's own exception here
+    exc = cause if isinstance(cause, BaseException) else exc
+    text = str(exc).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    # Ray's wrappers put the traceback first and the original "Type: message" last.
+    return (lines[-1] if lines else type(exc).__name__)[:300]
+
+
+class _EveryRowDataConfig(ray.train.DataConfig):
+    """Ray Train's default DataConfig splits with equal=True, which drops up to world-1 rows;
+    our global batches (batches.py) keep ranks in step however uneven the shards, so split
+    without dropping anything."""
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        out: list[dict] = [{} for _ in range(world_size)]
+        for name, ds in datasets.items():
+            ds = ds.copy(ds)
+            ds.context.execution_options = self.default_ingest_options()
+            splits = ds.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)
+            for i, split in enumerate(splits):
+                out[i][name] = split
+        return out
+
+
+class _ProgressLog:
+    """Log rank 0's per-epoch record on the driver (the log file) as it arrives."""
+
+    def __init__(self, q) -> None:
+        self.q = q
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="tiger-progress", daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=10)
+        self._drain()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self._log(self.q.get(timeout=0.5))
+            except pyqueue.Empty:
+                continue
+            except Exception:  # the queue actor is gone: nothing more will arrive
+                return
+
+    def _drain(self) -> None:
+        try:
+            while not self.q.empty():
+                self._log(self.q.get_nowait())
+        except Exception:
+            pass
+
+    @staticmethod
+    def _log(r: dict) -> None:
+        val = "" if r.get("val_recon") is None else \
+            f" | val recon {r['val_recon']:.4f} (rel {r['val_rel_recon']:.4f})"
+        temp = "" if r.get("temperature") is None else f" | tau {r['temperature']:.3f}"
+        log.info("epoch %d/%d: loss %.4f recon %.4f commit %.4f%s | rel recon %.4f | codes used %s "
+                 "ppl %s | dup %.2f%% | restarts %s | lr %.2g%s | %.1f s%s",
+                 r["epoch"], r["epochs"], r["loss"], r["recon"], r["commit"], val, r["rel_recon"],
+                 r["codes_used"], [round(p) for p in r["perplexity"]], 100 * r["dup_rate"],
+                 r["restarted"], r["lr"], temp, r["time_s"],
+                 " (early stop)" if r.get("stopped_early") else "")

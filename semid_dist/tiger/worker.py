@@ -1,0 +1,195 @@
+"""The Ray Train worker loop for TIGER mode (runs on every rank; reads top to bottom).
+
+    rows  <- this rank's Ray Data shard, read once into memory (sorted by ItemID)
+    model <- the latest checkpoint, if any (resume / restart after a worker failure)
+    init  <- k-means on rank 0, broadcast (skipped when the checkpoint already has codebooks)
+    for each epoch: train in global batches (steps.py), evaluate, early-stop, report/checkpoint
+
+Why the shard is kept in memory rather than streamed every epoch: an RQ-VAE trains for hundreds
+of epochs over a catalog that fits in the workers' memory (1M x 768 float32 is 3 GB in all);
+re-running the parquet read for every epoch would cost more than the epoch itself.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from semid_dist import data as datalib, storage
+from semid_dist.config import Config
+from semid_dist.math.rqvae import RQVAE
+from semid_dist.tiger import checkpoint, steps
+from semid_dist.tiger.collectives import Collectives
+
+# Dead-code restarts are checked every this many optimizer steps: a restarted code then has
+# this many batches to win assignments before it can be judged dead again.
+RESTART_EVERY = 10
+
+
+def train_loop_per_worker(loop_cfg: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = Config.from_dict(loop_cfg["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if loop_cfg["use_gpu"] else torch.device("cpu")
+    # Fractional CPUs let Ray Data run next to the workers (DESIGN.md section 6), but torch would
+    # still start one thread per core in every worker; split the node's cores between them.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(ctx.get_local_world_size(), 1)))
+    comm = Collectives(device)
+    assert comm.world == world and comm.rank == rank, (comm.world, world, comm.rank, rank)
+
+    # 1. This rank's rows.
+    ids_N, x_ND = read_shard(ray.train.get_dataset_shard("train"), loop_cfg["model_args"]["input_dim"])
+    data = steps.RankData.build(ids_N, x_ND, cfg, comm, device)
+    del ids_N, x_ND
+
+    # 2. Model, optimizer and loop state, from the latest checkpoint when there is one.
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = RQVAE(**loop_cfg["model_args"])
+    steps.init_weights(model)
+    model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
+    state = checkpoint.LoopState()
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            saved = checkpoint.load(d)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        state = checkpoint.loop_state(saved)
+    net = _ddp(model, device) if comm.distributed else model
+
+    # 3. Codebook initialisation (TIGER): k-means on the first batches' latents.
+    steps.init_codebooks(model, data, cfg, comm)
+
+    # 4. Epochs.
+    hooks = _Hooks(cfg, loop_cfg, model, rank, world)
+    reported = False
+    for epoch in range(state.epoch, cfg.epochs):
+        if state.stopped_early:
+            break
+        t0 = time.perf_counter()
+        model.temperature = steps.temperature(cfg, epoch) if cfg.gumbel else 1.0
+        train_m, state.step = steps.train_epoch(
+            net, model, opt, data, epoch, state.step, cfg, comm, RESTART_EVERY,
+            before_step=hooks.before_step, after_step=hooks.after_step)
+        eval_m, usage_LK = steps.evaluate(model, data, comm)
+        record = {"epoch": epoch + 1, "step": state.step, **train_m, **eval_m,
+                  "lr": opt.param_groups[0]["lr"],
+                  "temperature": model.temperature if cfg.gumbel else None,
+                  "time_s": round(time.perf_counter() - t0, 3)}
+        state.epoch, state.usage_LK = epoch + 1, usage_LK.tolist()
+        state.history.append(record)
+        _early_stopping(state, record["val_recon"], cfg.patience)
+        hooks.end_epoch()
+        if rank == 0:
+            _progress(loop_cfg.get("progress"), {**record, "epochs": cfg.epochs,
+                                                 "stopped_early": state.stopped_early})
+        last = state.stopped_early or state.epoch == cfg.epochs
+        if state.epoch % cfg.save_every == 0 or last:
+            _report(model, opt, state, loop_cfg, rank)
+            reported = True
+    if not reported:  # resumed a finished run: hand the driver its final state again
+        _report(model, opt, state, loop_cfg, rank)
+
+
+def _ddp(model: RQVAE, device: torch.device) -> torch.nn.Module:
+    """DDP without the per-forward buffer broadcast: the codebooks are buffers kept identical
+    by the all-reduced EMA statistics, and a broadcast from rank 0 would hide a missing
+    all-reduce (DESIGN.md section 6). torch >= 2.13 names the switch forward_sync_buffers."""
+    DDP = torch.nn.parallel.DistributedDataParallel
+    no_sync = {"forward_sync_buffers": False} \
+        if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters \
+        else {"broadcast_buffers": False}
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
+
+
+def read_shard(shard, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stream this rank's shard once: (ItemID (N,), embeddings float32 (N, dim))."""
+    ids, xs = [], []
+    for batch in shard.iter_batches(batch_format="pyarrow", batch_size=None):
+        ids_B, x_BD = datalib.batch_to_arrays(batch, dim)
+        ids.append(ids_B)
+        xs.append(x_BD)  # a view of the Arrow batch; concatenate below makes the only copy
+    if not ids:
+        return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+    return np.concatenate(ids), np.concatenate(xs)
+
+
+def _progress(queue, record: dict) -> None:
+    """Hand the epoch record to the driver's log; losing a progress line never stops training."""
+    if queue is None:
+        return
+    try:
+        queue.put_nowait(record)
+    except Exception:  # the driver went away or the queue is full: training goes on
+        pass
+
+
+def _early_stopping(state: checkpoint.LoopState, val: float | None, patience: int) -> None:
+    """Decided from all-reduced numbers, so every rank stops after the same epoch."""
+    if val is None or patience == 0:
+        return
+    if val < state.best_val:
+        state.best_val, state.bad_epochs = val, 0
+    else:
+        state.bad_epochs += 1
+        state.stopped_early = state.bad_epochs >= patience
+
+
+def _report(model, opt, state: checkpoint.LoopState, loop_cfg: dict, rank: int) -> None:
+    """Every rank reports (report() is a barrier); rank 0 attaches the checkpoint."""
+    import ray.train
+
+    metrics = {k: v for k, v in (state.history[-1] if state.history else {}).items()}
+    metrics["stopped_early"] = state.stopped_early
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory(prefix="tiger-ckpt-") as d:
+        checkpoint.save(d, model, opt, state, loop_cfg["model_args"], loop_cfg["config"])
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+class _Hooks:
+    """Test hooks: --fail_at_step (one injected worker failure) and per-step codebook digests."""
+
+    def __init__(self, cfg: Config, loop_cfg: dict, model: RQVAE, rank: int, world: int) -> None:
+        self.cfg, self.model, self.rank, self.world = cfg, model, rank, world
+        self.run_dir = loop_cfg["run_dir"]
+        self.trace_dir = loop_cfg.get("trace_dir")
+        self.trace: list[dict] = []
+
+    def before_step(self, step: int) -> None:
+        if step != self.cfg.fail_at_step or self.rank != self.world - 1:
+            return
+        fs = storage.filesystem(self.run_dir, self.cfg.s3_endpoint_url)
+        marker = storage.join(storage.strip_scheme(self.run_dir), f"fail_at_step_{step}.done")
+        if fs.exists(marker):  # failed once already: this is the restarted worker group
+            return
+        with fs.open(marker, "w") as f:
+            f.write(f"rank {self.rank} raised at step {step}\n")
+        raise RuntimeError(f"injected failure at step {step} (--fail_at_step)")
+
+    def after_step(self, step: int) -> None:
+        if self.trace_dir is None:
+            return
+        digest = lambda t: hashlib.sha1(t.detach().cpu().numpy().tobytes()).hexdigest()  # noqa: E731
+        self.trace.append({"step": step, "codebooks": digest(self.model.codebooks_LKH),
+                           "ema_count": digest(self.model.ema_count_LK),
+                           "ema_sum": digest(self.model.ema_sum_LKH)})
+
+    def end_epoch(self) -> None:
+        if self.trace_dir is None or not self.trace:
+            return
+        with open(os.path.join(self.trace_dir, f"rank{self.rank}.jsonl"), "a") as f:
+            f.writelines(json.dumps(t) + "\n" for t in self.trace)
+        self.trace.clear()

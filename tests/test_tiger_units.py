@@ -1,0 +1,145 @@
+"""TIGER mode pieces that need no Ray: global batches, the epoch loop at world 1, plots, run names,
+checkpoint payloads. Seconds in total."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_catalog
+from semid_dist.config import Config
+from semid_dist.math.rqvae import RQVAE
+from semid_dist.tiger import batches, checkpoint, plots, steps, trainer
+from semid_dist.tiger.collectives import Collectives
+from semid_dist.tokenizer import Tokenizer
+
+
+def small_cfg(**kw) -> Config:
+    base = dict(data_path="x", output_dir="y", n_layers=2, n_embed=4, latent_dim=3, batch_size=50,
+                patience=0, epochs=2, val_fraction=0.1)
+    base.update(kw)
+    return Config(**base).validated()
+
+
+def build(cfg: Config, n: int = 200, d: int = 16):
+    ids, x = make_catalog(n, d, seed=2, n_clusters=4)
+    comm = Collectives()
+    data = steps.RankData.build(ids, x, cfg, comm, torch.device("cpu"))
+    torch.manual_seed(cfg.seed)
+    model = RQVAE(**steps.model_args(cfg, d))
+    steps.init_weights(model)
+    return comm, data, model
+
+
+def test_global_batches_do_not_depend_on_sharding():
+    ids = np.random.default_rng(0).permutation(10_000)[:997].astype(np.int64) + 5
+    nb = batches.num_batches(997, 64)
+    whole = batches.epoch_batch_index(ids, 42, 3, nb)
+    halves = np.concatenate([batches.epoch_batch_index(ids[:400], 42, 3, nb),
+                             batches.epoch_batch_index(ids[400:], 42, 3, nb)])
+    assert np.array_equal(whole, halves)
+    assert not np.array_equal(whole, batches.epoch_batch_index(ids, 42, 4, nb))  # reshuffled
+    order, off = batches.group_rows(whole, nb)
+    assert off[-1] == 997 and np.all(np.diff(off) >= 0)
+    for j in range(nb):
+        rows = order[off[j]:off[j + 1]]
+        assert np.all(whole[rows] == j) and np.all(np.diff(rows) > 0)  # input order kept
+    sizes = np.diff(off)
+    assert sizes.min() > 0.5 * 64 and sizes.max() < 1.5 * 64
+    val = batches.validation_mask(ids, 42, 0.1)
+    assert 0.05 < val.mean() < 0.15
+    assert np.array_equal(val[:400], batches.validation_mask(ids[:400], 42, 0.1))
+
+
+def test_epoch_loop_at_world_one():
+    cfg = small_cfg()
+    comm, data, model = build(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    assert steps.init_codebooks(model, data, cfg, comm) and model.is_initialized
+    assert not steps.init_codebooks(model, data, cfg, comm)  # done once
+    seen = []
+    metrics, step = steps.train_epoch(model, model, opt, data, 0, 0, cfg, comm, restart_every=2,
+                                      before_step=seen.append)
+    assert step == len(seen) == data.n_batches and seen == list(range(step))
+    ev, usage = steps.evaluate(model, data, comm)
+    assert usage.shape == (2, 4) and usage.sum() == 2 * 200
+    assert model.training  # evaluate restores the mode
+    assert 0 <= ev["dup_rate"] < 1 and ev["val_recon"] > 0 and metrics["loss"] > 0
+    assert ev["codes_used"] == [int((u > 0).sum()) for u in usage]
+
+
+def test_init_weights_keep_latent_scale():
+    """torch's default init shrinks the latent ~40x through the seed's MLP (the collapse trap
+    noted in steps.init_weights); He init keeps it within a small factor of the input."""
+    x = torch.nn.functional.normalize(torch.randn(512, 768), dim=1)
+    torch.manual_seed(0)
+    model = RQVAE(768, 32, 3, 16)
+    default = model.encoder(x).norm(dim=1).mean().item()
+    steps.init_weights(model)
+    he = model.encoder(x).norm(dim=1).mean().item()
+    assert default < 0.01 < 0.05 < he < 1.0, (default, he)
+
+
+def test_gumbel_mode_trains_with_decaying_temperature():
+    cfg = small_cfg(use_ema=False, gumbel=True, gumbel_temperature=1.0, gumbel_temperature_min=0.1,
+                    epochs=3)
+    assert [round(steps.temperature(cfg, e), 4) for e in range(3)] == [1.0, 0.3162, 0.1]
+    comm, data, model = build(cfg)
+    assert "codebooks_LKH" in dict(model.named_parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    steps.init_codebooks(model, data, cfg, comm)
+    before = model.codebooks_LKH.detach().clone()
+    model.temperature = steps.temperature(cfg, 1)
+    metrics, _ = steps.train_epoch(model, model, opt, data, 1, 0, cfg, comm, restart_every=0)
+    assert metrics["codebook"] > 0
+    assert not torch.equal(before, model.codebooks_LKH.detach())  # learned by gradient
+
+
+def test_run_name_ignores_how_long_and_where():
+    a = small_cfg(mode="tiger")
+    assert trainer.run_name(a, 16, 100) == trainer.run_name(
+        a.replace(epochs=50, num_workers=4, patience=3, resume=True, max_failures=2), 16, 100)
+    assert trainer.run_name(a, 16, 100) != trainer.run_name(a.replace(learning_rate=0.1), 16, 100)
+    assert trainer.run_name(a, 16, 100) != trainer.run_name(a, 16, 101)
+    assert trainer.storage_root(a).endswith("/y/.ray_train")
+    assert trainer.storage_root(a.replace(output_dir="s3://b/p")) == "s3://b/p/.ray_train"
+
+
+def test_checkpoint_round_trip_and_seed_payload(tmp_path):
+    cfg = small_cfg()
+    comm, data, model = build(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    steps.init_codebooks(model, data, cfg, comm)
+    steps.train_epoch(model, model, opt, data, 0, 0, cfg, comm, restart_every=0)
+    state = checkpoint.LoopState(epoch=1, step=4, history=[{"epoch": 1, "loss": 0.5}], best_val=0.3)
+    args = steps.model_args(cfg, 16)
+    checkpoint.save(str(tmp_path), model, opt, state, args, cfg.to_dict())
+    saved = checkpoint.load(str(tmp_path))
+    assert checkpoint.loop_state(saved) == state
+    payload = checkpoint.seed_payload(saved)
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    assert loaded["epoch"] == 1 and loaded["metrics"]["loss"] == 0.5
+    tok = Tokenizer.from_payload(loaded)  # every checkpoint_epoch_*.pt is a usable tokenizer
+    x = data.x_train_TD[:10]
+    assert np.array_equal(tok.encode(x), model.encode(x).numpy())
+
+
+def test_plots_are_png():
+    hist = [{"epoch": e, "loss": 1.0 / e, "recon": 0.8 / e, "commit": 0.2 / e, "codebook": 0.0,
+             "rel_recon": 0.5 / e, "val_rel_recon": 0.55 / e, "codes_used": [4, 3],
+             "perplexity": [3.5, 2.5], "dup_rate": 0.1 / e} for e in range(1, 4)]
+    for png in (plots.training_curves(hist), plots.code_usage(np.array([[5, 3, 0, 1], [2, 2, 2, 3]]))):
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+@pytest.mark.parametrize("values", [[1.0, 2.0], []])
+def test_collectives_are_identity_at_world_one(values):
+    comm = Collectives()
+    assert comm.world == 1 and comm.rank == 0
+    t = torch.arange(6.0).reshape(3, 2)
+    assert comm.sum_(t) is t and comm.broadcast0_(t) is t and comm.gather_rows(t) is t
+    assert comm.sum_numbers(values) == values
