@@ -55,3 +55,17 @@ submit-nightly: install
 
 clean:
 	rm -rf output logs .pytest_cache
+
+# Benchmarks (bench/): kmeans mode end to end against a FAISS baseline on a synthetic catalog
+# (generated once under /tmp/bench).
+#   make bench                  N = 1,000,000 items (make bench N=250000 for a quicker run)
+#   make bench-gpu              on a machine with one NVIDIA GPU (bench/gpu.sh installs its own venv)
+# Results (JSON + the table as Markdown) go to $(BENCH_OUT).
+N ?= 1000000
+BENCH_OUT ?= bench_out
+
+bench: install
+	BENCH_OUT=$(BENCH_OUT) $(BIN)/python bench/kmeans_bench.py --n $(N)
+
+bench-gpu:
+	BENCH_OUT=$(BENCH_OUT) N=$(N) bash bench/gpu.sh
