@@ -17,6 +17,9 @@ log = logging.getLogger("semid_dist")
 
 
 def fit(cfg: Config, scan: ScanResult) -> tuple[Tokenizer, dict]:
+    """Fit the codebooks on scan's sample. The sample is consumed: the fit turns it into
+    residuals in place and scan.sample_SD is emptied (nothing reads it after the fit, and the
+    driver need not hold a second 200 MB copy through the fit and the encode pass)."""
     x_SD = torch.from_numpy(scan.sample_SD)
     log.info("kmeans: fitting %d levels x %d centroids on a sample of %d x %d (%s k-means, %d iters)",
              cfg.n_layers, cfg.n_clusters, x_SD.shape[0], x_SD.shape[1],
@@ -32,9 +35,12 @@ def fit(cfg: Config, scan: ScanResult) -> tuple[Tokenizer, dict]:
                  level, st["codes_used"], cfg.n_clusters, st["perplexity"])
 
     t0 = time.time()
+    n_sample = int(x_SD.shape[0])
+    scan.sample_SD = np.zeros((0, x_SD.shape[1]), np.float32)
     codebooks = fit_residual_codebooks(x_SD, cfg.n_layers, cfg.n_clusters, cfg.max_iters,
                                        seed=cfg.seed, progressive=cfg.kmeans_progressive,
-                                       on_level=on_level)
+                                       on_level=on_level, in_place=True)
+    del x_SD
     tok = Tokenizer("kmeans", cfg.to_dict(), codebooks_LKD=torch.stack(codebooks))
-    return tok, {"sample_size": int(x_SD.shape[0]), "levels_on_sample": per_level,
+    return tok, {"sample_size": n_sample, "levels_on_sample": per_level,
                  "sample_ids_checksum": int(np.bitwise_xor.reduce(scan.sample_ids_S)) if scan.sample_ids_S.size else 0}

@@ -3,10 +3,18 @@
 Why torch and not faiss on CPU: the faiss-cpu wheel's bundled OpenBLAS ran matrix products
 4-10x slower than torch/MKL on the 2-core machines we measured (DESIGN.md section 6), and
 the assignment is one matmul plus an argmin.
+
+residual_encode on CPU float32 tensors runs the numpy kernel of nearest_np.py: that is what
+the catalog's encode pass runs (in Ray workers that never import torch), so the Python API
+(Tokenizer.encode) reproduces the published codes bit for bit, and numpy's sgemm was the
+faster of the two on the 2-core AMD machines (nearest_np.py).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from semid_dist.math.nearest_np import CHUNK as NP_CHUNK, residual_encode_np
 
 # 16k+ rows per chunk keeps the GEMM efficient; the distance block is chunk x K floats.
 DEFAULT_CHUNK = 32768
@@ -41,6 +49,12 @@ def residual_encode(
 
     Level l picks the codeword nearest to the residual left by levels < l.
     """
+    on_cpu = [t for t in [x_ND, *codebooks] if t.device.type == "cpu" and t.dtype == torch.float32
+              and not t.requires_grad]
+    if len(on_cpu) == len(codebooks) + 1 and codebooks:
+        books_LKD = np.stack([cb.numpy() for cb in codebooks])
+        codes, resid = residual_encode_np(x_ND.numpy(), books_LKD, chunk=min(chunk, NP_CHUNK))
+        return torch.from_numpy(codes), torch.from_numpy(resid)
     n = x_ND.shape[0]
     codes_NL = torch.empty(n, len(codebooks), dtype=torch.long, device=x_ND.device)
     resid_ND = x_ND.clone()
