@@ -10,8 +10,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import typing
+
+# Arrow's default allocator (mimalloc) keeps freed pages: a catalog pass streams GBs through a
+# few MB of buffers, and the retained pages made the driver ~300 MB and each reading worker
+# ~100 MB larger at 1M items (BENCHMARKS.md). Set before pyarrow allocates; the workers of a
+# local Ray inherit it (jobs/runtime_env.yaml sets it on a cluster).
+os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 from semid_dist.config import Config, load_config_file
 from semid_dist.errors import UserError, find_user_error, one_line

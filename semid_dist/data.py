@@ -10,7 +10,7 @@ afterwards by looking for the ItemID in each file (``locate_item``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -36,15 +36,21 @@ class InputInfo:
     files: list[str]
     num_rows: int
     dim: int
+    rows_per_file: list[int] = field(default_factory=list)  # from the footers, in files order
 
 
-def _open_parquet(path: str, endpoint_url: str) -> pq.ParquetFile:
+def open_parquet(path: str, endpoint_url: str = "") -> pq.ParquetFile:
+    """A ParquetFile with buffered column reads: reading a few rows decodes only the first pages
+    of a column chunk, not the whole chunk (200 MB for a 64k-row group of 768-d floats)."""
     fs = storage.filesystem(path, endpoint_url)
     try:
-        return pq.ParquetFile(fs.open(storage.strip_scheme(path), "rb"))
+        return pq.ParquetFile(fs.open(storage.strip_scheme(path), "rb"), buffer_size=1 << 20)
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{path}: not a readable parquet file ({first})") from e
+
+
+_open_parquet = open_parquet
 
 
 def _check_schema(path: str, schema: pa.Schema) -> None:
@@ -65,17 +71,18 @@ def _check_schema(path: str, schema: pa.Schema) -> None:
 
 def inspect_inputs(files: list[str], endpoint_url: str = "") -> InputInfo:
     """Check every file's footer (columns, types, row count) and find the embedding size."""
-    total, dim = 0, None
+    total, dim, rows = 0, None, []
     for path in files:
         pf = _open_parquet(path, endpoint_url)
         _check_schema(path, pf.schema_arrow)
         n = pf.metadata.num_rows
         total += n
+        rows.append(n)
         if dim is None and n > 0:
             for rg in range(pf.num_row_groups):
-                if pf.metadata.row_group(rg).num_rows:
-                    first = pf.read_row_group(rg, columns=[EMB_COL]).column(0).slice(0, 1)
-                    lengths = pc.list_value_length(first.combine_chunks())
+                if pf.metadata.row_group(rg).num_rows:  # one row, not the whole row group
+                    first = next(pf.iter_batches(batch_size=1, row_groups=[rg], columns=[EMB_COL]))
+                    lengths = pc.list_value_length(first.column(0))
                     dim = int(lengths[0].as_py() or 0)
                     break
             if dim == 0:
@@ -84,7 +91,7 @@ def inspect_inputs(files: list[str], endpoint_url: str = "") -> InputInfo:
         raise UserError(f"{files[0] if len(files) == 1 else 'input'}: zero rows in "
                         f"{len(files)} parquet file(s)")
     assert dim is not None
-    return InputInfo(files=files, num_rows=total, dim=dim)
+    return InputInfo(files=files, num_rows=total, dim=dim, rows_per_file=rows)
 
 
 def batch_to_arrays(batch: pa.Table, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -150,7 +157,8 @@ def hash_unit(ids_N: np.ndarray, seed: int) -> np.ndarray:
 
 
 def read_dataset(info: InputInfo, endpoint_url: str = "", max_items: int | None = None):
-    """The Ray Dataset of (ItemID, embedding); max_items keeps the first rows in file order."""
+    """The Ray Dataset of (ItemID, embedding) that tiger training consumes; max_items keeps the
+    first rows in file order. (The catalog passes read through source.CatalogSource.)"""
     import ray
 
     ds = ray.data.read_parquet(

@@ -54,7 +54,7 @@ import pyarrow.parquet as pq
 
 from semid_dist import __version__, data as datalib, export, passes, storage, train
 from semid_dist.config import Config
-from semid_dist.errors import UserError, find_user_error
+from semid_dist.errors import UserError
 from semid_dist.math import generations as gen
 from semid_dist.math.metrics import collision_stats, quality_report
 from semid_dist.runtime import close_logging, ensure_ray, setup_logging
@@ -267,59 +267,40 @@ def _read_bytes(uri: str, endpoint_url: str) -> bytes:
 
 # --- the one pass: encode + fingerprint ------------------------------------------------------
 
-_RESULT_SCHEMA = pa.schema([("ids", pa.list_(pa.int64())), ("codes", pa.list_(pa.int32())),
-                            ("fp", pa.list_(pa.uint64())), ("sq_err", pa.float64()),
-                            ("sq_norm", pa.float64()), ("error", pa.string()), ("error_item", pa.int64())])
+_EMPTY_FP = {"ids": pa.array([[]], pa.list_(pa.int64())), "codes": pa.array([[]], pa.list_(pa.int32())),
+             "fp": pa.array([[]], pa.list_(pa.uint64())), "sq_err": [0.0], "sq_norm": [0.0]}
 
 
-def _encode_fp_batch(batch: pa.Table, tokenizer, dim: int) -> pa.Table:
-    """One result row per batch; a bad row is reported in the result (see passes._result)."""
-    try:
-        ids_N, x_ND = datalib.batch_to_arrays(batch, dim)
-    except datalib.RowError as e:
-        return pa.table([[[]], [[]], [[]], [0.0], [0.0], [e.args[0]],
-                         [-1 if e.item_id is None else e.item_id]], schema=_RESULT_SCHEMA)
-    codes_NL, sq_err_N = tokenizer.encode_with_error(x_ND)
-    return pa.table([[ids_N], [codes_NL.astype(np.int32).ravel()], [gen.embedding_fingerprints(x_ND)],
-                     [float(sq_err_N.sum())], [float(np.einsum("nd,nd->", x_ND, x_ND, dtype=np.float64))],
-                     [None], [-1]], schema=_RESULT_SCHEMA)
+def _encode_fp_block(block: pa.Table, dim: int, encoder) -> dict:
+    ids, codes, fps, sq_err, sq_norm = [], [], [], 0.0, 0.0
+    for ids_B, x_BD in passes.chunks(block, dim):
+        codes_BL, sq_err_B = passes.encode_rows(encoder, x_BD)
+        ids.append(ids_B)
+        codes.append(codes_BL.astype(np.int32).ravel())
+        fps.append(gen.embedding_fingerprints(x_BD))
+        sq_err += float(np.asarray(sq_err_B).sum(dtype=np.float64))
+        sq_norm += passes.sq_norms(x_BD)
+    if not ids:
+        return dict(_EMPTY_FP)
+    return {"ids": pa.array([np.concatenate(ids)], pa.list_(pa.int64())),
+            "codes": pa.array([np.concatenate(codes)], pa.list_(pa.int32())),
+            "fp": pa.array([np.concatenate(fps)], pa.list_(pa.uint64())),
+            "sq_err": [sq_err], "sq_norm": [sq_norm]}
 
 
-def encode_with_fingerprints(ds, info: datalib.InputInfo, tokenizer, endpoint_url: str, batch_size: int,
-                             n_items: int) -> tuple[passes.EncodeResult, np.ndarray]:
-    """Codes and embedding fingerprints of every item in ONE pass (sorted by ItemID).
-
-    Plain tasks fused with the parquet read, as passes.encode_pass does on CPU."""
-    mapped = ds.map_batches(_encode_fp_batch, batch_format="pyarrow", batch_size=batch_size,
-                            fn_kwargs={"tokenizer": tokenizer, "dim": info.dim})
-    parts, done, t0, last = [], 0, time.time(), time.time()
-    try:
-        for b in mapped.iter_batches(batch_format="pyarrow", batch_size=None):
-            errors = b.column("error")
-            if errors.null_count < len(errors):
-                i = int(np.flatnonzero(~errors.is_null().to_numpy(zero_copy_only=False))[0])
-                item = b.column("error_item")[i].as_py()
-                raise datalib.RowError(errors[i].as_py(), None if item < 0 else item)
-            parts.append(b)
-            done += int(pc.sum(pc.list_value_length(b.column("ids"))).as_py() or 0)
-            if time.time() - last > 10:
-                last = time.time()
-                log.info("encode: %d / %d items (%.0f items/s)", done, n_items, done / max(last - t0, 1e-9))
-    except Exception as e:
-        err = find_user_error(e)
-        if isinstance(err, datalib.RowError):
-            raise datalib.with_file(err, info.files, endpoint_url) from None
-        if err is not None:
-            raise err from None
-        raise
-    t = pa.concat_tables(parts) if parts else _RESULT_SCHEMA.empty_table()
-    ids_N = pc.list_flatten(t.column("ids")).to_numpy().astype(np.int64)
-    codes_NL = pc.list_flatten(t.column("codes")).to_numpy().astype(np.int64).reshape(-1, tokenizer.n_layers)
-    fp_N = pc.list_flatten(t.column("fp")).to_numpy().astype(np.uint64)
+def encode_with_fingerprints(info: datalib.InputInfo, tokenizer, endpoint_url: str, n_items: int
+                             ) -> tuple[passes.EncodeResult, np.ndarray]:
+    """Codes and embedding fingerprints of every item in ONE pass (sorted by ItemID): the
+    encode pass of passes.py with the fingerprint added to each block's result."""
+    t = passes.map_catalog(passes.catalog(info, endpoint_url, n_items), _encode_fp_block, _EMPTY_FP,
+                           "encode", n_items, info, endpoint_url, dim=info.dim,
+                           encoder=passes.encoder_of(tokenizer))
+    ids_N = passes.flat(t, "ids").astype(np.int64, copy=False)
+    codes_NL = passes.flat(t, "codes").astype(np.int64).reshape(-1, tokenizer.n_layers)
+    fp_N = passes.flat(t, "fp").astype(np.uint64, copy=False)
     order = np.argsort(ids_N, kind="stable")
     enc = passes.EncodeResult(ids_N=ids_N[order], codes_NL=codes_NL[order],
-                              sq_err_sum=float(pc.sum(t.column("sq_err")).as_py() or 0.0),
-                              sq_norm_sum=float(pc.sum(t.column("sq_norm")).as_py() or 0.0))
+                              sq_err_sum=passes.total(t, "sq_err"), sq_norm_sum=passes.total(t, "sq_norm"))
     return enc, fp_N[order]
 
 
@@ -365,7 +346,8 @@ def run(cfg: Config, log_dir: str = "logs") -> dict:
         if not existing:
             pub = storage.Publisher(root.gen_uri(name), ep)
         ensure_ray(cfg)
-        ds = datalib.read_dataset(info, ep, cfg.max_items)
+        # The catalog passes build their own datasets; tiger training reads this one.
+        ds = datalib.read_dataset(info, ep, cfg.max_items) if cfg.mode == "tiger" else None
 
         if existing and (cfg.retrain or cfg.tokenizer or cfg.changed_policy != existing["changed_policy"]):
             log.warning("generation %s is already published: verifying it with its own tokenizer and "
@@ -388,7 +370,7 @@ def run(cfg: Config, log_dir: str = "logs") -> dict:
                             "keep their length (start a new --output_dir for a new layout)")
 
         with timer.stage("encode"):
-            enc, fp_N = encode_with_fingerprints(ds, info, tokenizer, ep, cfg.encode_batch_size, n_items)
+            enc, fp_N = encode_with_fingerprints(info, tokenizer, ep, n_items)
             if scan is None:
                 passes.check_unique_ids(enc.ids_N, files, ep)
         with timer.stage("assign"):
@@ -469,8 +451,8 @@ def _pick_tokenizer(cfg: Config, root: _Root, existing: dict | None, parent: Gen
             flag = "n_embed" if cfg.mode == "tiger" else "n_clusters"
             raise UserError(f"--{flag} {cfg.n_codes} is larger than the number of items ({n_items})")
         with timer.stage("scan"):
-            scan = passes.scan_pass(ds, info, cfg.seed, cfg.sample_per_centroid * cfg.n_codes, ep,
-                                    cfg.encode_batch_size, n_items)
+            scan = passes.scan_pass(info, cfg.seed, cfg.sample_per_centroid * cfg.n_codes, ep,
+                                    n_items)
             passes.check_unique_ids(scan.ids_N, info.files, ep)
         with timer.stage("fit"):
             tokenizer, fit_info = train._fit(cfg, ds, info, scan, n_items, pub)

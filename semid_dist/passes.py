@@ -5,22 +5,43 @@ keep a deterministic hash sample of embeddings for fitting.
 Pass 2 (encode): every item through the tokenizer; the driver keeps ItemIDs, codes and the
 reconstruction-error sums, never the N x D matrix.
 
-Each batch comes back as ONE row of flat arrays (ids, codes, sample), which keeps Ray Data's
-per-row overhead out of the way.
+How the passes use Ray Data, and why (measured on 1M x 768 on 2 cores, BENCHMARKS.md):
+- The catalog is read by source.CatalogSource (a Ray Data datasource that streams parquet
+  4,096 rows at a time; it says why not read_parquet) and the pass is one
+  ``map_batches(fn, batch_size=None)``, which Ray Data fuses into the read task
+  (``ReadCatalogSource->MapBatches``): decoded embeddings never enter the object store, only
+  the small per-block results do. A batch size, a per-operator concurrency, or more output
+  blocks than read tasks each keep the two operators apart, and then the raw 3 GB travels
+  through the object store (the scan alone took 23 s and 4.6 GB that way).
+- At most as many tasks at once as there are cores (a resource limit on the pass's own
+  DataContext): a local Ray advertises more logical CPUs than cores, and extra tasks cost
+  memory, not time.
+- The kmeans encoder ships to the tasks as numpy codebooks (math/nearest_np.py), so a worker
+  that only reads and encodes never imports torch; a tiger tokenizer ships as is.
+- Every block comes back as ONE row of flat arrays (``_result``), and a bad row is reported
+  inside it: Ray Data wraps a UDF's exception and the message naming the ItemID would be lost.
+
+Results do not depend on row order, sharding or the number of tasks: the sample is a hash of
+ItemIDs, every row is encoded on its own, and the driver sorts by ItemID.
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from semid_dist import data as datalib
-from semid_dist.errors import UserError
+from semid_dist.errors import UserError, find_user_error
 
 log = logging.getLogger("semid_dist")
+
+CHUNK = 4096  # rows of a block converted and processed at a time inside a task
 
 
 @dataclass
@@ -39,83 +60,151 @@ class EncodeResult:
     sq_norm_sum: float
 
 
-def _result(error: datalib.RowError | None = None, **cols) -> pa.Table:
-    """One result row per batch. A bad row is reported IN the result, not raised: Ray Data
-    wraps exceptions from a UDF into a generic UserCodeException and the original message
-    (which names the ItemID) would be lost."""
+# --- running a block function over the catalog ----------------------------------------------
+
+def parallelism() -> int:
+    """How many tasks to run at once: the cluster's CPUs; on a single machine at most its cores
+    (a local Ray advertises more logical CPUs than cores, and extra tasks only cost memory)."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) == 1 and nodes[0].get("NodeManagerAddress") == ray.util.get_node_ip_address():
+        cpus = min(cpus, os.cpu_count() or cpus)
+    return max(1, cpus)
+
+
+def chunks(block: pa.Table, dim: int):
+    """(ItemIDs, float32 embeddings) of a block, CHUNK validated rows at a time."""
+    for s in range(0, block.num_rows, CHUNK):
+        yield datalib.batch_to_arrays(block.slice(s, CHUNK), dim)
+
+
+def _result(error: Exception | None = None, **cols) -> pa.Table:
+    """One result row per block, with the error (or null): a bad row's message and ItemID, or
+    a whole message naming the file (error_item -2)."""
+    item = -1 if error is None else getattr(error, "item_id", -2)
     cols["error"] = pa.array([None if error is None else error.args[0]], pa.string())
-    cols["error_item"] = pa.array([-1 if error is None or error.item_id is None else error.item_id],
-                                  pa.int64())
+    cols["error_item"] = pa.array([-1 if item is None else item], pa.int64())
     return pa.table(cols)
 
 
-def _scan_batch(batch: pa.Table, dim: int, seed: int, fraction: float) -> pa.Table:
+def _guarded(fn: Callable, empty: dict) -> Callable:
+    """fn(block, **kw) -> dict of one-row columns; a RowError becomes an error row."""
+    def run(block: pa.Table, **kw) -> pa.Table:
+        if "error" in block.column_names:  # an unreadable file (source.read_unit)
+            return _result(UserError(block.column("error")[0].as_py()), **empty)
+        try:
+            return _result(**fn(block, **kw))
+        except datalib.RowError as e:
+            return _result(e, **empty)
+    run.__name__ = fn.__name__
+    run.__qualname__ = fn.__qualname__
+    return run
+
+
+def catalog(info: datalib.InputInfo, endpoint_url: str, n_items: int, read_batch: int | None = None):
+    """The first n_items rows of the catalog as a Ray Dataset (source.CatalogSource) whose
+    passes run at most parallelism() tasks at once. The limit goes on this dataset's own
+    DataContext (a copy made when it was created): datasets built elsewhere keep theirs."""
+    import ray
+
+    from semid_dist.source import READ_BATCH, CatalogSource
+
+    src = CatalogSource(info, n_items, endpoint_url, read_batch or READ_BATCH)
+    # One block stream per read task: more blocks would make Ray Data split each task's
+    # output (SplitBlocks), which also stops it fusing the read with the pass's map.
+    ds = ray.data.read_datasource(src, override_num_blocks=max(1, len(src.units)))
+    opts = ds.context.execution_options
+    opts.resource_limits = opts.resource_limits.copy(cpu=parallelism())
+    # Blocks of one read batch: Ray Data would otherwise merge a task's read batches into
+    # blocks of up to 128 MB before the map sees them (~40k rows of 768-d floats).
+    ds.context.target_max_block_size = src.read_batch * src.row_bytes
+    return ds
+
+
+def map_catalog(ds, fn: Callable, empty: dict, what: str, total: int, info: datalib.InputInfo,
+                endpoint_url: str, **fn_kwargs) -> pa.Table:
+    """fn over every block of ds (fused with the read), the result rows concatenated. The first
+    bad row stops the pass with a one-line UserError that names its file."""
+    mapped = ds.map_batches(_guarded(fn, empty), batch_format="pyarrow", batch_size=None,
+                            zero_copy_batch=True, fn_kwargs=fn_kwargs)
+    parts, done, t0, last = [], 0, time.time(), time.time()
     try:
-        ids_N, x_ND = datalib.batch_to_arrays(batch, dim)
-    except datalib.RowError as e:
-        ids_N, x_ND = np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
-        return _result(e, ids=[ids_N], sample_ids=[ids_N], sample=[x_ND.ravel()], sq_norm=[0.0])
-    keep = datalib.hash_unit(ids_N, seed) < fraction
-    return _result(
-        ids=[ids_N],
-        sample_ids=[ids_N[keep]],
-        sample=[np.ascontiguousarray(x_ND[keep]).ravel()],
-        sq_norm=[float(np.einsum("nd,nd->", x_ND, x_ND, dtype=np.float64))],
-    )
-
-
-def _collect(ds, what: str, total: int):
-    """Iterate result rows, logging progress; re-raise row errors with their file named."""
-    done, t0, last = 0, time.time(), 0.0
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        for row in _rows(batch):
-            if row["error"] is not None:
-                item = row["error_item"]
-                raise datalib.RowError(row["error"], None if item < 0 else item)
-            done += len(row["ids"])
-            yield row
-        now = time.time()
-        if now - last > 10:
-            log.info("%s: %d / %d items (%.0f items/s)", what, done, total, done / max(now - t0, 1e-9))
-            last = now
-
-
-def _rows(batch: pa.Table):
-    cols = {name: batch.column(name) for name in batch.column_names}
-    for i in range(batch.num_rows):
-        row = {}
-        for name, col in cols.items():
-            v = col[i]
-            row[name] = v.values.to_numpy(zero_copy_only=False) if isinstance(v, pa.ListScalar) else v.as_py()
-        yield row
-
-
-def _run(gen, files, endpoint_url):
-    try:
-        return list(gen)
+        for b in mapped.iter_batches(batch_format="pyarrow", batch_size=None):
+            errors = b.column("error")
+            if errors.null_count < len(errors):
+                i = int(np.flatnonzero(~errors.is_null().to_numpy(zero_copy_only=False))[0])
+                item = b.column("error_item")[i].as_py()
+                if item == -2:
+                    raise UserError(errors[i].as_py())
+                raise datalib.RowError(errors[i].as_py(), None if item < 0 else item)
+            parts.append(b)
+            done += int(pc.sum(pc.list_value_length(b.column("ids"))).as_py() or 0)
+            if time.time() - last > 10:
+                last = time.time()
+                log.info("%s: %d / %d items (%.0f items/s)", what, done, total, done / max(last - t0, 1e-9))
     except Exception as e:
-        from semid_dist.errors import find_user_error
-
         err = find_user_error(e)
         if isinstance(err, datalib.RowError):
-            raise datalib.with_file(err, files, endpoint_url) from None
+            raise datalib.with_file(err, info.files, endpoint_url) from None
         if err is not None:
             raise err from None
         raise
+    if not parts:
+        raise UserError(f"{info.files[0] if len(info.files) == 1 else 'input'}: zero rows")
+    return pa.concat_tables(parts)
 
 
-def scan_pass(ds, info: datalib.InputInfo, seed: int, sample_size: int, endpoint_url: str,
-              batch_size: int, n_items: int) -> ScanResult:
+def flat(t: pa.Table, name: str) -> np.ndarray:
+    return pc.list_flatten(t.column(name)).to_numpy(zero_copy_only=False)
+
+
+def total(t: pa.Table, name: str) -> float:
+    return float(pc.sum(t.column(name)).as_py() or 0.0)
+
+
+def sq_norms(x_ND: np.ndarray) -> float:
+    """sum ||x||^2: per row in float32 (a few hundred terms), over rows in float64."""
+    return float(np.einsum("nd,nd->n", x_ND, x_ND).sum(dtype=np.float64))
+
+
+# --- pass 1: scan ----------------------------------------------------------------------------
+
+_EMPTY_SCAN = {"ids": pa.array([[]], pa.list_(pa.int64())), "sample_ids": pa.array([[]], pa.list_(pa.int64())),
+               "sample": pa.array([[]], pa.list_(pa.float32())), "sq_norm": [0.0]}
+
+
+def _scan_block(block: pa.Table, dim: int, seed: int, fraction: float) -> dict:
+    ids, sample_ids, sample, sq_norm = [], [], [], 0.0
+    for ids_B, x_BD in chunks(block, dim):
+        keep = datalib.hash_unit(ids_B, seed) < fraction
+        ids.append(ids_B)
+        sample_ids.append(ids_B[keep])
+        sample.append(x_BD[keep].ravel())
+        sq_norm += sq_norms(x_BD)
+    if not ids:
+        return dict(_EMPTY_SCAN)
+    return {"ids": pa.array([np.concatenate(ids)], pa.list_(pa.int64())),
+            "sample_ids": pa.array([np.concatenate(sample_ids)], pa.list_(pa.int64())),
+            "sample": pa.array([np.concatenate(sample)], pa.list_(pa.float32())),
+            "sq_norm": [sq_norm]}
+
+
+def scan_pass(info: datalib.InputInfo, seed: int, sample_size: int, endpoint_url: str,
+              n_items: int) -> ScanResult:
+    """Pass 1 over the first n_items rows, in file order."""
     fraction = min(1.0, sample_size / max(n_items, 1))
-    mapped = ds.map_batches(_scan_batch, batch_format="pyarrow", batch_size=batch_size,
-                            fn_kwargs={"dim": info.dim, "seed": seed, "fraction": fraction})
-    rows = _run(_collect(mapped, "scan", n_items), info.files, endpoint_url)
-    ids_N = np.concatenate([r["ids"] for r in rows]) if rows else np.zeros(0, np.int64)
-    sample_ids = np.concatenate([r["sample_ids"] for r in rows]).astype(np.int64)
-    sample = np.concatenate([r["sample"] for r in rows]).astype(np.float32).reshape(-1, info.dim)
+    t = map_catalog(catalog(info, endpoint_url, n_items), _scan_block, _EMPTY_SCAN, "scan", n_items,
+                    info, endpoint_url, dim=info.dim, seed=seed, fraction=fraction)
+    ids_N = flat(t, "ids").astype(np.int64, copy=False)
+    sample_ids = flat(t, "sample_ids").astype(np.int64, copy=False)
     order = np.argsort(sample_ids, kind="stable")
-    return ScanResult(ids_N=ids_N.astype(np.int64), sample_ids_S=sample_ids[order],
-                      sample_SD=sample[order], sq_norm_sum=float(sum(r["sq_norm"] for r in rows)))
+    sample_SD = flat(t, "sample").astype(np.float32, copy=False).reshape(-1, info.dim)[order]
+    sq_norm = total(t, "sq_norm")
+    del t
+    return ScanResult(ids_N=ids_N, sample_ids_S=sample_ids[order], sample_SD=sample_SD,
+                      sq_norm_sum=sq_norm)
 
 
 def check_unique_ids(ids_N: np.ndarray, files: list[str], endpoint_url: str) -> None:
@@ -129,48 +218,50 @@ def check_unique_ids(ids_N: np.ndarray, files: list[str], endpoint_url: str) -> 
         raise UserError(f"{where}: duplicate ItemID {item} ({dup.size} duplicate row(s) in the catalog)")
 
 
-def _encode_batch(batch: pa.Table, tokenizer, dim: int) -> pa.Table:
-    try:
-        ids_N, x_ND = datalib.batch_to_arrays(batch, dim)
-    except datalib.RowError as e:
-        empty = np.zeros(0, np.int64)
-        return _result(e, ids=[empty], codes=[empty.astype(np.int32)], sq_err=[0.0], sq_norm=[0.0])
-    codes_NL, sq_err_N = tokenizer.encode_with_error(x_ND)
-    return _result(
-        ids=[ids_N],
-        codes=[codes_NL.astype(np.int32).ravel()],
-        sq_err=[float(sq_err_N.sum())],
-        sq_norm=[float(np.einsum("nd,nd->", x_ND, x_ND, dtype=np.float64))],
-    )
+# --- pass 2: encode --------------------------------------------------------------------------
+
+def encoder_of(tokenizer):
+    """What the tasks get: a kmeans tokenizer as its numpy codebooks (no torch in the workers,
+    the same kernel as Tokenizer.encode on CPU), a tiger tokenizer as is."""
+    if tokenizer.mode == "kmeans":
+        return tokenizer.codebooks_LKD.detach().cpu().float().contiguous().numpy()
+    return tokenizer
 
 
-class _EncodeBatches:
-    """Ray Data actor for the GPU path: moves the model to the device once."""
+def encode_rows(encoder, x_ND: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Codes (N, L) and squared reconstruction error per row."""
+    if isinstance(encoder, np.ndarray):
+        from semid_dist.math.nearest_np import residual_encode_np
 
-    def __init__(self, tokenizer, dim: int):
-        self.tokenizer, self.dim = tokenizer.to("cuda"), dim
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return _encode_batch(batch, self.tokenizer, self.dim)
+        return residual_encode_np(x_ND, encoder, out_resid=False)
+    return encoder.encode_with_error(x_ND)
 
 
-def encode_pass(ds, info: datalib.InputInfo, tokenizer, endpoint_url: str, batch_size: int,
-                n_items: int, num_gpus: float = 0, concurrency: int = 1) -> EncodeResult:
-    """On CPU, plain tasks: Ray Data fuses them with the parquet read, so raw embeddings never
-    cross the object store and no CPU is held by an idle actor (an actor pool that takes every
-    CPU starves the read tasks and hangs). On GPU, a pool of actors that each hold the model."""
-    if num_gpus:
-        mapped = ds.map_batches(_EncodeBatches, batch_format="pyarrow", batch_size=batch_size,
-                                fn_constructor_kwargs={"tokenizer": tokenizer, "dim": info.dim},
-                                concurrency=concurrency, num_gpus=num_gpus)
-    else:
-        mapped = ds.map_batches(_encode_batch, batch_format="pyarrow", batch_size=batch_size,
-                                fn_kwargs={"tokenizer": tokenizer, "dim": info.dim})
-    rows = _run(_collect(mapped, "encode", n_items), info.files, endpoint_url)
-    L = tokenizer.n_layers
-    ids_N = np.concatenate([r["ids"] for r in rows]).astype(np.int64)
-    codes_NL = np.concatenate([r["codes"] for r in rows]).astype(np.int64).reshape(-1, L)
+_EMPTY_ENCODE = {"ids": pa.array([[]], pa.list_(pa.int64())), "codes": pa.array([[]], pa.list_(pa.int32())),
+                 "sq_err": [0.0], "sq_norm": [0.0]}
+
+
+def _encode_block(block: pa.Table, dim: int, encoder) -> dict:
+    ids, codes, sq_err, sq_norm = [], [], 0.0, 0.0
+    for ids_B, x_BD in chunks(block, dim):
+        codes_BL, sq_err_B = encode_rows(encoder, x_BD)
+        ids.append(ids_B)
+        codes.append(codes_BL.astype(np.int32).ravel())
+        sq_err += float(np.asarray(sq_err_B).sum(dtype=np.float64))
+        sq_norm += sq_norms(x_BD)
+    if not ids:
+        return dict(_EMPTY_ENCODE)
+    return {"ids": pa.array([np.concatenate(ids)], pa.list_(pa.int64())),
+            "codes": pa.array([np.concatenate(codes)], pa.list_(pa.int32())),
+            "sq_err": [sq_err], "sq_norm": [sq_norm]}
+
+
+def encode_pass(info: datalib.InputInfo, tokenizer, endpoint_url: str, n_items: int) -> EncodeResult:
+    """Pass 2 over the first n_items rows: codes of every item, sorted by ItemID."""
+    t = map_catalog(catalog(info, endpoint_url, n_items), _encode_block, _EMPTY_ENCODE, "encode",
+                    n_items, info, endpoint_url, dim=info.dim, encoder=encoder_of(tokenizer))
+    ids_N = flat(t, "ids").astype(np.int64, copy=False)
+    codes_NL = flat(t, "codes").astype(np.int64).reshape(-1, tokenizer.n_layers)
     order = np.argsort(ids_N, kind="stable")
-    return EncodeResult(ids_N=ids_N[order], codes_NL=codes_NL[order],
-                        sq_err_sum=float(sum(r["sq_err"] for r in rows)),
-                        sq_norm_sum=float(sum(r["sq_norm"] for r in rows)))
+    return EncodeResult(ids_N=ids_N[order], codes_NL=codes_NL[order], sq_err_sum=total(t, "sq_err"),
+                        sq_norm_sum=total(t, "sq_norm"))

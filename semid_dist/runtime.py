@@ -43,6 +43,17 @@ def close_logging() -> None:
             h.close()
 
 
+def worker_setup() -> None:
+    """First thing in every local Ray worker (worker_process_setup_hook): import pandas whole.
+    Ray Data imports pandas from threads of a worker; a worker that first imported it that way
+    once saw a half-initialised module ("module 'pandas' has no attribute 'core'")."""
+    import pandas  # noqa: F401
+
+
+# For a Ray this process starts (and the test suite's): see worker_setup.
+LOCAL_RUNTIME_ENV = {"worker_process_setup_hook": "semid_dist.runtime.worker_setup"}
+
+
 def ensure_ray(cfg: Config) -> None:
     """Connect to the cluster named by --ray_address / RAY_ADDRESS, else start a local Ray.
 
@@ -57,6 +68,9 @@ def ensure_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+    # Ray Data's parquet scanner reads 8 batches ahead by default; with 768-d list columns that
+    # is hundreds of MB per read task (Ray's own advice for wide tensor columns is 1).
+    os.environ.setdefault("RAY_DATA_ARROW_SCANNER_BATCH_READAHEAD", "1")
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS", "")
     # Workers inherit the driver's environment for AWS_* (credentials stay out of the config).
     if address:
@@ -66,7 +80,7 @@ def ensure_ray(cfg: Config) -> None:
         ncpu = max(4, os.cpu_count() or 1)
         log.info("starting a local Ray (%d logical CPUs)", ncpu)
         ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=cfg.log_level == "DEBUG",
-                 configure_logging=False)
+                 configure_logging=False, runtime_env=LOCAL_RUNTIME_ENV)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
     ctx.execution_options.preserve_order = True  # --max_items keeps the first rows, stably

@@ -84,17 +84,18 @@ def execute(cfg: Config, log_dir: str, fit: FitFn, scan_first: bool = True) -> d
             raise UserError(f"--{flag} {cfg.n_codes} is larger than the number of items ({n_items})")
         pub = storage.Publisher(cfg.output_dir, ep)
         ensure_ray(cfg)
-        ds = datalib.read_dataset(info, ep, cfg.max_items)
+        # The catalog passes build their own datasets; tiger training reads this one.
+        ds = datalib.read_dataset(info, ep, cfg.max_items) if cfg.mode == "tiger" else None
         scan = None
         if scan_first:
             with timer.stage("scan"):
-                scan = passes.scan_pass(ds, info, cfg.seed, cfg.sample_per_centroid * cfg.n_codes, ep,
-                                        cfg.encode_batch_size, n_items)
+                scan = passes.scan_pass(info, cfg.seed, cfg.sample_per_centroid * cfg.n_codes, ep,
+                                        n_items)
                 passes.check_unique_ids(scan.ids_N, files, ep)
         with timer.stage("fit"):
             tokenizer, fit_info = fit(cfg, ds, info, scan, n_items, pub)
         with timer.stage("encode"):
-            enc = passes.encode_pass(ds, info, tokenizer, ep, cfg.encode_batch_size, n_items)
+            enc = passes.encode_pass(info, tokenizer, ep, n_items)
             if scan is None:
                 passes.check_unique_ids(enc.ids_N, files, ep)
         with timer.stage("dedup"):

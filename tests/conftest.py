@@ -24,9 +24,11 @@ def ray_session():
     """A local Ray with its own temp dir and no dashboard; shut down (not `ray stop`) at the end."""
     import ray
 
+    from semid_dist.runtime import LOCAL_RUNTIME_ENV
+
     tmp = tempfile.mkdtemp(prefix="semid-ray-")
     ray.init(num_cpus=4, include_dashboard=False, _temp_dir=tmp, log_to_driver=False,
-             configure_logging=False, runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+             configure_logging=False, runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}, **LOCAL_RUNTIME_ENV})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True

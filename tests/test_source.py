@@ -1,0 +1,62 @@
+"""The catalog passes' Ray Data source: read units, --max_items, fusion with the pass's map,
+and that the passes' results do not depend on how the files are cut into read tasks."""
+import numpy as np
+import pytest
+
+from conftest import make_catalog, write_parquet
+from semid_dist import data as datalib, passes, source
+
+
+@pytest.fixture
+def row_grouped(tmp_path):
+    """Two files: 1,000 rows in row groups of 100, and 300 rows in one group."""
+    ids, x = make_catalog(1300, 12, seed=5)
+    a, b = str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")
+    write_parquet(a, ids[:1000], x[:1000], row_group_size=100)
+    write_parquet(b, ids[1000:], x[1000:])
+    return datalib.inspect_inputs([a, b]), ids, x
+
+
+def test_plan_units_splits_big_files_by_row_group_and_honours_max_items(row_grouped, monkeypatch):
+    info, _, _ = row_grouped
+    whole = source.plan_units(info, info.num_rows)
+    assert [(u.row_groups, u.rows) for u in whole] == [(None, 1000), (None, 300)]
+    monkeypatch.setattr(source, "SPLIT_ROWS", 400)  # files over 400 rows: units of >= 200 rows
+    split = source.plan_units(info, info.num_rows)
+    assert [u.rows for u in split] == [200] * 5 + [300]
+    assert [u.row_groups for u in split[:5]] == [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
+    first = source.plan_units(info, 450)  # --max_items 450: the first 450 rows in file order
+    assert [u.rows for u in first] == [200, 200, 50] and first[-1].row_groups == (4,)
+
+
+def test_passes_fuse_the_read_and_do_not_depend_on_the_cut(ray_session, row_grouped, monkeypatch):
+    info, ids, x = row_grouped
+    ds = passes.catalog(info, "", info.num_rows)
+    scan = passes.scan_pass(info, seed=3, sample_size=400, endpoint_url="", n_items=info.num_rows)
+    assert sorted(scan.ids_N.tolist()) == sorted(ids.tolist())
+    assert np.isclose(scan.sq_norm_sum, float((x.astype(np.float64) ** 2).sum()), rtol=1e-5)
+    keep = datalib.hash_unit(scan.sample_ids_S, 3) < 400 / 1300
+    assert keep.all() and len(scan.sample_ids_S) > 0
+    order = np.argsort(ids)
+    rows = order[np.searchsorted(ids[order], scan.sample_ids_S)]
+    assert np.array_equal(scan.sample_SD, x[rows])
+
+    # The same pass cut into more read tasks and 64-row blocks gives the same result.
+    monkeypatch.setattr(source, "SPLIT_ROWS", 400)
+    fine = passes.catalog(info, "", info.num_rows, read_batch=64)
+    t = passes.map_catalog(fine, passes._scan_block, passes._EMPTY_SCAN, "scan", info.num_rows, info, "",
+                           dim=info.dim, seed=3, fraction=400 / 1300)
+    assert t.num_rows == 5 * 4 + 5  # one result row per 64-row block: five 200-row units, one 300
+    again = passes.flat(t, "sample_ids")
+    assert np.array_equal(np.sort(passes.flat(t, "ids")), np.sort(scan.ids_N))
+    assert np.array_equal(np.sort(again), scan.sample_ids_S)
+
+    # Ray Data runs the read and the pass's map as one operator (no raw rows between tasks).
+    mapped = ds.map_batches(lambda b: b, batch_format="pyarrow", batch_size=None)
+    assert "ReadCatalogSource->MapBatches" in mapped.materialize().stats()
+
+
+def test_max_items_reads_only_the_first_rows(ray_session, row_grouped):
+    info, ids, _ = row_grouped
+    scan = passes.scan_pass(info, seed=0, sample_size=50, endpoint_url="", n_items=250)
+    assert np.array_equal(scan.ids_N, ids[:250])
