@@ -157,13 +157,14 @@ def hash_unit(ids_N: np.ndarray, seed: int) -> np.ndarray:
 
 
 def read_dataset(info: InputInfo, endpoint_url: str = "", max_items: int | None = None):
-    """The Ray Dataset of (ItemID, embedding) that tiger training consumes; max_items keeps the
-    first rows in file order. (The catalog passes read through source.CatalogSource.)"""
+    """The Ray Dataset of (ItemID, embedding) that tiger training consumes: the first max_items
+    rows (all without it) in file order, through the same streaming source as the catalog
+    passes (source.CatalogSource). Measured with 100k of 1M items: 11.9 s for a worker's
+    intake via read_parquet().limit(), which read whole files past the limit."""
     import ray
 
-    ds = ray.data.read_parquet(
-        info.files, filesystem=storage.arrow_filesystem(info.files[0], endpoint_url),
-    ).select_columns([ID_COL, EMB_COL])
-    if max_items is not None and max_items < info.num_rows:
-        ds = ds.limit(max_items)
-    return ds
+    from semid_dist.source import CatalogSource
+
+    n = info.num_rows if max_items is None else min(max_items, info.num_rows)
+    src = CatalogSource(info, n, endpoint_url)
+    return ray.data.read_datasource(src, override_num_blocks=max(1, len(src.units)))

@@ -46,10 +46,12 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     comm = Collectives(device)
     assert comm.world == world and comm.rank == rank, (comm.world, world, comm.rank, rank)
 
-    # 1. This rank's rows.
+    # 1. This rank's rows, streamed once through Ray Data; the epochs then run from memory.
+    t_read = time.perf_counter()
     ids_N, x_ND = read_shard(ray.train.get_dataset_shard("train"), loop_cfg["model_args"]["input_dim"])
     data = steps.RankData.build(ids_N, x_ND, cfg, comm, device)
     del ids_N, x_ND
+    read_s = time.perf_counter() - t_read
 
     # 2. Model, optimizer and loop state, from the latest checkpoint when there is one.
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -68,7 +70,11 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     net = _ddp(model, device) if comm.distributed else model
 
     # 3. Codebook initialisation (TIGER): k-means on the first batches' latents.
+    t_init = time.perf_counter()
     steps.init_codebooks(model, data, cfg, comm)
+    # Where this attempt's time went before its first epoch (rank 0), kept in that epoch's
+    # record: the data-pipeline share of a run (bench/tiger_bench.py).
+    startup = {"data_read_s": round(read_s, 3), "codebook_init_s": round(time.perf_counter() - t_init, 3)}
 
     # 4. Epochs.
     hooks = _Hooks(cfg, loop_cfg, model, rank, world)
@@ -85,7 +91,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         record = {"epoch": epoch + 1, "step": state.step, **train_m, **eval_m,
                   "lr": opt.param_groups[0]["lr"],
                   "temperature": model.temperature if cfg.gumbel else None,
-                  "time_s": round(time.perf_counter() - t0, 3)}
+                  "time_s": round(time.perf_counter() - t0, 3), **startup}
+        startup = {}
         state.epoch, state.usage_LK = epoch + 1, usage_LK.tolist()
         state.history.append(record)
         _early_stopping(state, record["val_recon"], cfg.patience)
