@@ -10,7 +10,7 @@ FAISS ?= cpu
 OUT ?= output/wikidata_films_kmeans
 RAY_ADDRESS ?=
 
-.PHONY: install run run-tiger test bench bench-gpu submit-train submit-nightly clean
+.PHONY: install run run-tiger test bench bench-kmeans bench-tiger bench-gpu submit-train submit-nightly clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -56,16 +56,25 @@ submit-nightly: install
 clean:
 	rm -rf output logs .pytest_cache
 
-# Benchmarks (bench/): kmeans mode end to end against a FAISS baseline on a synthetic catalog
-# (generated once under /tmp/bench).
-#   make bench                  N = 1,000,000 items (make bench N=250000 for a quicker run)
+# Benchmarks (bench/, numbers in BENCHMARKS.md) on a synthetic catalog generated once under
+# /tmp/bench:
+#   make bench                  both below
+#   make bench-kmeans           kmeans end to end vs a FAISS baseline, N = 1,000,000 (N=250000 quicker)
+#   make bench-tiger            tiger throughput, 1 and 2 workers, vs the same loop in memory
+#                               (TIGER_ITEMS = 100,000 of the N-item catalog, 2 epochs)
 #   make bench-gpu              on a machine with one NVIDIA GPU (bench/gpu.sh installs its own venv)
 # Results (JSON + the table as Markdown) go to $(BENCH_OUT).
 N ?= 1000000
+TIGER_ITEMS ?= 100000
 BENCH_OUT ?= bench_out
 
-bench: install
+bench: bench-kmeans bench-tiger
+
+bench-kmeans: install
 	BENCH_OUT=$(BENCH_OUT) $(BIN)/python bench/kmeans_bench.py --n $(N)
+
+bench-tiger: install
+	BENCH_OUT=$(BENCH_OUT) $(BIN)/python bench/tiger_bench.py --n $(N) --items $(TIGER_ITEMS)
 
 bench-gpu:
 	BENCH_OUT=$(BENCH_OUT) N=$(N) bash bench/gpu.sh

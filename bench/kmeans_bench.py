@@ -18,7 +18,10 @@ libraries (libtorch, libarrow mapped by several workers) count once, where an RS
 count them in every process and a USS sum would leave them out. Ray's object store is a tmpfs
 file in /dev/shm: objects stay in it while no process maps their pages, so it is counted by
 its allocated size (st_blocks of the file, via /proc/PID/map_files), exactly once. Plain PSS,
-USS and RSS sums are reported alongside.
+USS and RSS sums are reported alongside. smaps_rollup costs the kernel a walk of the process's
+mappings (ms per Ray worker), so a process is re-read only when its RSS (statm) moved by more
+than 1%; the sampler's own CPU time is recorded (sampler_cpu_s). CPU time of each side is the
+user + system time of all its processes, as last sampled.
 
 Writes <out>/kmeans_<n>_<device>_<timestamp>.json and .md (the table) and prints the table.
 """
@@ -169,11 +172,11 @@ class TreeMemory:
         self.sampler_cpu_s = time.thread_time() - cpu0
 
 
-def run_side(name: str, cmd: list[str], log_path: str, env: dict) -> dict:
+def run_side(name: str, cmd: list[str], log_path: str, env: dict, cwd: str = REPO) -> dict:
     print(f"[{name}] {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         with TreeMemory(proc.pid) as mem:
             rc = proc.wait()
     wall = time.perf_counter() - t0
@@ -190,12 +193,13 @@ def run_side(name: str, cmd: list[str], log_path: str, env: dict) -> dict:
             "log": log_path}
 
 
-def run_product(data: str, work: str, device: str, env: dict) -> dict:
+def run_product(data: str, work: str, device: str, env: dict, src: str = REPO) -> dict:
     out = os.path.join(work, "product_out")
     cmd = [sys.executable, "-m", "semid_dist", "train", "--data_path", data, "--output_dir", out,
            "--mode", "kmeans", "--n_layers", "3", "--n_clusters", "256", "--device", device,
            "--log_dir", os.path.join(work, "product_logs")]
-    side = run_side("product", cmd, os.path.join(work, "product.log"), env)
+    side = run_side("product", cmd, os.path.join(work, "product.log"), dict(env, PYTHONPATH=src), cwd=src)
+    side["source"] = src
     with open(os.path.join(out, "training_results.json")) as f:
         res = json.load(f)
     t = res["timings_s"]
@@ -309,6 +313,8 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("BENCH_OUT") or os.path.join(REPO, "bench_out"))
     ap.add_argument("--sides", default="product,baseline", help="comma list: product, baseline")
     ap.add_argument("--keep", action="store_true", help="keep both sides' output folders")
+    ap.add_argument("--product-src", default=REPO,
+                    help="run the product from this source tree (e.g. an exported older commit)")
     a = ap.parse_args()
 
     data = synth.ensure(a.n, a.data or f"/tmp/bench/catalog_{a.n}", a.shards, a.dim)
@@ -321,8 +327,10 @@ def main() -> None:
            "timestamp": stamp, "machine": machine(), "sides": {},
            "command": " ".join([os.path.relpath(sys.executable, REPO)] + sys.argv)}
     for side in a.sides.split(","):
-        fn = {"product": run_product, "baseline": run_baseline}[side.strip()]
-        res["sides"][side.strip()] = fn(data, work, a.device, env)
+        if side.strip() == "product":
+            res["sides"]["product"] = run_product(data, work, a.device, env, os.path.abspath(a.product_src))
+        else:
+            res["sides"]["baseline"] = run_baseline(data, work, a.device, env)
     res["ratios"] = {}
     if len(res["sides"]) == 2:
         p, b = res["sides"]["product"], res["sides"]["baseline"]
