@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -239,8 +240,9 @@ def test_missing_bucket(s3, s3_catalog, side, tmp_path, capsys):
 
 
 # Runs `python -m semid_dist ARGS` with S3 reached through a TCP proxy that this process owns;
-# the proxy dies (connections reset, port closed: the server is gone) when the run starts to
-# stage final_model.pt, i.e. after the mappings were staged and before anything is published.
+# the proxy dies (connections reset, port closed: the server is gone) at the HOOK: when the run
+# starts to stage final_model.pt (after the mappings were staged, before anything is
+# published), or when the encode pass starts.
 VANISHING_S3 = r'''
 import os, socket, sys, threading
 from semid_dist import export
@@ -301,6 +303,10 @@ class Proxy:
 
 host, port = os.environ["S3_UPSTREAM"].rsplit(":", 1)
 proxy = Proxy((host, int(port)))
+HOOK
+sys.exit(main(sys.argv[1:] + ["--s3_endpoint_url", f"http://127.0.0.1:{proxy.port}"]))
+'''
+VANISH_WHEN_STAGING_THE_MODEL = VANISHING_S3.replace("HOOK", '''
 write_torch = export.write_torch
 
 def vanishing_write_torch(*args, **kwargs):
@@ -309,8 +315,20 @@ def vanishing_write_torch(*args, **kwargs):
     return write_torch(*args, **kwargs)
 
 export.write_torch = vanishing_write_torch
-sys.exit(main(sys.argv[1:] + ["--s3_endpoint_url", f"http://127.0.0.1:{proxy.port}"]))
-'''
+''')
+# ... or when the encode pass starts: every read task then finds the server gone.
+VANISH_WHEN_ENCODING = VANISHING_S3.replace("HOOK", '''
+from semid_dist import passes
+map_catalog = passes.map_catalog
+
+def vanishing_map(ds, fn, empty, what, *args, **kwargs):
+    if what == "encode":
+        print("test hook: the S3 server disappears now", file=sys.stderr, flush=True)
+        proxy.vanish()
+    return map_catalog(ds, fn, empty, what, *args, **kwargs)
+
+passes.map_catalog = vanishing_map
+''')
 
 
 @pytest.mark.slow
@@ -324,7 +342,7 @@ def test_server_disappearing_mid_run_publishes_nothing(s3, kmeans_run, runs):
     before = visible(fs, KMEANS_OUT)
     assert "_SUCCESS" in before
     run = Run(s3, ["encode", "--data_path", CATALOG, "--output_dir", KMEANS_OUT,
-                   "--tokenizer", KMEANS_OUT + "final_model.pt"], code=VANISHING_S3,
+                   "--tokenizer", KMEANS_OUT + "final_model.pt"], code=VANISH_WHEN_STAGING_THE_MODEL,
               env_extra={"S3_UPSTREAM": f"127.0.0.1:{s3.ports['s3']}",
                          "AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
     runs.append(run)
@@ -339,6 +357,26 @@ def test_server_disappearing_mid_run_publishes_nothing(s3, kmeans_run, runs):
     assert any(p.endswith("/semantic_id_mappings.json") for p in staged), staged
     assert not any(p.endswith("/_SUCCESS") for p in staged)
     assert "could not remove the staging area" in run.stderr
+
+
+@pytest.mark.slow
+def test_server_disappearing_during_a_data_pass(s3, s3_catalog, runs):
+    """The server goes away as the encode pass starts: the read tasks fail, the run stops with
+    one line naming a catalog file, within the client's few retries (not minutes of them),
+    and nothing is published."""
+    out = f"s3://{BUCKET}/runs/outage-in-encode/"
+    t0 = time.monotonic()
+    run = Run(s3, ["train", "--data_path", CATALOG, "--output_dir", out, *KMEANS],
+              code=VANISH_WHEN_ENCODING, env_extra={"S3_UPSTREAM": f"127.0.0.1:{s3.ports['s3']}"})
+    took = time.monotonic() - t0
+    runs.append(run)
+    assert "stage scan: " in run.stderr and "stage fit: " in run.stderr, run.stderr[-3000:]
+    assert "test hook: the S3 server disappears now" in run.stderr, run.stderr[-3000:]
+    line = assert_one_line_error(run.rc, run.stderr.strip(), CATALOG, "cannot read parquet")
+    assert ".parquet" in line, line
+    print(f"gave up after {took:.0f} s: {line}")
+    assert took < 120, f"the run took {took:.0f} s to give up"
+    assert visible(fs_for(s3), out) == {}
 
 
 @pytest.mark.slow
