@@ -21,7 +21,7 @@ import typing
 os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 from semid_dist.config import Config, load_config_file
-from semid_dist.errors import UserError, find_user_error, one_line
+from semid_dist.errors import find_user_error, one_line
 
 HELP = {
     "data_path": "parquet input: the seed's dir with item_emb.parquet, a file, a dir of shards, a glob, or s3://",

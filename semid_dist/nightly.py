@@ -420,10 +420,8 @@ def run(cfg: Config, log_dir: str = "logs") -> dict:
                 _write_generation(pub, a, model_bytes, manifest, cfg.dataset_name)
             results["timings_s"] = {**timer.stages, "total": round(time.perf_counter() - t_start, 3)}
             generation["status"] = "published"
-            export.write_results(pub, results)
-            close_logging()
-            pub.put_file(log_path, f"logs/{os.path.basename(log_path)}")
-            pub.publish({"generation": name, "seq": seq, "items": n_items, "content_digest": digest})
+            train.publish_run(pub, results, log_path,
+                              {"generation": name, "seq": seq, "items": n_items, "content_digest": digest})
         generation["latest"] = _move_latest(root, name, seq, parent_name, digest, latest)
         results["timings_s"] = {**timer.stages, "total": round(time.perf_counter() - t_start, 3)}
         results["output_dir"] = root.gen_uri(name)

@@ -12,7 +12,7 @@ import numpy as np
 from semid_dist import __version__, data as datalib, export, passes, storage
 from semid_dist.config import Config
 from semid_dist.errors import UserError
-from semid_dist.math.dedup import dedup_codes
+from semid_dist.math.dedup import dedup_codes, row_groups
 from semid_dist.math.metrics import quality_report
 from semid_dist.runtime import close_logging, ensure_ray, setup_logging
 
@@ -103,7 +103,7 @@ def execute(cfg: Config, log_dir: str, fit: FitFn, scan_first: bool = True) -> d
             sid_NM = export.semantic_ids(enc.codes_NL, dedup_N)
             quality = quality_report(enc.codes_NL, tokenizer.n_codes, enc.sq_err_sum, enc.sq_norm_sum)
             quality["max_dedup_code"] = int(dedup_N.max()) if dedup_N.size else 0
-            assert np.unique(sid_NM, axis=0).shape[0] == sid_NM.shape[0], "dedup left a duplicate ID"
+            assert row_groups(sid_NM)[1].all(), "dedup left a duplicate ID"
         with timer.stage("export"):
             export.write_mappings(pub, enc.ids_N, sid_NM, cfg.dataset_name)
             export.write_torch(pub, export.MODEL, tokenizer.payload())
@@ -120,14 +120,11 @@ def execute(cfg: Config, log_dir: str, fit: FitFn, scan_first: bool = True) -> d
             "log_file": os.path.basename(log_path),
             "examples": example_items(enc.ids_N, sid_NM, cfg),
         }
-        export.write_results(pub, results)
         log.info("collision rate before dedup %.3f%%, max bucket %d, codes used per level %s, "
                  "relative reconstruction error %.4f", 100 * quality["collision_rate"],
                  quality["max_bucket"], [lv["codes_used"] for lv in quality["levels"]],
                  quality["relative_reconstruction_error"])
-        close_logging()
-        pub.put_file(log_path, f"logs/{os.path.basename(log_path)}")
-        pub.publish({"mode": cfg.mode, "items": n_items})
+        publish_run(pub, results, log_path, {"mode": cfg.mode, "items": n_items})
         results["output_dir"] = cfg.output_dir
         results["log_path"] = log_path
         return results
@@ -139,13 +136,22 @@ def execute(cfg: Config, log_dir: str, fit: FitFn, scan_first: bool = True) -> d
         close_logging()
 
 
+def publish_run(pub: storage.Publisher, results: dict, log_path: str, manifest: dict) -> None:
+    """How every run ends: training_results.json, the run's log (closed first, so it is
+    complete), then _SUCCESS with the manifest; until then nothing is visible to readers."""
+    export.write_results(pub, results)
+    close_logging()
+    pub.put_file(log_path, f"logs/{os.path.basename(log_path)}")
+    pub.publish(manifest)
+
+
 def example_items(ids_N: np.ndarray, sid_NM: np.ndarray, cfg: Config) -> list[dict]:
     """Items of the largest group sharing a two-code prefix: what the IDs mean, at a glance."""
     if cfg.examples <= 0 or ids_N.size == 0:
         return []
     depth = min(2, sid_NM.shape[1] - 1)
-    _, inverse, counts = np.unique(sid_NM[:, :depth], axis=0, return_inverse=True, return_counts=True)
-    rows = np.flatnonzero(inverse.ravel() == int(np.argmax(counts)))[: cfg.examples]
+    group_N = row_groups(sid_NM[:, :depth])[0]
+    rows = np.flatnonzero(group_N == int(np.argmax(np.bincount(group_N))))[: cfg.examples]
     titles = _titles(cfg, ids_N[rows]) if cfg.item_titles else {}
     return [{"ItemID": int(ids_N[r]), "semantic_id": sid_NM[r].tolist(),
              **({"title": titles.get(int(ids_N[r]))} if titles else {})} for r in rows]

@@ -117,3 +117,17 @@ def test_metrics_match_definitions():
     assert lv[0]["perplexity"] == pytest.approx(np.exp(-(p * np.log(p)).sum()))
     q = quality_report(codes, 4, sq_err_sum=1.0, sq_norm_sum=4.0)
     assert q["relative_reconstruction_error"] == pytest.approx(0.25)
+
+
+def test_row_groups_match_numpy_unique():
+    from semid_dist.math.dedup import row_groups
+
+    rng = np.random.default_rng(7)
+    rows = rng.integers(0, 4, size=(5000, 3))
+    group, first, order = row_groups(rows)
+    uniq, inverse, counts = np.unique(rows, axis=0, return_inverse=True, return_counts=True)
+    assert np.array_equal(group, inverse.ravel())  # same numbering: lexicographic order
+    assert first.sum() == len(uniq) and np.array_equal(np.bincount(group), counts)
+    assert np.array_equal(rows[order][first], uniq)
+    st = collision_stats(rows)
+    assert st["distinct_ids"] == len(uniq) and st["max_bucket"] == counts.max()

@@ -26,3 +26,23 @@ def dedup_codes(item_ids_N: np.ndarray, codes_NL: np.ndarray) -> np.ndarray:
     out = np.empty(n, dtype=np.int64)
     out[order] = rank_sorted
     return out
+
+
+def lex_order(rows_NM: np.ndarray) -> np.ndarray:
+    """The permutation that sorts the rows lexicographically (first column first)."""
+    return np.lexsort([rows_NM[:, j] for j in range(rows_NM.shape[1] - 1, -1, -1)])
+
+
+def row_groups(rows_NM: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(group of every row, numbered in lexicographic order of the rows; first-of-its-group flag
+    in that order; the order itself).
+
+    np.unique(axis=0) sorts a structured view and is ~20x slower than a lexsort at 1M+ rows."""
+    n = rows_NM.shape[0]
+    order = lex_order(rows_NM)
+    s = rows_NM[order]
+    first = np.ones(n, bool)
+    first[1:] = (s[1:] != s[:-1]).any(axis=1)
+    group = np.empty(n, np.int64)
+    group[order] = np.cumsum(first) - 1
+    return group, first, order

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from semid_dist.math.dedup import row_groups
+
 
 def collision_stats(codes_NL: np.ndarray) -> dict:
     """Collision rate = 1 - distinct tuples / N, and the largest group sharing a tuple."""
     n = codes_NL.shape[0]
     if n == 0:
         return {"collision_rate": 0.0, "max_bucket": 0, "distinct_ids": 0}
-    _, counts = np.unique(codes_NL, axis=0, return_counts=True)
+    counts = np.bincount(row_groups(codes_NL)[0])
     return {
         "collision_rate": float(1.0 - len(counts) / n),
         "max_bucket": int(counts.max()),
