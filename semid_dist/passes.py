@@ -129,6 +129,12 @@ def map_catalog(ds, fn: Callable, empty: dict, what: str, total: int, info: data
     bad row stops the pass with a one-line UserError that names its file."""
     mapped = ds.map_batches(_guarded(fn, empty), batch_format="pyarrow", batch_size=None,
                             zero_copy_batch=True, fn_kwargs=fn_kwargs)
+    return collect(mapped, what, total, info, endpoint_url)
+
+
+def collect(mapped, what: str, total: int, info: datalib.InputInfo, endpoint_url: str) -> pa.Table:
+    """The result rows of a pass, concatenated, with progress in the log; the first error row
+    stops the pass with a one-line UserError that names its file."""
     parts, done, t0, last = [], 0, time.time(), time.time()
     try:
         for b in mapped.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -260,6 +266,60 @@ def encode_pass(info: datalib.InputInfo, tokenizer, endpoint_url: str, n_items: 
     """Pass 2 over the first n_items rows: codes of every item, sorted by ItemID."""
     t = map_catalog(catalog(info, endpoint_url, n_items), _encode_block, _EMPTY_ENCODE, "encode",
                     n_items, info, endpoint_url, dim=info.dim, encoder=encoder_of(tokenizer))
+    ids_N = flat(t, "ids").astype(np.int64, copy=False)
+    codes_NL = flat(t, "codes").astype(np.int64).reshape(-1, tokenizer.n_layers)
+    order = np.argsort(ids_N, kind="stable")
+    return EncodeResult(ids_N=ids_N[order], codes_NL=codes_NL[order], sq_err_sum=total(t, "sq_err"),
+                        sq_norm_sum=total(t, "sq_norm"))
+
+
+# --- encode on GPUs: an actor pool that holds the tokenizer on its device --------------------
+
+class _DeviceEncoder:
+    """Ray Data actor for the encode pass on an accelerator: the tokenizer (kmeans codebooks or
+    the RQ-VAE) moves to the device once; each batch is encoded there in one call."""
+
+    def __init__(self, tokenizer, dim: int, device: str):
+        self.tokenizer, self.dim = tokenizer.to(device), dim
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return _guarded(self._encode, _EMPTY_ENCODE)(batch)
+
+    def _encode(self, batch: pa.Table) -> dict:
+        ids_N, x_ND = datalib.batch_to_arrays(batch, self.dim)
+        codes_NL, sq_err_N = self.tokenizer.encode_with_error(x_ND)
+        return {"ids": pa.array([ids_N], pa.list_(pa.int64())),
+                "codes": pa.array([codes_NL.astype(np.int32).ravel()], pa.list_(pa.int32())),
+                "sq_err": [float(np.asarray(sq_err_N).sum(dtype=np.float64))], "sq_norm": [sq_norms(x_ND)]}
+
+
+def encode_device(cfg_device: str) -> tuple[str, int]:
+    """Where the encode pass runs: ("cuda", number of GPUs in the Ray cluster) when --device is
+    cuda, or auto and the cluster has GPUs; else ("cpu", 0). GPUs are counted in the cluster,
+    not on the driver (under `ray job submit` the driver often runs on a CPU-only head)."""
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if cfg_device == "cuda" and gpus == 0:
+        raise UserError("--device cuda: the Ray cluster has no GPU")
+    if cfg_device != "cpu" and gpus > 0:
+        return "cuda", gpus
+    return "cpu", 0
+
+
+def encode_pass_on_devices(info: datalib.InputInfo, tokenizer, endpoint_url: str, n_items: int,
+                           device: str, actors: int, batch_size: int) -> EncodeResult:
+    """The encode pass with `actors` actors (one GPU each when device is cuda) that hold the
+    tokenizer on the device. Not fused with the read (actors cannot be): the read tasks' blocks
+    reach the actors through the object store, which GPU nodes have room for."""
+    ds = catalog(info, endpoint_url, n_items)
+    opts = ds.context.execution_options
+    opts.resource_limits = opts.resource_limits.copy(cpu=float("inf"))  # readers feed the GPUs
+    mapped = ds.map_batches(_DeviceEncoder, batch_format="pyarrow", batch_size=batch_size,
+                            fn_constructor_kwargs={"tokenizer": tokenizer, "dim": info.dim, "device": device},
+                            concurrency=actors, num_gpus=1 if device == "cuda" else 0)
+    log.info("encode: %d actor(s) on %s, batches of %d", actors, device, batch_size)
+    t = collect(mapped, "encode", n_items, info, endpoint_url)
     ids_N = flat(t, "ids").astype(np.int64, copy=False)
     codes_NL = flat(t, "codes").astype(np.int64).reshape(-1, tokenizer.n_layers)
     order = np.argsort(ids_N, kind="stable")

@@ -117,3 +117,7 @@ def test_subprocess_exit_code_and_single_line(tmp_path):
     assert proc.returncode == 2
     lines = [l for l in proc.stderr.splitlines() if l.strip() and " - INFO - " not in l]
     assert lines == [f"semid: error: {tmp_path / 'missing'}: path does not exist"]
+
+
+def test_device_cuda_without_a_gpu(ray_session, tmp_path, capsys, shards):
+    check_error(tmp_path, capsys, shards[0], "--device cuda", "no GPU", extra=("--device", "cuda"))

@@ -60,3 +60,23 @@ def test_max_items_reads_only_the_first_rows(ray_session, row_grouped):
     info, ids, _ = row_grouped
     scan = passes.scan_pass(info, seed=0, sample_size=50, endpoint_url="", n_items=250)
     assert np.array_equal(scan.ids_N, ids[:250])
+
+
+def test_encode_on_device_actors_gives_the_codes_of_the_fused_pass(ray_session, row_grouped):
+    """The GPU encode path (an actor pool holding the tokenizer on its device) run here on the
+    CPU: its plumbing gives exactly the codes of the CPU pass (the CUDA arithmetic itself is
+    checked in tests/test_gpu.py)."""
+    import torch
+
+    from semid_dist.tokenizer import Tokenizer
+
+    info, ids, x = row_grouped
+    books = torch.from_numpy(np.stack([x[:24] * s for s in (1.0, 0.4)]).astype(np.float32))
+    tok = Tokenizer("kmeans", {}, codebooks_LKD=books)
+    fused = passes.encode_pass(info, tok, "", info.num_rows)
+    actors = passes.encode_pass_on_devices(info, tok, "", info.num_rows, "cpu", 2, batch_size=300)
+    assert np.array_equal(actors.ids_N, np.sort(ids)) and np.array_equal(actors.ids_N, fused.ids_N)
+    assert np.array_equal(actors.codes_NL, fused.codes_NL)
+    assert np.isclose(actors.sq_err_sum, fused.sq_err_sum, rtol=1e-5)
+    assert np.isclose(actors.sq_norm_sum, fused.sq_norm_sum, rtol=1e-6)
+    assert passes.encode_device("auto") == ("cpu", 0)  # no GPU in this Ray
