@@ -116,11 +116,13 @@ class Tokenizer:
         raise UserError(f"unknown tokenizer mode {mode!r}")
 
 
-def load_tokenizer(path: str) -> Tokenizer:
-    """Load ``final_model.pt`` (local path or s3:// URI) safely (weights_only=True)."""
+def load_tokenizer(path: str, endpoint_url: str = "") -> Tokenizer:
+    """Load ``final_model.pt`` (local path or s3:// URI) safely (weights_only=True).
+    endpoint_url: an S3-compatible server (MinIO, SeaweedFS, ...), as --s3_endpoint_url; without
+    it AWS_ENDPOINT_URL or AWS itself. Credentials come from the environment / AWS config."""
     from semid_dist import storage
 
-    fs = storage.filesystem(path)
+    fs = storage.filesystem(path, endpoint_url)
     try:
         with fs.open(storage.strip_scheme(path), "rb") as f:
             payload = torch.load(f, map_location="cpu", weights_only=True)

@@ -28,7 +28,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-import torch
 
 from conftest import make_catalog, write_shards
 from semid_dist.cli import main
@@ -169,10 +168,14 @@ def test_kmeans_reads_shards_and_publishes_to_s3(s3, s3_catalog, kmeans_run):
         table = pq.read_table(f)
     assert dict(zip(table.column("ItemID").to_pylist(), map(list, table.column("semantic_id").to_pylist()))) \
         == {int(k): v for k, v in mapping.items()}
-    from semid_dist.tokenizer import Tokenizer
+    from semid_dist import load_tokenizer
 
-    tok = Tokenizer.from_payload(torch.load(fs.open(KMEANS_OUT.replace("s3://", "") + "final_model.pt", "rb"),
-                                            weights_only=True))
+    # The Python API reads the model from S3; the explicit endpoint wins over the environment's.
+    endpoint = os.environ.pop("AWS_ENDPOINT_URL")
+    try:
+        tok = load_tokenizer(KMEANS_OUT + "final_model.pt", endpoint_url=endpoint)
+    finally:
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
     order = np.argsort(ids)[:40]
     assert np.array_equal(tok.encode(x[order]), np.array([mapping[str(i)][:3] for i in ids[order]]))
     assert f"outputs:                     {KMEANS_OUT}" in kmeans_run.stdout
