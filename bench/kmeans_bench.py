@@ -253,6 +253,16 @@ def machine() -> dict:
     return info
 
 
+def save(base: str, res: dict, md: str) -> str:
+    """<base>.json (every number, the machine and its load at the end) and <base>.md (the table)."""
+    res["machine"]["load_avg_at_end"] = os.getloadavg()
+    with open(base + ".json", "w") as f:
+        json.dump(res, f, indent=2)
+    with open(base + ".md", "w") as f:
+        f.write(md + "\n")
+    return base
+
+
 def _ratio(a, b):
     return round(a / b, 3) if b else None
 
@@ -338,12 +348,7 @@ def main() -> None:
                          "peak_memory": _ratio(p["peak_gb"], b["peak_gb"])}
     res["targets_met"] = targets(res)
     md = table(res)
-    res["machine"]["load_avg_at_end"] = os.getloadavg()
-    base = os.path.join(a.out, f"kmeans_{a.n}_{a.device}_{stamp}")
-    with open(base + ".json", "w") as f:
-        json.dump(res, f, indent=2)
-    with open(base + ".md", "w") as f:
-        f.write(md + "\n")
+    base = save(os.path.join(a.out, f"kmeans_{a.n}_{a.device}_{stamp}"), res, md)
     if not a.keep:
         for d in ("product_out", "baseline_out"):
             shutil.rmtree(os.path.join(work, d), ignore_errors=True)

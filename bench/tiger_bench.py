@@ -32,7 +32,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, REPO)
 
 import synth  # noqa: E402
-from kmeans_bench import machine  # noqa: E402
+from kmeans_bench import machine, save  # noqa: E402
 
 
 def flags(a) -> list[str]:
@@ -165,12 +165,7 @@ def main() -> None:
         res[f"product_{w}w"] = product(a, data, w, work)
     md, derived = summarise(res)
     res["derived"] = derived
-    res["machine"]["load_avg_at_end"] = os.getloadavg()
-    base = os.path.join(a.out, f"tiger_{a.items}_{a.device}_{stamp}")
-    with open(base + ".json", "w") as f:
-        json.dump(res, f, indent=2)
-    with open(base + ".md", "w") as f:
-        f.write(md + "\n")
+    base = save(os.path.join(a.out, f"tiger_{a.items}_{a.device}_{stamp}"), res, md)
     print(f"\ntiger benchmark: {a.items} items x {a.dim}, {a.epochs} epochs, batch {a.batch_size}, "
           f"3 x {a.n_embed}, latent {a.latent_dim}, device {a.device}, {res['machine']['cpu_model']} "
           f"({res['machine']['cpus']} CPUs)")

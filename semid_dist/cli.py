@@ -31,6 +31,7 @@ HELP = {
     "batch_size": "global training batch size (tiger)",
     "learning_rate": "AdamW learning rate (tiger)",
     "device": "auto, cpu or cuda: where tiger trains and items are encoded (kmeans fits on the CPU)",
+    "encode_batch_size": "rows per batch for each GPU encoder actor (CPU passes stream 4,096-row blocks)",
     "n_layers": "number of quantization levels",
     "n_embed": "codes per level (tiger)",
     "n_clusters": "codes per level (kmeans)",

@@ -159,8 +159,8 @@ def hash_unit(ids_N: np.ndarray, seed: int) -> np.ndarray:
 def read_dataset(info: InputInfo, endpoint_url: str = "", max_items: int | None = None):
     """The Ray Dataset of (ItemID, embedding) that tiger training consumes: the first max_items
     rows (all without it) in file order, through the same streaming source as the catalog
-    passes (source.CatalogSource). Measured with 100k of 1M items: 11.9 s for a worker's
-    intake via read_parquet().limit(), which read whole files past the limit."""
+    passes (source.CatalogSource). A worker's intake of 100k of 1M items took 11.9 s with
+    read_parquet().limit(), 9.5 s through the source (bench/tiger_bench.py)."""
     import ray
 
     from semid_dist.source import CatalogSource

@@ -265,45 +265,6 @@ def _read_bytes(uri: str, endpoint_url: str) -> bytes:
         raise UserError(f"{uri}: cannot read tokenizer: {why}") from e
 
 
-# --- the one pass: encode + fingerprint ------------------------------------------------------
-
-_EMPTY_FP = {"ids": pa.array([[]], pa.list_(pa.int64())), "codes": pa.array([[]], pa.list_(pa.int32())),
-             "fp": pa.array([[]], pa.list_(pa.uint64())), "sq_err": [0.0], "sq_norm": [0.0]}
-
-
-def _encode_fp_block(block: pa.Table, dim: int, encoder) -> dict:
-    ids, codes, fps, sq_err, sq_norm = [], [], [], 0.0, 0.0
-    for ids_B, x_BD in passes.chunks(block, dim):
-        codes_BL, sq_err_B = passes.encode_rows(encoder, x_BD)
-        ids.append(ids_B)
-        codes.append(codes_BL.astype(np.int32).ravel())
-        fps.append(gen.embedding_fingerprints(x_BD))
-        sq_err += float(np.asarray(sq_err_B).sum(dtype=np.float64))
-        sq_norm += passes.sq_norms(x_BD)
-    if not ids:
-        return dict(_EMPTY_FP)
-    return {"ids": pa.array([np.concatenate(ids)], pa.list_(pa.int64())),
-            "codes": pa.array([np.concatenate(codes)], pa.list_(pa.int32())),
-            "fp": pa.array([np.concatenate(fps)], pa.list_(pa.uint64())),
-            "sq_err": [sq_err], "sq_norm": [sq_norm]}
-
-
-def encode_with_fingerprints(info: datalib.InputInfo, tokenizer, endpoint_url: str, n_items: int
-                             ) -> tuple[passes.EncodeResult, np.ndarray]:
-    """Codes and embedding fingerprints of every item in ONE pass (sorted by ItemID): the
-    encode pass of passes.py with the fingerprint added to each block's result."""
-    t = passes.map_catalog(passes.catalog(info, endpoint_url, n_items), _encode_fp_block, _EMPTY_FP,
-                           "encode", n_items, info, endpoint_url, dim=info.dim,
-                           encoder=passes.encoder_of(tokenizer))
-    ids_N = passes.flat(t, "ids").astype(np.int64, copy=False)
-    codes_NL = passes.flat(t, "codes").astype(np.int64).reshape(-1, tokenizer.n_layers)
-    fp_N = passes.flat(t, "fp").astype(np.uint64, copy=False)
-    order = np.argsort(ids_N, kind="stable")
-    enc = passes.EncodeResult(ids_N=ids_N[order], codes_NL=codes_NL[order],
-                              sq_err_sum=passes.total(t, "sq_err"), sq_norm_sum=passes.total(t, "sq_norm"))
-    return enc, fp_N[order]
-
-
 # --- the run -------------------------------------------------------------------------------
 
 def _today() -> str:
@@ -370,7 +331,8 @@ def run(cfg: Config, log_dir: str = "logs") -> dict:
                             "keep their length (start a new --output_dir for a new layout)")
 
         with timer.stage("encode"):
-            enc, fp_N = encode_with_fingerprints(info, tokenizer, ep, n_items)
+            enc = passes.encode_pass(info, tokenizer, ep, n_items, fingerprints=True)
+            fp_N = enc.fp_N
             if scan is None:
                 passes.check_unique_ids(enc.ids_N, files, ep)
         with timer.stage("assign"):

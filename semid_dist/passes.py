@@ -12,10 +12,15 @@ How the passes use Ray Data, and why (measured on 1M x 768 on 2 cores, BENCHMARK
   (``ReadCatalogSource->MapBatches``): decoded embeddings never enter the object store, only
   the small per-block results do. A batch size, a per-operator concurrency, or more output
   blocks than read tasks each keep the two operators apart, and then the raw 3 GB travels
-  through the object store (the scan alone took 23 s and 4.6 GB that way).
+  through the object store (a whole 1M run took 85 s and 3.45 GB, 1.28 GB of it in the object
+  store, against 51 s and 2.4 GB fused).
 - At most as many tasks at once as there are cores (a resource limit on the pass's own
   DataContext): a local Ray advertises more logical CPUs than cores, and extra tasks cost
-  memory, not time.
+  memory, not time (the 1M encode pass took 17-19 s with the limit at 2 or 4 CPUs).
+- Blocks of one read batch (target_max_block_size): otherwise Ray Data merges a task's batches
+  into blocks of up to 128 MB before the map sees them.
+- On GPUs (encode_pass_on_devices) the map is an actor pool instead, one actor per GPU holding
+  the tokenizer there; actors cannot be fused with the read.
 - The kmeans encoder ships to the tasks as numpy codebooks (math/nearest_np.py), so a worker
   that only reads and encodes never imports torch; a tiger tokenizer ships as is.
 - Every block comes back as ONE row of flat arrays (``_result``), and a bad row is reported
@@ -41,9 +46,6 @@ from semid_dist.errors import UserError, find_user_error
 
 log = logging.getLogger("semid_dist")
 
-CHUNK = 4096  # rows of a block converted and processed at a time inside a task
-
-
 @dataclass
 class ScanResult:
     ids_N: np.ndarray  # every ItemID, in arrival order
@@ -58,6 +60,7 @@ class EncodeResult:
     codes_NL: np.ndarray  # rows match ids_N
     sq_err_sum: float
     sq_norm_sum: float
+    fp_N: np.ndarray | None = None  # embedding fingerprints (uint64), rows match ids_N; nightly only
 
 
 # --- running a block function over the catalog ----------------------------------------------
@@ -74,10 +77,9 @@ def parallelism() -> int:
     return max(1, cpus)
 
 
-def chunks(block: pa.Table, dim: int):
-    """(ItemIDs, float32 embeddings) of a block, CHUNK validated rows at a time."""
-    for s in range(0, block.num_rows, CHUNK):
-        yield datalib.batch_to_arrays(block.slice(s, CHUNK), dim)
+def _lists(values: np.ndarray, type_: pa.DataType) -> pa.Array:
+    """One result row's list column."""
+    return pa.array([values], pa.list_(type_))
 
 
 def _result(error: Exception | None = None, **cols) -> pa.Table:
@@ -103,10 +105,12 @@ def _guarded(fn: Callable, empty: dict) -> Callable:
     return run
 
 
-def catalog(info: datalib.InputInfo, endpoint_url: str, n_items: int, read_batch: int | None = None):
-    """The first n_items rows of the catalog as a Ray Dataset (source.CatalogSource) whose
-    passes run at most parallelism() tasks at once. The limit goes on this dataset's own
-    DataContext (a copy made when it was created): datasets built elsewhere keep theirs."""
+def catalog(info: datalib.InputInfo, endpoint_url: str, n_items: int, read_batch: int | None = None,
+            limit_cpus: bool = True):
+    """The first n_items rows of the catalog as a Ray Dataset (source.CatalogSource), in blocks
+    of one read batch, whose passes run at most parallelism() tasks at once (unless
+    limit_cpus is False). The settings go on this dataset's own DataContext (a copy made when
+    it was created): datasets built elsewhere keep theirs."""
     import ray
 
     from semid_dist.source import READ_BATCH, CatalogSource
@@ -115,8 +119,9 @@ def catalog(info: datalib.InputInfo, endpoint_url: str, n_items: int, read_batch
     # One block stream per read task: more blocks would make Ray Data split each task's
     # output (SplitBlocks), which also stops it fusing the read with the pass's map.
     ds = ray.data.read_datasource(src, override_num_blocks=max(1, len(src.units)))
-    opts = ds.context.execution_options
-    opts.resource_limits = opts.resource_limits.copy(cpu=parallelism())
+    if limit_cpus:
+        opts = ds.context.execution_options
+        opts.resource_limits = opts.resource_limits.copy(cpu=parallelism())
     # Blocks of one read batch: Ray Data would otherwise merge a task's read batches into
     # blocks of up to 128 MB before the map sees them (~40k rows of 768-d floats).
     ds.context.target_max_block_size = src.read_batch * src.row_bytes
@@ -177,24 +182,16 @@ def sq_norms(x_ND: np.ndarray) -> float:
 
 # --- pass 1: scan ----------------------------------------------------------------------------
 
-_EMPTY_SCAN = {"ids": pa.array([[]], pa.list_(pa.int64())), "sample_ids": pa.array([[]], pa.list_(pa.int64())),
-               "sample": pa.array([[]], pa.list_(pa.float32())), "sq_norm": [0.0]}
+_EMPTY_SCAN = {"ids": _lists(np.zeros(0, np.int64), pa.int64()),
+               "sample_ids": _lists(np.zeros(0, np.int64), pa.int64()),
+               "sample": _lists(np.zeros(0, np.float32), pa.float32()), "sq_norm": [0.0]}
 
 
 def _scan_block(block: pa.Table, dim: int, seed: int, fraction: float) -> dict:
-    ids, sample_ids, sample, sq_norm = [], [], [], 0.0
-    for ids_B, x_BD in chunks(block, dim):
-        keep = datalib.hash_unit(ids_B, seed) < fraction
-        ids.append(ids_B)
-        sample_ids.append(ids_B[keep])
-        sample.append(x_BD[keep].ravel())
-        sq_norm += sq_norms(x_BD)
-    if not ids:
-        return dict(_EMPTY_SCAN)
-    return {"ids": pa.array([np.concatenate(ids)], pa.list_(pa.int64())),
-            "sample_ids": pa.array([np.concatenate(sample_ids)], pa.list_(pa.int64())),
-            "sample": pa.array([np.concatenate(sample)], pa.list_(pa.float32())),
-            "sq_norm": [sq_norm]}
+    ids_N, x_ND = datalib.batch_to_arrays(block, dim)
+    keep = datalib.hash_unit(ids_N, seed) < fraction
+    return {"ids": _lists(ids_N, pa.int64()), "sample_ids": _lists(ids_N[keep], pa.int64()),
+            "sample": _lists(x_ND[keep].ravel(), pa.float32()), "sq_norm": [sq_norms(x_ND)]}
 
 
 def scan_pass(info: datalib.InputInfo, seed: int, sample_size: int, endpoint_url: str,
@@ -243,34 +240,46 @@ def encode_rows(encoder, x_ND: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return encoder.encode_with_error(x_ND)
 
 
-_EMPTY_ENCODE = {"ids": pa.array([[]], pa.list_(pa.int64())), "codes": pa.array([[]], pa.list_(pa.int32())),
-                 "sq_err": [0.0], "sq_norm": [0.0]}
+def empty_encode(fingerprints: bool = False) -> dict:
+    """The columns of an encode result row with no items (what an error row carries)."""
+    out = {"ids": _lists(np.zeros(0, np.int64), pa.int64()), "codes": _lists(np.zeros(0, np.int32), pa.int32()),
+           "sq_err": [0.0], "sq_norm": [0.0]}
+    if fingerprints:
+        out["fp"] = _lists(np.zeros(0, np.uint64), pa.uint64())
+    return out
 
 
-def _encode_block(block: pa.Table, dim: int, encoder) -> dict:
-    ids, codes, sq_err, sq_norm = [], [], 0.0, 0.0
-    for ids_B, x_BD in chunks(block, dim):
-        codes_BL, sq_err_B = encode_rows(encoder, x_BD)
-        ids.append(ids_B)
-        codes.append(codes_BL.astype(np.int32).ravel())
-        sq_err += float(np.asarray(sq_err_B).sum(dtype=np.float64))
-        sq_norm += sq_norms(x_BD)
-    if not ids:
-        return dict(_EMPTY_ENCODE)
-    return {"ids": pa.array([np.concatenate(ids)], pa.list_(pa.int64())),
-            "codes": pa.array([np.concatenate(codes)], pa.list_(pa.int32())),
-            "sq_err": [sq_err], "sq_norm": [sq_norm]}
+def encode_block(block: pa.Table, dim: int, encoder, fingerprints: bool = False) -> dict:
+    """Codes of a block's items, their squared errors and norms summed, and with fingerprints
+    the 64-bit fingerprint of every embedding (the nightly job's change detection)."""
+    ids_N, x_ND = datalib.batch_to_arrays(block, dim)
+    codes_NL, sq_err_N = encode_rows(encoder, x_ND)
+    out = {"ids": _lists(ids_N, pa.int64()), "codes": _lists(codes_NL.astype(np.int32).ravel(), pa.int32()),
+           "sq_err": [float(np.asarray(sq_err_N).sum(dtype=np.float64))], "sq_norm": [sq_norms(x_ND)]}
+    if fingerprints:
+        from semid_dist.math.generations import embedding_fingerprints
+
+        out["fp"] = _lists(embedding_fingerprints(x_ND), pa.uint64())
+    return out
 
 
-def encode_pass(info: datalib.InputInfo, tokenizer, endpoint_url: str, n_items: int) -> EncodeResult:
-    """Pass 2 over the first n_items rows: codes of every item, sorted by ItemID."""
-    t = map_catalog(catalog(info, endpoint_url, n_items), _encode_block, _EMPTY_ENCODE, "encode",
-                    n_items, info, endpoint_url, dim=info.dim, encoder=encoder_of(tokenizer))
+def _encode_result(t: pa.Table, n_layers: int) -> EncodeResult:
     ids_N = flat(t, "ids").astype(np.int64, copy=False)
-    codes_NL = flat(t, "codes").astype(np.int64).reshape(-1, tokenizer.n_layers)
+    codes_NL = flat(t, "codes").astype(np.int64).reshape(-1, n_layers)
     order = np.argsort(ids_N, kind="stable")
+    fp_N = flat(t, "fp").astype(np.uint64, copy=False)[order] if "fp" in t.column_names else None
     return EncodeResult(ids_N=ids_N[order], codes_NL=codes_NL[order], sq_err_sum=total(t, "sq_err"),
-                        sq_norm_sum=total(t, "sq_norm"))
+                        sq_norm_sum=total(t, "sq_norm"), fp_N=fp_N)
+
+
+def encode_pass(info: datalib.InputInfo, tokenizer, endpoint_url: str, n_items: int,
+                fingerprints: bool = False) -> EncodeResult:
+    """Pass 2 over the first n_items rows: codes of every item (and with fingerprints their
+    embedding fingerprints), sorted by ItemID."""
+    t = map_catalog(catalog(info, endpoint_url, n_items), encode_block, empty_encode(fingerprints),
+                    "encode", n_items, info, endpoint_url, dim=info.dim, encoder=encoder_of(tokenizer),
+                    fingerprints=fingerprints)
+    return _encode_result(t, tokenizer.n_layers)
 
 
 # --- encode on GPUs: an actor pool that holds the tokenizer on its device --------------------
@@ -283,14 +292,7 @@ class _DeviceEncoder:
         self.tokenizer, self.dim = tokenizer.to(device), dim
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return _guarded(self._encode, _EMPTY_ENCODE)(batch)
-
-    def _encode(self, batch: pa.Table) -> dict:
-        ids_N, x_ND = datalib.batch_to_arrays(batch, self.dim)
-        codes_NL, sq_err_N = self.tokenizer.encode_with_error(x_ND)
-        return {"ids": pa.array([ids_N], pa.list_(pa.int64())),
-                "codes": pa.array([codes_NL.astype(np.int32).ravel()], pa.list_(pa.int32())),
-                "sq_err": [float(np.asarray(sq_err_N).sum(dtype=np.float64))], "sq_norm": [sq_norms(x_ND)]}
+        return _guarded(encode_block, empty_encode())(batch, dim=self.dim, encoder=self.tokenizer)
 
 
 def encode_device(cfg_device: str) -> tuple[str, int]:
@@ -312,16 +314,9 @@ def encode_pass_on_devices(info: datalib.InputInfo, tokenizer, endpoint_url: str
     """The encode pass with `actors` actors (one GPU each when device is cuda) that hold the
     tokenizer on the device. Not fused with the read (actors cannot be): the read tasks' blocks
     reach the actors through the object store, which GPU nodes have room for."""
-    ds = catalog(info, endpoint_url, n_items)
-    opts = ds.context.execution_options
-    opts.resource_limits = opts.resource_limits.copy(cpu=float("inf"))  # readers feed the GPUs
+    ds = catalog(info, endpoint_url, n_items, limit_cpus=False)  # every CPU reads for the GPUs
     mapped = ds.map_batches(_DeviceEncoder, batch_format="pyarrow", batch_size=batch_size,
                             fn_constructor_kwargs={"tokenizer": tokenizer, "dim": info.dim, "device": device},
                             concurrency=actors, num_gpus=1 if device == "cuda" else 0)
     log.info("encode: %d actor(s) on %s, batches of %d", actors, device, batch_size)
-    t = collect(mapped, "encode", n_items, info, endpoint_url)
-    ids_N = flat(t, "ids").astype(np.int64, copy=False)
-    codes_NL = flat(t, "codes").astype(np.int64).reshape(-1, tokenizer.n_layers)
-    order = np.argsort(ids_N, kind="stable")
-    return EncodeResult(ids_N=ids_N[order], codes_NL=codes_NL[order], sq_err_sum=total(t, "sq_err"),
-                        sq_norm_sum=total(t, "sq_norm"))
+    return _encode_result(collect(mapped, "encode", n_items, info, endpoint_url), tokenizer.n_layers)
