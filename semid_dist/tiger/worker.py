@@ -119,16 +119,18 @@ def _ddp(model: RQVAE, device: torch.device) -> torch.nn.Module:
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
 
 
-def read_shard(shard, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stream this rank's shard once: (ItemID (N,), embeddings float32 (N, dim))."""
+def read_shard(shard, dim: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Stream this rank's shard once: (ItemID (N,), the embedding blocks as they arrived).
+    The blocks are float32 views of the Arrow batches (no copy); RankData.build copies every
+    row once, straight into its final place."""
     ids, xs = [], []
     for batch in shard.iter_batches(batch_format="pyarrow", batch_size=None):
         ids_B, x_BD = datalib.batch_to_arrays(batch, dim)
         ids.append(ids_B)
-        xs.append(x_BD)  # a view of the Arrow batch; concatenate below makes the only copy
+        xs.append(x_BD)
     if not ids:
-        return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
-    return np.concatenate(ids), np.concatenate(xs)
+        return np.zeros(0, np.int64), [np.zeros((0, dim), np.float32)]
+    return np.concatenate(ids), xs
 
 
 def _progress(queue, record: dict) -> None:
