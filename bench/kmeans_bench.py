@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -193,11 +194,11 @@ def run_side(name: str, cmd: list[str], log_path: str, env: dict, cwd: str = REP
             "log": log_path}
 
 
-def run_product(data: str, work: str, device: str, env: dict, src: str = REPO) -> dict:
+def run_product(data: str, work: str, device: str, env: dict, src: str = REPO, flags: list[str] = ()) -> dict:
     out = os.path.join(work, "product_out")
     cmd = [sys.executable, "-m", "semid_dist", "train", "--data_path", data, "--output_dir", out,
            "--mode", "kmeans", "--n_layers", "3", "--n_clusters", "256", "--device", device,
-           "--log_dir", os.path.join(work, "product_logs")]
+           "--log_dir", os.path.join(work, "product_logs"), *flags]
     side = run_side("product", cmd, os.path.join(work, "product.log"), dict(env, PYTHONPATH=src), cwd=src)
     side["source"] = src
     with open(os.path.join(out, "training_results.json")) as f:
@@ -325,6 +326,8 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep both sides' output folders")
     ap.add_argument("--product-src", default=REPO,
                     help="run the product from this source tree (e.g. an exported older commit)")
+    ap.add_argument("--product-flags", default="",
+                    help="more semid flags for the product, e.g. '--kmeans_full_dim_levels 2'")
     a = ap.parse_args()
 
     data = synth.ensure(a.n, a.data or f"/tmp/bench/catalog_{a.n}", a.shards, a.dim)
@@ -338,7 +341,8 @@ def main() -> None:
            "command": " ".join([os.path.relpath(sys.executable, REPO)] + sys.argv)}
     for side in a.sides.split(","):
         if side.strip() == "product":
-            res["sides"]["product"] = run_product(data, work, a.device, env, os.path.abspath(a.product_src))
+            res["sides"]["product"] = run_product(data, work, a.device, env, os.path.abspath(a.product_src),
+                                                   shlex.split(a.product_flags))
         else:
             res["sides"]["baseline"] = run_baseline(data, work, a.device, env)
     res["ratios"] = {}

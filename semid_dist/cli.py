@@ -42,6 +42,8 @@ HELP = {
     "max_iters": "Lloyd iterations per level at full dimension (kmeans)",
     "seed": "random seed (sampling, k-means seeding, model init)",
     "sample_per_centroid": "k-means sample size = this x n_clusters",
+    "kmeans_full_dim_levels": "fit the first N levels in the full dimension, not progressively: "
+                              "lower reconstruction error, more collisions on real catalogs (kmeans)",
     "num_workers": "Ray Train workers (tiger)",
     "resume": "continue from the latest checkpoint (tiger)",
     "max_failures": "restarts allowed after a worker failure (tiger)",

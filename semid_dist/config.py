@@ -44,6 +44,7 @@ class Config:
     seed: int = 42
     sample_per_centroid: int = 256  # k-means sample = this x n_clusters points
     kmeans_progressive: bool = True  # progressive-dimension k-means (see math/kmeans.py)
+    kmeans_full_dim_levels: int = 0  # top levels fitted in the full dimension (math/kmeans.py)
     # --- tiger mode ---
     beta: float = 0.25
     ema_decay: float = 0.99
@@ -124,6 +125,8 @@ class Config:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise bad(name, "must be >= 1")
+        if self.kmeans_full_dim_levels < 0:
+            raise bad("kmeans_full_dim_levels", "must be >= 0")
         if self.max_items is not None and self.max_items < 1:
             raise bad("max_items", "must be >= 1")
         if not self.learning_rate > 0:

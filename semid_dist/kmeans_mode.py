@@ -21,9 +21,11 @@ def fit(cfg: Config, scan: ScanResult) -> tuple[Tokenizer, dict]:
     residuals in place and scan.sample_SD is emptied (nothing reads it after the fit, and the
     driver need not hold a second 200 MB copy through the fit and the encode pass)."""
     x_SD = torch.from_numpy(scan.sample_SD)
+    how = "progressive-dimension" if cfg.kmeans_progressive else "plain"
+    if cfg.kmeans_full_dim_levels and cfg.kmeans_progressive:
+        how += f", full dimension at the first {min(cfg.kmeans_full_dim_levels, cfg.n_layers)} level(s)"
     log.info("kmeans: fitting %d levels x %d centroids on a sample of %d x %d (%s k-means, %d iters)",
-             cfg.n_layers, cfg.n_clusters, x_SD.shape[0], x_SD.shape[1],
-             "progressive-dimension" if cfg.kmeans_progressive else "plain", cfg.max_iters)
+             cfg.n_layers, cfg.n_clusters, x_SD.shape[0], x_SD.shape[1], how, cfg.max_iters)
     per_level = []
 
     def on_level(level: int, cb_KD: torch.Tensor, idx_S: torch.Tensor) -> None:
@@ -39,7 +41,8 @@ def fit(cfg: Config, scan: ScanResult) -> tuple[Tokenizer, dict]:
     scan.sample_SD = np.zeros((0, x_SD.shape[1]), np.float32)
     codebooks = fit_residual_codebooks(x_SD, cfg.n_layers, cfg.n_clusters, cfg.max_iters,
                                        seed=cfg.seed, progressive=cfg.kmeans_progressive,
-                                       on_level=on_level, in_place=True)
+                                       on_level=on_level, in_place=True,
+                                       full_dim_levels=cfg.kmeans_full_dim_levels)
     del x_SD
     tok = Tokenizer("kmeans", cfg.to_dict(), codebooks_LKD=torch.stack(codebooks))
     return tok, {"sample_size": n_sample, "levels_on_sample": per_level,

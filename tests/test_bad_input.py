@@ -107,6 +107,7 @@ def test_invalid_flag_values(tmp_path, capsys, shards):
     d, _, _ = shards
     check_error(tmp_path, capsys, d, "--mode", extra=["--mode", "pq"])
     check_error(tmp_path, capsys, d, "--n_layers", ">= 1", extra=["--n_layers", "0"])
+    check_error(tmp_path, capsys, d, "--kmeans_full_dim_levels", ">= 0", extra=["--kmeans_full_dim_levels", "-1"])
 
 
 def test_subprocess_exit_code_and_single_line(tmp_path):

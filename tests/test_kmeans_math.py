@@ -87,6 +87,25 @@ def test_residual_codebooks_reduce_error_level_by_level():
     assert errs[0] < float((x ** 2).sum())
 
 
+def test_full_dim_levels_fit_the_top_levels_in_full_dimension():
+    """kmeans_full_dim_levels=1: level 0 is exactly the full-dimension fit (k-means++ on the
+    strided seed points, Lloyd on all), the later levels stay progressive."""
+    from semid_dist.math import kmeans as km
+
+    x = _rand(3000, 16, 11)
+    k = 8
+    mixed = fit_residual_codebooks(x.clone(), 2, k, 10, seed=5, full_dim_levels=1)
+    default = fit_residual_codebooks(x.clone(), 2, k, 10, seed=5)
+    level0 = fit_kmeans(x.clone(), k, 10, torch.Generator().manual_seed(5), progressive=False,
+                        seed_points=km.SEED_PER_CENTROID * k)
+    assert torch.equal(mixed[0], level0)
+    assert not torch.equal(mixed[0], default[0])
+    # the no-progressive switch still means plain k-means everywhere
+    plain = fit_residual_codebooks(x.clone(), 2, k, 10, seed=5, progressive=False, full_dim_levels=1)
+    assert torch.equal(plain[0], fit_kmeans(x.clone(), k, 10, torch.Generator().manual_seed(5),
+                                            progressive=False))
+
+
 def _dedup_reference(ids, codes):
     groups = {}
     for i, row in sorted(zip(ids.tolist(), map(tuple, codes.tolist()))):

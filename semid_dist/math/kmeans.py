@@ -38,6 +38,7 @@ PROGRESSIVE_START = 32  # first stage's dimension (below it, stages cost more th
 MAX_REDUCED = 256  # last reduced-dimension stage; the next stage is the full dimension
 STAGE_ITERS = 5  # Lloyd iterations per reduced stage (at most)
 REDUCED_PER_CENTROID = 64  # reduced stages (and the PCA) use this many points per centroid
+SEED_PER_CENTROID = 128  # greedy k-means++ at full dimension seeds from this many points per centroid
 CONVERGED = 1e-3  # stop a stage when an iteration lowers the objective by less than this
 
 
@@ -141,20 +142,27 @@ def fit_kmeans(
     generator: torch.Generator,
     progressive: bool = True,
     stage_iters: int = STAGE_ITERS,
+    seed_points: int | None = None,
 ) -> torch.Tensor:
-    """Fit k centroids to x_ND (float32). Deterministic for a given generator state."""
+    """Fit k centroids to x_ND (float32). Deterministic for a given generator state.
+
+    Without progressive: greedy k-means++ on every point (or on a strided subsample of
+    seed_points of them), then Lloyd on every point for `iters` iterations."""
     n, d = x_ND.shape
     if k > n:
         raise ValueError(f"k={k} centroids need at least {k} points, got {n}")
     with _torch_single_thread():
-        return _fit_kmeans(x_ND, k, iters, generator, progressive, stage_iters)
+        return _fit_kmeans(x_ND, k, iters, generator, progressive, stage_iters, seed_points)
 
 
 def _fit_kmeans(x_ND: torch.Tensor, k: int, iters: int, generator: torch.Generator,
-                progressive: bool, stage_iters: int) -> torch.Tensor:
+                progressive: bool, stage_iters: int, seed_points: int | None = None) -> torch.Tensor:
     n, d = x_ND.shape
     if not progressive:
-        return lloyd(x_ND, kmeans_plus_plus(x_ND, k, generator), iters)
+        m = n if seed_points is None else max(k, min(n, seed_points))
+        # strided: deterministic, and the rows arrive sorted by ItemID
+        seed_from = x_ND if m == n else x_ND[:: n // m][:m]
+        return lloyd(x_ND, kmeans_plus_plus(seed_from, k, generator), iters)
     x = np.ascontiguousarray(x_ND.detach().cpu().numpy(), dtype=np.float32)
     # The reduced stages only find a warm start: a strided subsample does (deterministic: the
     # rows arrive sorted by ItemID).
@@ -194,8 +202,18 @@ def fit_residual_codebooks(
     progressive: bool = True,
     on_level=None,
     in_place: bool = False,
+    full_dim_levels: int = 0,
 ) -> list[torch.Tensor]:
     """RQ-KMeans: fit level l on the residuals of levels < l, all on the same sample.
+
+    With progressive, levels below full_dim_levels are fitted in the full dimension (greedy
+    k-means++ from SEED_PER_CENTROID points per centroid, then `iters` Lloyd iterations on every
+    point) and the others progressively; without it every level is plain k-means. Full dimension
+    at the top levels trades collisions for reconstruction error; measured with 3 x 256,
+    full_dim_levels=2 against 0 (README, BENCHMARKS.md): relative error 0.212 -> 0.206 on
+    MovieLens, 0.280 -> 0.277 on Wikidata films, 0.298 -> 0.289 on the 1M synthetic catalog;
+    collisions 0.77 -> 0.84% (mean of 4 seeds) on MovieLens, 0.69 -> 0.90% on Wikidata films,
+    15.0 -> 20.5% on the synthetic catalog; its fit (65,536-point sample) 5.4 -> 18.1 s.
 
     in_place=True lets a C-contiguous float32 CPU x_ND be overwritten by the residuals (the
     caller gives the sample up; saves a copy of it, 200 MB for 65,536 x 768)."""
@@ -205,7 +223,11 @@ def fit_residual_codebooks(
         else np.array(x, dtype=np.float32, order="C", copy=True)
     codebooks = []
     for level in range(n_levels):
-        cb_KD = fit_kmeans(torch.from_numpy(resid_ND), k, iters, generator, progressive=progressive)
+        if progressive and level < full_dim_levels:
+            cb_KD = fit_kmeans(torch.from_numpy(resid_ND), k, iters, generator, progressive=False,
+                               seed_points=SEED_PER_CENTROID * k)
+        else:
+            cb_KD = fit_kmeans(torch.from_numpy(resid_ND), k, iters, generator, progressive=progressive)
         cb = cb_KD.numpy()
         idx_N, _ = nearest_code_np(resid_ND, cb)
         for s in range(0, len(idx_N), 4096):  # in cache-sized chunks: no N x D temporary
