@@ -307,6 +307,7 @@ def run(cfg: Config, log_dir: str = "logs") -> dict:
         if not existing:
             pub = storage.Publisher(root.gen_uri(name), ep)
         ensure_ray(cfg)
+        where = passes.encode_device(cfg.device)  # where the encode pass will run
         # The catalog passes build their own datasets; tiger training reads this one.
         ds = datalib.read_dataset(info, ep, cfg.max_items) if cfg.mode == "tiger" else None
 
@@ -331,7 +332,8 @@ def run(cfg: Config, log_dir: str = "logs") -> dict:
                             "keep their length (start a new --output_dir for a new layout)")
 
         with timer.stage("encode"):
-            enc = passes.encode_pass(info, tokenizer, ep, n_items, fingerprints=True)
+            enc = passes.encode_catalog(info, tokenizer, ep, n_items, where, cfg.encode_batch_size,
+                                        fingerprints=True)
             fp_N = enc.fp_N
             if scan is None:
                 passes.check_unique_ids(enc.ids_N, files, ep)
@@ -363,6 +365,7 @@ def run(cfg: Config, log_dir: str = "logs") -> dict:
             "counts": counts,
             "metrics": quality,
             "training": fit_info,
+            "encode": {"device": where[0], "gpu_actors": where[1]},
             "timings_s": {},
             "host": {"python": platform.python_version(), "machine": platform.machine()},
             "run_id": pub.run_id if pub else None,

@@ -288,11 +288,13 @@ class _DeviceEncoder:
     """Ray Data actor for the encode pass on an accelerator: the tokenizer (kmeans codebooks or
     the RQ-VAE) moves to the device once; each batch is encoded there in one call."""
 
-    def __init__(self, tokenizer, dim: int, device: str):
+    def __init__(self, tokenizer, dim: int, device: str, fingerprints: bool = False):
         self.tokenizer, self.dim = tokenizer.to(device), dim
+        self.encode = _guarded(encode_block, empty_encode(fingerprints))
+        self.fingerprints = fingerprints
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return _guarded(encode_block, empty_encode())(batch, dim=self.dim, encoder=self.tokenizer)
+        return self.encode(batch, dim=self.dim, encoder=self.tokenizer, fingerprints=self.fingerprints)
 
 
 def encode_device(cfg_device: str) -> tuple[str, int]:
@@ -310,13 +312,25 @@ def encode_device(cfg_device: str) -> tuple[str, int]:
 
 
 def encode_pass_on_devices(info: datalib.InputInfo, tokenizer, endpoint_url: str, n_items: int,
-                           device: str, actors: int, batch_size: int) -> EncodeResult:
+                           device: str, actors: int, batch_size: int, fingerprints: bool = False
+                           ) -> EncodeResult:
     """The encode pass with `actors` actors (one GPU each when device is cuda) that hold the
     tokenizer on the device. Not fused with the read (actors cannot be): the read tasks' blocks
     reach the actors through the object store, which GPU nodes have room for."""
     ds = catalog(info, endpoint_url, n_items, limit_cpus=False)  # every CPU reads for the GPUs
     mapped = ds.map_batches(_DeviceEncoder, batch_format="pyarrow", batch_size=batch_size,
-                            fn_constructor_kwargs={"tokenizer": tokenizer, "dim": info.dim, "device": device},
+                            fn_constructor_kwargs={"tokenizer": tokenizer, "dim": info.dim, "device": device,
+                                                   "fingerprints": fingerprints},
                             concurrency=actors, num_gpus=1 if device == "cuda" else 0)
     log.info("encode: %d actor(s) on %s, batches of %d", actors, device, batch_size)
     return _encode_result(collect(mapped, "encode", n_items, info, endpoint_url), tokenizer.n_layers)
+
+
+def encode_catalog(info: datalib.InputInfo, tokenizer, endpoint_url: str, n_items: int,
+                   where: tuple[str, int], batch_size: int, fingerprints: bool = False) -> EncodeResult:
+    """The encode pass where encode_device() said: actors on the GPUs, else the fused CPU pass."""
+    device, gpus = where
+    if device == "cuda":
+        return encode_pass_on_devices(info, tokenizer, endpoint_url, n_items, device, gpus, batch_size,
+                                      fingerprints)
+    return encode_pass(info, tokenizer, endpoint_url, n_items, fingerprints)

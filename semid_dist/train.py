@@ -84,7 +84,7 @@ def execute(cfg: Config, log_dir: str, fit: FitFn, scan_first: bool = True) -> d
             raise UserError(f"--{flag} {cfg.n_codes} is larger than the number of items ({n_items})")
         pub = storage.Publisher(cfg.output_dir, ep)
         ensure_ray(cfg)
-        device, gpus = passes.encode_device(cfg.device)  # where the encode pass will run
+        where = passes.encode_device(cfg.device)  # where the encode pass will run
         # The catalog passes build their own datasets; tiger training reads this one.
         ds = datalib.read_dataset(info, ep, cfg.max_items) if cfg.mode == "tiger" else None
         scan = None
@@ -96,11 +96,7 @@ def execute(cfg: Config, log_dir: str, fit: FitFn, scan_first: bool = True) -> d
         with timer.stage("fit"):
             tokenizer, fit_info = fit(cfg, ds, info, scan, n_items, pub)
         with timer.stage("encode"):
-            if device == "cuda":
-                enc = passes.encode_pass_on_devices(info, tokenizer, ep, n_items, device, gpus,
-                                                    cfg.encode_batch_size)
-            else:
-                enc = passes.encode_pass(info, tokenizer, ep, n_items)
+            enc = passes.encode_catalog(info, tokenizer, ep, n_items, where, cfg.encode_batch_size)
             if scan is None:
                 passes.check_unique_ids(enc.ids_N, files, ep)
         with timer.stage("dedup"):
@@ -119,7 +115,7 @@ def execute(cfg: Config, log_dir: str, fit: FitFn, scan_first: bool = True) -> d
             "input": {"files": len(files), "rows": info.num_rows, "items": n_items, "dim": info.dim},
             "metrics": quality,
             "training": fit_info,
-            "encode": {"device": device, "gpu_actors": gpus},
+            "encode": {"device": where[0], "gpu_actors": where[1]},
             "timings_s": {**timer.stages, "total": round(time.perf_counter() - t_start, 3)},
             "host": {"python": platform.python_version(), "machine": platform.machine()},
             "run_id": pub.run_id,
