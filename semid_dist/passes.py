@@ -51,7 +51,6 @@ class ScanResult:
     ids_N: np.ndarray  # every ItemID, in arrival order
     sample_ids_S: np.ndarray  # sorted by ItemID
     sample_SD: np.ndarray  # float32, rows match sample_ids_S
-    sq_norm_sum: float
 
 
 @dataclass
@@ -184,14 +183,14 @@ def sq_norms(x_ND: np.ndarray) -> float:
 
 _EMPTY_SCAN = {"ids": _lists(np.zeros(0, np.int64), pa.int64()),
                "sample_ids": _lists(np.zeros(0, np.int64), pa.int64()),
-               "sample": _lists(np.zeros(0, np.float32), pa.float32()), "sq_norm": [0.0]}
+               "sample": _lists(np.zeros(0, np.float32), pa.float32())}
 
 
 def _scan_block(block: pa.Table, dim: int, seed: int, fraction: float) -> dict:
     ids_N, x_ND = datalib.batch_to_arrays(block, dim)
     keep = datalib.hash_unit(ids_N, seed) < fraction
     return {"ids": _lists(ids_N, pa.int64()), "sample_ids": _lists(ids_N[keep], pa.int64()),
-            "sample": _lists(x_ND[keep].ravel(), pa.float32()), "sq_norm": [sq_norms(x_ND)]}
+            "sample": _lists(x_ND[keep].ravel(), pa.float32())}
 
 
 def scan_pass(info: datalib.InputInfo, seed: int, sample_size: int, endpoint_url: str,
@@ -204,10 +203,8 @@ def scan_pass(info: datalib.InputInfo, seed: int, sample_size: int, endpoint_url
     sample_ids = flat(t, "sample_ids").astype(np.int64, copy=False)
     order = np.argsort(sample_ids, kind="stable")
     sample_SD = flat(t, "sample").astype(np.float32, copy=False).reshape(-1, info.dim)[order]
-    sq_norm = total(t, "sq_norm")
     del t
-    return ScanResult(ids_N=ids_N, sample_ids_S=sample_ids[order], sample_SD=sample_SD,
-                      sq_norm_sum=sq_norm)
+    return ScanResult(ids_N=ids_N, sample_ids_S=sample_ids[order], sample_SD=sample_SD)
 
 
 def check_unique_ids(ids_N: np.ndarray, files: list[str], endpoint_url: str) -> None:

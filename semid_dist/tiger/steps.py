@@ -85,14 +85,16 @@ class RankData:
         order = np.argsort(ids_N, kind="stable")
         ids_sorted = ids_N[order]
         val_sorted = batches.validation_mask(ids_sorted, cfg.seed, cfg.val_fraction)
-        n_train, n_val = (int(v) for v in comm.sum_numbers([float((~val_sorted).sum()), float(val_sorted.sum())]))
+        n_train, n_val = (int(v) for v in comm.sum_numbers([float((~val_sorted).sum()),
+                                                             float(val_sorted.sum())]))
         if n_train < cfg.n_embed:
             raise ValueError(f"n_embed={cfg.n_embed} codes need at least as many training items, "
                              f"got {n_train} (val_fraction={cfg.val_fraction})")
         # Every row goes straight from its block to its final place (train rows sorted by
         # ItemID, then validation rows sorted by ItemID) in ONE new array: at 1M x 768 each
-        # copy of the rows is 3 GB, and fresh memory cost ~2 s/GB to fault in inside a Ray
-        # worker on the 2-core VMs (a concatenation and then a sorted gather took 14 s).
+        # copy of the rows is 3 GB, and fresh memory took ~2 s/GB to fault in inside a Ray
+        # worker on the 2-core VMs (with a concatenation, then a sorted gather, the intake of
+        # 1M rows took 25-28 s; 22-23 s this way. BENCHMARKS.md).
         n_here, t_here = len(ids_N), int((~val_sorted).sum())
         place_sorted = np.empty(n_here, np.int64)
         place_sorted[~val_sorted] = np.arange(t_here)
