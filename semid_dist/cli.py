@@ -30,7 +30,7 @@ HELP = {
     "epochs": "training epochs (tiger)",
     "batch_size": "global training batch size (tiger)",
     "learning_rate": "AdamW learning rate (tiger)",
-    "device": "auto, cpu or cuda: where tiger trains and items are encoded (kmeans fits on the CPU)",
+    "device": "auto, cpu or cuda: where tiger trains, items are encoded and the kmeans fit runs",
     "encode_batch_size": "rows per batch for each GPU encoder actor (CPU passes stream 4,096-row blocks)",
     "n_layers": "number of quantization levels",
     "n_embed": "codes per level (tiger)",

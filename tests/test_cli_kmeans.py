@@ -139,3 +139,23 @@ def test_failed_run_keeps_earlier_results(ray_session, small_catalog, tmp_path, 
     after = {p: open(os.path.join(out, p), "rb").read() for p in before}
     assert after == before
     assert not [p for p in os.listdir(out) if p.startswith(".staging")]
+
+
+def test_fit_in_a_ray_task_gives_the_driver_fit(ray_session):
+    """The path --device auto takes when the cluster has GPUs (kmeans_mode.fit_in_task, one
+    GPU per task there), run here as a CPU task with torch on the CPU: it returns the codebooks
+    and per-level stats that the driver's own fit gives."""
+    import torch
+
+    from conftest import make_catalog
+    from semid_dist import kmeans_mode
+    from semid_dist.config import Config
+
+    _, x = make_catalog(2000, 16, seed=3, n_clusters=5)
+    cfg = Config(data_path="x", output_dir="y", mode="kmeans", n_layers=2, n_clusters=8, max_iters=10)
+    local, local_levels = kmeans_mode.fit_levels(x.copy(), cfg, None)
+    remote, remote_levels = kmeans_mode.fit_in_task(x, cfg, "cpu", num_gpus=0)
+    assert remote.shape == local.shape == (2, 8, 16)
+    torch.testing.assert_close(remote, local, rtol=1e-4, atol=1e-5)
+    assert [lv["codes_used"] for lv in remote_levels] == [lv["codes_used"] for lv in local_levels]
+    assert [lv["level"] for lv in remote_levels] == [0, 1]

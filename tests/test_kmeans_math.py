@@ -106,6 +106,29 @@ def test_full_dim_levels_fit_the_top_levels_in_full_dimension():
                                             progressive=False))
 
 
+def test_fit_with_assignments_in_torch_matches_the_numpy_fit(monkeypatch):
+    """device= runs the Lloyd and level assignments with torch on that device (a GPU in
+    production); here torch on the CPU. Same algorithm, other float32 kernels: on clustered
+    data the codebooks agree to float noise and the objective is the same."""
+    from conftest import make_catalog
+    from semid_dist.math import kmeans as km
+
+    torch_calls = []
+    real = km.nearest_code
+    monkeypatch.setattr(km, "nearest_code", lambda *a, **kw: torch_calls.append(1) or real(*a, **kw))
+    _, x_np = make_catalog(3000, 24, seed=4, n_clusters=6)
+    x = torch.from_numpy(x_np)
+    ref = fit_residual_codebooks(x.clone(), 2, 8, 10, seed=1, full_dim_levels=1)
+    assert not torch_calls  # device None: numpy's kernel
+    dev = fit_residual_codebooks(x.clone(), 2, 8, 10, seed=1, full_dim_levels=1, device="cpu")
+    assert len(torch_calls) > 10  # every Lloyd iteration and each level's assignment
+    for a, b in zip(ref, dev):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    _, r_ref = residual_encode(x, ref)
+    _, r_dev = residual_encode(x, dev)
+    assert float((r_dev ** 2).sum()) == pytest.approx(float((r_ref ** 2).sum()), rel=1e-4)
+
+
 def _dedup_reference(ids, codes):
     groups = {}
     for i, row in sorted(zip(ids.tolist(), map(tuple, codes.tolist()))):
