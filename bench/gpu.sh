@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# make bench-gpu: on a machine with one NVIDIA GPU, install what is needed, run the GPU tests
-# (tests/test_gpu.py), the kmeans benchmark at N = 1,000,000 with --device cuda and one tiger
-# epoch over the N items on the GPU; every result is a file in $BENCH_OUT (default bench_out/gpu).
+# make bench-gpu: on a machine with one NVIDIA GPU, install what is needed into a venv, then run
+# bench/gpu_run.sh: the GPU tests (tests/test_gpu.py), the kmeans benchmark at N = 1,000,000
+# with --device cuda and one tiger epoch over the N items on the GPU; every result is a file in
+# $BENCH_OUT (default bench_out/gpu). On the device tool's lent machines (python3 already holds
+# CUDA torch, at most 64 MiB travels, no index) use bench/gpu_device.sh instead.
 #
 #   BENCH_OUT=/some/dir make bench-gpu            # or: BENCH_OUT=... bash bench/gpu.sh
 #
@@ -53,33 +55,4 @@ install "$TORCH_SPEC"
 install "$FAISS_SPEC" || echo "bench-gpu: could not install $FAISS_SPEC; the baseline will lack faiss"
 install -e ".[test]"
 "${PIP[@]}" freeze > "$OUT/pip-freeze.txt"
-PY="$VENV/bin/python"
-"$PY" - <<'EOF' | tee "$OUT/versions.txt"
-import torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(),
-      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
-try:
-    import faiss
-    print("faiss", faiss.__version__, "gpus", faiss.get_num_gpus())
-except Exception as e:  # the benchmark reports what is missing
-    print("faiss: not importable:", e)
-EOF
-
-# --- GPU tests -------------------------------------------------------------------------------
-set +e
-RAY_USAGE_STATS_ENABLED=0 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider \
-  --junitxml="$OUT/pytest-gpu.xml" 2>&1 | tee "$OUT/pytest-gpu.txt"
-rc=${PIPESTATUS[0]}
-set -e
-case $rc in
-  0) echo "GPU tests passed" ;;
-  *) echo "GPU tests FAILED (exit $rc; 5 means none ran); running the benchmarks anyway" ;;
-esac
-
-# --- benchmarks ------------------------------------------------------------------------------
-RAY_USAGE_STATS_ENABLED=0 "$PY" bench/kmeans_bench.py --n "$N" --device cuda --out "$OUT"
-# One tiger epoch over every item on the one GPU (the H100 target is <= 20 s per epoch).
-RAY_USAGE_STATS_ENABLED=0 "$PY" bench/tiger_bench.py --n "$N" --items "$N" --epochs 1 --workers 1 \
-  --device cuda --out "$OUT"
-echo "== bench-gpu done: $(ls "$OUT")"
-exit $rc
+exec bash bench/gpu_run.sh "$VENV/bin/python" "$OUT"

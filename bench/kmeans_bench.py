@@ -194,12 +194,17 @@ def run_side(name: str, cmd: list[str], log_path: str, env: dict, cwd: str = REP
             "log": log_path}
 
 
+def pythonpath(src: str) -> str:
+    """src first, then whatever PYTHONPATH already holds (bench/gpu_device.sh puts Ray there)."""
+    return os.pathsep.join([src] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+
+
 def run_product(data: str, work: str, device: str, env: dict, src: str = REPO, flags: list[str] = ()) -> dict:
     out = os.path.join(work, "product_out")
     cmd = [sys.executable, "-m", "semid_dist", "train", "--data_path", data, "--output_dir", out,
            "--mode", "kmeans", "--n_layers", "3", "--n_clusters", "256", "--device", device,
            "--log_dir", os.path.join(work, "product_logs"), *flags]
-    side = run_side("product", cmd, os.path.join(work, "product.log"), dict(env, PYTHONPATH=src), cwd=src)
+    side = run_side("product", cmd, os.path.join(work, "product.log"), dict(env, PYTHONPATH=pythonpath(src)), cwd=src)
     side["source"] = src
     with open(os.path.join(out, "training_results.json")) as f:
         res = json.load(f)
@@ -335,7 +340,7 @@ def main() -> None:
     os.makedirs(a.out, exist_ok=True)
     work = os.path.join(a.out, f"work_{a.n}_{a.device}_{stamp}")
     os.makedirs(work)
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=REPO)
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=pythonpath(REPO))
     res = {"n": a.n, "dim": a.dim, "levels": 3, "codes": 256, "device": a.device, "data": data,
            "timestamp": stamp, "machine": machine(), "sides": {},
            "command": " ".join([os.path.relpath(sys.executable, REPO)] + sys.argv)}

@@ -32,7 +32,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, REPO)
 
 import synth  # noqa: E402
-from kmeans_bench import machine, save  # noqa: E402
+from kmeans_bench import machine, pythonpath, save  # noqa: E402
 
 
 def flags(a) -> list[str]:
@@ -89,7 +89,7 @@ def product(a, data: str, workers: int, work: str) -> dict:
     t0 = time.perf_counter()
     with open(os.path.join(work, f"product_{workers}w.log"), "w") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                            env=dict(os.environ, PYTHONPATH=REPO, RAY_USAGE_STATS_ENABLED="0")).returncode
+                            env=dict(os.environ, PYTHONPATH=pythonpath(REPO), RAY_USAGE_STATS_ENABLED="0")).returncode
     wall = time.perf_counter() - t0
     if rc != 0:
         raise SystemExit(f"product run with {workers} worker(s) failed (exit {rc}); see {log.name}")
