@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # The GPU checks on a machine lent by the device tool (/work/.library/device): its python3 (3.12)
 # already holds torch with CUDA, numpy, pyarrow, pandas and pytest; nothing can be fetched there
-# and at most 64 MiB travels with a call. Ray and a few small packages come from .whl/, built
+# and at most 64 MiB travels with a call. Ray and a few small packages come from .device-whl/, built
 # here beforehand by bench/gpu_payload.sh (~29 MB). Then bench/gpu_run.sh runs the GPU tests and
 # the benchmarks at N items into a local folder, and what comes back is a handful of small files
 # in $OUT (the device tool lets at most 8 files of 16 MiB come back): the log, the tables, the
 # test report and a tar.gz of every JSON, table and log of the run.
 #
 #   bash bench/gpu_payload.sh                                  # here, once
-#   device run, carry [".whl"], timeout_s 600:  bash bench/gpu_device.sh
+#   device run, carry [".device-whl"], timeout_s 600:  bash bench/gpu_device.sh
 #
-# Knobs: N (default 1,000,000), PYTHON (default python3), SITE (where the wheels unpack).
+# Knobs: N (default 1,000,000), PYTHON (default python3), WHEELS (default .device-whl), SITE (where
+# they unpack), GPU_WORK (the run's local folder), DEVICE=cpu (a rehearsal without a GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST="${OUT:-${BENCH_OUT:-bench_out/gpu}}"
 PY="${PYTHON:-python3}"
+WHEELS="${WHEELS:-.device-whl}"
 SITE="${SITE:-/tmp/semid_site}"
 WORK="${GPU_WORK:-/tmp/semid_gpu_run}"
 mkdir -p "$DEST" "$SITE" "$WORK"
@@ -24,10 +26,10 @@ echo "== gpu_device $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname)"
 nvidia-smi > "$WORK/nvidia-smi.txt" 2>&1 || { echo "gpu_device: nvidia-smi failed: no NVIDIA GPU"; exit 2; }
 head -12 "$WORK/nvidia-smi.txt"
 
-payload=(.whl/ray-*-trimmed.tar.xz)
-[ -f "${payload[0]}" ] || { echo "gpu_device: no .whl/ray-*-trimmed.tar.xz (run bench/gpu_payload.sh here and carry .whl)"; exit 2; }
+payload=("$WHEELS"/ray-*-trimmed.tar.xz)
+[ -f "${payload[0]}" ] || { echo "gpu_device: no $WHEELS/ray-*-trimmed.tar.xz (run bench/gpu_payload.sh here and carry $WHEELS)"; exit 2; }
 tar -C "$SITE" -xJf "${payload[0]}"
-"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
+"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
 export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export PATH="$SITE/bin:$PATH"
 

@@ -343,7 +343,8 @@ def main() -> None:
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=pythonpath(REPO))
     res = {"n": a.n, "dim": a.dim, "levels": 3, "codes": 256, "device": a.device, "data": data,
            "timestamp": stamp, "machine": machine(), "sides": {},
-           "command": " ".join([os.path.relpath(sys.executable, REPO)] + sys.argv)}
+           "command": " ".join([os.path.relpath(sys.executable, REPO)] + sys.argv),
+           "product_flags": a.product_flags}
     for side in a.sides.split(","):
         if side.strip() == "product":
             res["sides"]["product"] = run_product(data, work, a.device, env, os.path.abspath(a.product_src),
@@ -362,6 +363,7 @@ def main() -> None:
         for d in ("product_out", "baseline_out"):
             shutil.rmtree(os.path.join(work, d), ignore_errors=True)
     print(f"\nkmeans benchmark: N={a.n}, D={a.dim}, 3 x 256, device {a.device}, "
+          + (f"product flags '{a.product_flags}', " if a.product_flags else "") +
           f"{res['machine']['cpu_model']} ({res['machine']['cpus']} CPUs, {res['machine']['memory_gib']} GiB)")
     print(md)
     for k, v in res["targets_met"].items():

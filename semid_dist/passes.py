@@ -295,9 +295,10 @@ class _DeviceEncoder:
 
 
 def encode_device(cfg_device: str) -> tuple[str, int]:
-    """Where the encode pass runs: ("cuda", number of GPUs in the Ray cluster) when --device is
-    cuda, or auto and the cluster has GPUs; else ("cpu", 0). GPUs are counted in the cluster,
-    not on the driver (under `ray job submit` the driver often runs on a CPU-only head)."""
+    """Where the encode pass (and kmeans_mode.fit) runs: ("cuda", number of GPUs in the Ray
+    cluster) when --device is cuda, or auto and the cluster has GPUs; else ("cpu", 0). GPUs are
+    counted in the cluster, not on the driver (under `ray job submit` the driver often runs on a
+    CPU-only head)."""
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
