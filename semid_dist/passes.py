@@ -41,7 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from semid_dist import data as datalib
+from semid_dist import blas, data as datalib
 from semid_dist.errors import UserError, find_user_error
 
 log = logging.getLogger("semid_dist")
@@ -93,6 +93,7 @@ def _result(error: Exception | None = None, **cols) -> pa.Table:
 def _guarded(fn: Callable, empty: dict) -> Callable:
     """fn(block, **kw) -> dict of one-row columns; a RowError becomes an error row."""
     def run(block: pa.Table, **kw) -> pa.Table:
+        blas.match_task()  # numpy's BLAS threads as Ray allotted (semid_dist/blas.py)
         if "error" in block.column_names:  # an unreadable file (source.read_unit)
             return _result(UserError(block.column("error")[0].as_py()), **empty)
         try:

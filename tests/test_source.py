@@ -87,3 +87,40 @@ def test_encode_on_device_actors_gives_the_codes_of_the_fused_pass(ray_session, 
     assert fused_fp.fp_N is not None and np.array_equal(actors_fp.fp_N, fused_fp.fp_N)
     assert len(np.unique(fused_fp.fp_N)) == len(ids)
     assert np.array_equal(actors_fp.codes_NL, fused.codes_NL)
+
+
+def test_pass_tasks_run_as_many_blas_threads_as_ray_gave_them(ray_session, row_grouped):
+    """A Ray worker loads numpy's OpenBLAS before Ray sets OMP_NUM_THREADS, so it would run one
+    BLAS thread per core in every task (threads that spin against each other: semid_dist/blas.py)."""
+    from semid_dist import blas
+
+    if blas.threads() is None:
+        pytest.skip("numpy does not use OpenBLAS here")
+    def blas_threads_block(block, dim):  # nested: shipped by value (workers cannot import tests)
+        import os
+
+        from semid_dist import blas
+
+        return {"ids": passes._lists(block.column("ItemID").to_numpy(), passes.pa.int64()),
+                "threads": [blas.threads() or 0], "omp": [int(os.environ["OMP_NUM_THREADS"])]}
+
+    info, _, _ = row_grouped
+    t = passes.map_catalog(passes.catalog(info, "", info.num_rows), blas_threads_block,
+                           {"ids": [[]], "threads": [0], "omp": [0]}, "blas", info.num_rows, info, "", dim=info.dim)
+    assert t.num_rows >= 2
+    assert t.column("threads").to_pylist() == t.column("omp").to_pylist() == [1] * t.num_rows
+
+
+def test_blas_thread_count_can_be_set_in_process():
+    from semid_dist import blas
+
+    before = blas.threads()
+    if before is None:
+        pytest.skip("numpy does not use OpenBLAS here")
+    try:
+        blas.set_threads(1)
+        assert blas.threads() == 1
+        blas.set_threads(2)
+        assert blas.threads() == 2
+    finally:
+        blas.set_threads(before)
