@@ -97,15 +97,17 @@ def inspect_inputs(files: list[str], endpoint_url: str = "") -> InputInfo:
 def batch_to_arrays(batch: pa.Table, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """Validate a batch and return (ItemID int64 (N,), embeddings float32 (N, dim)).
 
-    Zero-copy where the layout allows: flatten the list column, view it as (N, dim).
+    Zero-copy where the layout allows: flatten the list column, view it as (N, dim). The view
+    may be read-only (a batch from Ray's object store): copy it before writing, or to keep it.
     """
     ids = batch.column(ID_COL)
     if ids.null_count:
         row = int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0])
         raise RowError(f"null ItemID at row {row} of a batch")
     ids_N = ids.to_numpy().astype(np.int64, copy=False)
-    emb = batch.column(EMB_COL).combine_chunks() if isinstance(batch.column(EMB_COL), pa.ChunkedArray) \
-        else batch.column(EMB_COL)
+    emb = batch.column(EMB_COL)
+    if isinstance(emb, pa.ChunkedArray):  # one chunk: use it as is (combine_chunks would copy it)
+        emb = emb.chunk(0) if emb.num_chunks == 1 else emb.combine_chunks()
     if emb.null_count:
         bad = int(np.flatnonzero(emb.is_null().to_numpy(zero_copy_only=False))[0])
         raise RowError(f"ItemID {ids_N[bad]}: embedding is null", int(ids_N[bad]))

@@ -61,7 +61,11 @@ class Tokenizer:
         return self
 
     def _as_tensor(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
-        x_ND = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+        if not isinstance(x, torch.Tensor):
+            x = np.asarray(x)
+            if not x.flags.writeable:  # e.g. a zero-copy view of an Arrow block: torch wants to own it
+                x = x.copy()
+        x_ND = torch.as_tensor(x)
         if x_ND.ndim != 2 or x_ND.shape[1] != self.input_dim:
             raise UserError(f"expected embeddings of shape (N, {self.input_dim}), got {tuple(x_ND.shape)}")
         return x_ND.to(self.device, torch.float32)

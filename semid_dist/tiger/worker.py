@@ -121,13 +121,14 @@ def _ddp(model: RQVAE, device: torch.device) -> torch.nn.Module:
 
 def read_shard(shard, dim: int) -> tuple[np.ndarray, list[np.ndarray]]:
     """Stream this rank's shard once: (ItemID (N,), the embedding blocks as they arrived).
-    The blocks are float32 views of the Arrow batches (no copy); RankData.build copies every
-    row once, straight into its final place."""
+    Each block is copied out of its Arrow batch (batch_to_arrays gives a view into Ray's
+    object store, and holding 3 GB of views would pin the blocks there until the end of the
+    intake); RankData.build then copies every row once more, straight into its final place."""
     ids, xs = [], []
     for batch in shard.iter_batches(batch_format="pyarrow", batch_size=None):
         ids_B, x_BD = datalib.batch_to_arrays(batch, dim)
         ids.append(ids_B)
-        xs.append(x_BD)
+        xs.append(x_BD.copy())
     if not ids:
         return np.zeros(0, np.int64), [np.zeros((0, dim), np.float32)]
     return np.concatenate(ids), xs
