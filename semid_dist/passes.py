@@ -17,6 +17,9 @@ How the passes use Ray Data, and why (measured on 1M x 768 on 2 cores, BENCHMARK
 - At most as many tasks at once as there are cores (a resource limit on the pass's own
   DataContext): a local Ray advertises more logical CPUs than cores, and extra tasks cost
   memory, not time (the 1M encode pass took 17-19 s with the limit at 2 or 4 CPUs).
+- Every pass task sets numpy's OpenBLAS to the CPUs Ray gave it (semid_dist/blas.py): a worker
+  loads OpenBLAS before Ray sets OMP_NUM_THREADS, and two tasks on two cores ran four spinning
+  BLAS threads (the 1M encode pass: 20.4 s and 38.7 CPU-s, then 13.3 s and 21.6 CPU-s).
 - Blocks of one read batch (target_max_block_size): otherwise Ray Data merges a task's batches
   into blocks of up to 128 MB before the map sees them.
 - On GPUs (encode_pass_on_devices) the map is an actor pool instead, one actor per GPU holding
