@@ -39,7 +39,8 @@ def _loaded_openblas_paths() -> list[str]:
         here = os.path.dirname(numpy.__file__)
         paths = glob.glob(os.path.join(here, ".dylibs", "*openblas*")) + \
             glob.glob(os.path.join(os.path.dirname(here), "numpy.libs", "*openblas*"))
-    return paths
+    # numpy's own first: another package (faiss-cpu, say) may have loaded an OpenBLAS of its own
+    return sorted(paths, key=lambda p: "numpy" not in p)
 
 
 def _functions():
