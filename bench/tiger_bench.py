@@ -61,7 +61,7 @@ def in_memory(a, data: str) -> dict:
     table = pds.dataset(files).head(a.items, columns=[datalib.ID_COL, datalib.EMB_COL])
     ids_N, x_ND = datalib.batch_to_arrays(table, a.dim)
     comm = Collectives(device)
-    rank_data = steps.RankData.build(ids_N, np.array(x_ND), cfg, comm, device)
+    rank_data = steps.RankData.build(ids_N, np.array(x_ND), cfg, comm, device, consume=True)
     load_s = time.perf_counter() - t0
     torch.manual_seed(cfg.seed)
     model = RQVAE(**steps.model_args(cfg, a.dim))

@@ -34,7 +34,7 @@ def build(cfg: Config, n: int = 200, d: int = 16):
 
 
 def test_rank_data_from_blocks_equals_from_one_array():
-    """The worker hands RankData.build its Arrow blocks uncopied; each row must land where the
+    """RankData.build takes one array or a list of blocks; each row must land where the
     one-array path puts it (train then validation, each sorted by ItemID)."""
     cfg = small_cfg(val_fraction=0.2)
     ids, x = make_catalog(300, 8, seed=5, n_clusters=3)
@@ -49,6 +49,38 @@ def test_rank_data_from_blocks_equals_from_one_array():
     row = {int(i): x[k] for k, i in enumerate(ids)}
     assert all(np.array_equal(parts.x_val_VD[j].numpy(), row[int(i)]) for j, i in enumerate(parts.ids_val_V))
     assert 0 < len(parts.ids_val_V) < 120
+
+
+def test_rank_data_rearranges_a_consumed_array_in_place_and_leaves_others_alone():
+    cfg = small_cfg(val_fraction=0.2)
+    ids, x = make_catalog(257, 6, seed=9, n_clusters=3)
+    keep = x.copy()
+    copied = steps.RankData.build(ids, x, cfg, Collectives(), torch.device("cpu"))
+    assert np.array_equal(x, keep)  # not consume: the caller's array is untouched
+    mine = x.copy()
+    consumed = steps.RankData.build(ids, mine, cfg, Collectives(), torch.device("cpu"), consume=True)
+    assert torch.equal(copied.x_train_TD, consumed.x_train_TD) and torch.equal(copied.x_val_VD, consumed.x_val_VD)
+    assert np.shares_memory(consumed.x_train_TD.numpy(), mine)  # rearranged where it was
+    row = {int(i): keep[k] for k, i in enumerate(ids)}
+    assert all(np.array_equal(consumed.x_train_TD[j].numpy(), row[int(i)])
+               for j, i in enumerate(consumed.ids_train_T))
+
+
+def test_read_shard_grows_past_the_expected_size(ray_session):
+    """A worker's shard can be bigger than n_items / workers (streaming_split(equal=False))."""
+    import pyarrow as pa
+
+    from semid_dist.tiger.worker import read_shard
+
+    ids, x = make_catalog(1000, 5, seed=4, n_clusters=2)
+    tables = [pa.table({"ItemID": ids[a:a + 300], "embedding": pa.array(list(x[a:a + 300]),
+                                                                        pa.list_(pa.float32()))})
+              for a in range(0, 1000, 300)]
+    for expect in (0, 7, 1000, 5000):
+        got_ids, got_x = read_shard(ray_session.data.from_arrow(tables).iterator(), 5, expect)
+        order = np.argsort(got_ids)
+        assert np.array_equal(got_ids[order], np.sort(ids)) and got_x.shape == (1000, 5)
+        assert np.array_equal(got_x[order], x[np.argsort(ids)])
 
 
 def test_global_batches_do_not_depend_on_sharding():

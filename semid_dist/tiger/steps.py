@@ -78,10 +78,17 @@ class RankData:
 
     @classmethod
     def build(cls, ids_N: np.ndarray, x_ND, cfg: Config, comm: Collectives,
-              device: torch.device) -> "RankData":
-        """ids_N and the rows as read: one (N, D) array, or a list of blocks whose rows, in
-        order, match ids_N (the Arrow batches as they arrived, not copied together first)."""
-        blocks = [x_ND] if isinstance(x_ND, np.ndarray) else list(x_ND)
+              device: torch.device, consume: bool = False) -> "RankData":
+        """ids_N and the rows as read: one (N, D) array whose rows match ids_N, or a list of
+        blocks that, concatenated, do. The rows are rearranged in place (train rows sorted by
+        ItemID, then validation rows sorted by ItemID) in x_ND itself when consume is True (the
+        caller gives the array up), else in a copy."""
+        if isinstance(x_ND, np.ndarray):
+            rows_ND = x_ND if consume else x_ND.copy()
+        else:
+            blocks = list(x_ND)
+            rows_ND = np.concatenate(blocks) if blocks else np.zeros((0, 0), np.float32)
+        assert rows_ND.shape[0] == len(ids_N), (rows_ND.shape, len(ids_N))
         order = np.argsort(ids_N, kind="stable")
         ids_sorted = ids_N[order]
         val_sorted = batches.validation_mask(ids_sorted, cfg.seed, cfg.val_fraction)
@@ -90,29 +97,40 @@ class RankData:
         if n_train < cfg.n_embed:
             raise ValueError(f"n_embed={cfg.n_embed} codes need at least as many training items, "
                              f"got {n_train} (val_fraction={cfg.val_fraction})")
-        # Every row goes straight from its block to its final place (train rows sorted by
-        # ItemID, then validation rows sorted by ItemID) in ONE new array: at 1M x 768 each
-        # copy of the rows is 3 GB, and fresh memory took ~2 s/GB to fault in inside a Ray
-        # worker on the 2-core VMs (with a concatenation, then a sorted gather, the intake of
-        # 1M rows took 25-28 s; 22-23 s this way. BENCHMARKS.md).
-        n_here, t_here = len(ids_N), int((~val_sorted).sum())
-        place_sorted = np.empty(n_here, np.int64)
-        place_sorted[~val_sorted] = np.arange(t_here)
-        place_sorted[val_sorted] = t_here + np.arange(n_here - t_here)
-        dest_N = np.empty(n_here, np.int64)
-        dest_N[order] = place_sorted
-        dim = blocks[0].shape[1] if blocks else 0
-        rows_ND = np.empty((n_here, dim), np.float32)
-        start = 0
-        for b in blocks:
-            rows_ND[dest_N[start: start + len(b)]] = b
-            start += len(b)
-        assert start == n_here, (start, n_here)
+        t_here = int((~val_sorted).sum())
+        # Row p of the result is row src[p] of the input. In place: a second 1M x 768 array
+        # would be 3 GB of fresh memory, slow to fault in on the VMs we measured (BENCHMARKS.md).
+        _take_rows_in_place(rows_ND, np.concatenate([order[~val_sorted], order[val_sorted]]))
         rows = torch.from_numpy(rows_ND)
         return cls(ids_train_T=ids_sorted[~val_sorted], x_train_TD=rows[:t_here].to(device),
                    ids_val_V=ids_sorted[val_sorted], x_val_VD=rows[t_here:].to(device),
                    n_train=n_train, n_val=n_val,
                    n_batches=batches.num_batches(n_train, cfg.batch_size))
+
+
+def _take_rows_in_place(rows_ND: np.ndarray, src_N: np.ndarray) -> None:
+    """rows_ND[:] = rows_ND[src_N] (src_N a permutation) without a second array: each cycle of
+    the permutation is walked once with one spare row (2.5 s for 1M x 768 rows here)."""
+    n = len(src_N)
+    if n == 0:
+        return
+    src = src_N.tolist()
+    done = bytearray(n)
+    spare = np.empty(rows_ND.shape[1], rows_ND.dtype)
+    for start in range(n):
+        if done[start]:
+            continue
+        done[start] = 1
+        j = src[start]
+        if j == start:
+            continue
+        spare[:] = rows_ND[start]
+        i = start
+        while j != start:
+            rows_ND[i] = rows_ND[j]
+            done[j] = 1
+            i, j = j, src[j]
+        rows_ND[i] = spare
 
 
 def _global_rows_by_id(ids_B: np.ndarray, rows_BC: torch.Tensor, comm: Collectives) -> torch.Tensor:

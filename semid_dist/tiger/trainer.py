@@ -106,7 +106,8 @@ def train(cfg: Config, ds, input_dim: int, n_items: int, trace_dir: str | None =
     log.info("tiger: model (%d parameters):\n%s", sum(p.numel() for p in arch.parameters()), arch)
     progress = Queue(actor_options={"num_cpus": 0})
     loop_cfg = {"config": cfg.to_dict(), "model_args": args, "use_gpu": use_gpu,
-                "run_dir": run_dir, "progress": progress, "trace_dir": trace_dir}
+                "run_dir": run_dir, "progress": progress, "trace_dir": trace_dir,
+                "expect_rows": -(-n_items // max(cfg.num_workers, 1))}  # a shard's size, about
     trainer = _torch_trainer(cfg, loop_cfg, name, root, ds)
     log.info("tiger: Ray Train, %d worker(s) on %s (%s), run %s", cfg.num_workers, device,
              "nccl" if use_gpu else "gloo", run_dir)
