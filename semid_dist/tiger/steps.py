@@ -110,7 +110,7 @@ class RankData:
 
 def _take_rows_in_place(rows_ND: np.ndarray, src_N: np.ndarray) -> None:
     """rows_ND[:] = rows_ND[src_N] (src_N a permutation) without a second array: each cycle of
-    the permutation is walked once with one spare row (2.5 s for 1M x 768 rows here)."""
+    the permutation is walked once with one spare row (1.3 s for 1M x 768 rows here)."""
     n = len(src_N)
     if n == 0:
         return
