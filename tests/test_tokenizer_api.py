@@ -30,6 +30,20 @@ def test_roundtrip_through_file_is_weights_only(tmp_path, kmeans_tokenizer):
     assert loaded.n_layers == 2 and loaded.n_codes == 8 and loaded.input_dim == 12
 
 
+def test_encodes_read_only_input_without_touching_it(kmeans_tokenizer):
+    """The encode pass hands the tokenizer read-only views of Arrow blocks; torch must not
+    be given them (it warns that writing would be undefined)."""
+    import warnings
+
+    tok, x = kmeans_tokenizer
+    ro = x.numpy().copy()
+    ro.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        codes = tok.encode(ro)
+    assert np.array_equal(codes, tok.encode(x.numpy())) and np.array_equal(ro, x.numpy())
+
+
 def test_rejects_wrong_shapes_and_foreign_files(tmp_path, kmeans_tokenizer):
     tok, _ = kmeans_tokenizer
     with pytest.raises(UserError, match=r"shape \(N, 12\)"):

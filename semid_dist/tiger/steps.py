@@ -77,17 +77,12 @@ class RankData:
     n_batches: int
 
     @classmethod
-    def build(cls, ids_N: np.ndarray, x_ND, cfg: Config, comm: Collectives,
+    def build(cls, ids_N: np.ndarray, x_ND: np.ndarray, cfg: Config, comm: Collectives,
               device: torch.device, consume: bool = False) -> "RankData":
-        """ids_N and the rows as read: one (N, D) array whose rows match ids_N, or a list of
-        blocks that, concatenated, do. The rows are rearranged in place (train rows sorted by
-        ItemID, then validation rows sorted by ItemID) in x_ND itself when consume is True (the
-        caller gives the array up), else in a copy."""
-        if isinstance(x_ND, np.ndarray):
-            rows_ND = x_ND if consume else x_ND.copy()
-        else:
-            blocks = list(x_ND)
-            rows_ND = np.concatenate(blocks) if blocks else np.zeros((0, 0), np.float32)
+        """ids_N and the rows as read, in any order (row i of x_ND is item ids_N[i]). The rows
+        are rearranged (train rows sorted by ItemID, then validation rows sorted by ItemID) in
+        x_ND itself when consume is True (the caller gives the array up), else in a copy."""
+        rows_ND = x_ND if consume else x_ND.copy()
         assert rows_ND.shape[0] == len(ids_N), (rows_ND.shape, len(ids_N))
         order = np.argsort(ids_N, kind="stable")
         ids_sorted = ids_N[order]
