@@ -152,6 +152,7 @@ def test_cli_failure_then_resume_publishes_everything(ray_session, catalog, refe
     assert results["training"]["hyperparameters"]["n_embed"] == 8
     log_text = next((out / "logs").iterdir()).read_text()
     assert "epoch 3/3" in log_text and "resume" in log_text
+    assert f"tiger: {N_ITEMS} rows in the workers' memory" in log_text  # rank 0's intake line
 
 
 def test_gumbel_codebooks_by_gradient_stay_identical_across_ranks(ray_session, catalog, tmp_path):

@@ -65,6 +65,16 @@ def test_rank_data_rearranges_a_consumed_array_in_place_and_leaves_others_alone(
                for j, i in enumerate(consumed.ids_train_T))
 
 
+def test_read_cpus_leave_one_core_per_train_worker(ray_session):
+    from semid_dist import passes
+    from semid_dist.config import Config
+    from semid_dist.tiger.trainer import read_cpus
+
+    cores = passes.parallelism()
+    assert read_cpus(Config(num_workers=1)) == max(1, cores - 1)
+    assert read_cpus(Config(num_workers=cores + 3)) == 1
+
+
 def test_read_shard_grows_past_the_expected_size(ray_session):
     """A worker's shard can be bigger than n_items / workers (streaming_split(equal=False))."""
     import pyarrow as pa

@@ -169,8 +169,20 @@ def _torch_trainer(cfg: Config, loop_cfg: dict, name: str, root: str, ds):
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),  # all: checkpoint_epoch_*
         ),
         datasets={"train": ds},
-        dataset_config=_EveryRowDataConfig(),
+        dataset_config=_EveryRowDataConfig(read_cpus(cfg)),
     )
+
+
+def read_cpus(cfg: Config) -> int:
+    """CPUs for the read tasks that feed the workers: the cores passes.parallelism() counts,
+    less one per train worker, which copies its rows in on one thread while the blocks arrive.
+    Without a limit a local Ray (4 logical CPUs on 2 cores) ran 3 read tasks next to the
+    worker; the worker fell behind and copied the backlog alone afterwards. 1M x 768 rows, one
+    worker, 2 cores (BENCHMARKS.md): intake 18.7-20.9 s with 3 read tasks (6 runs), 20.4-21.3 s with 2,
+    14.7-18.2 s with 1 (7 runs)."""
+    from semid_dist import passes
+
+    return max(1, passes.parallelism() - cfg.num_workers)
 
 
 def _use_gpu(cfg: Config) -> bool:
@@ -231,13 +243,19 @@ def _first_line(exc: BaseException) -> str:
 class _EveryRowDataConfig(ray.train.DataConfig):
     """Ray Train's default DataConfig splits with equal=True, which drops up to world-1 rows;
     our global batches (batches.py) keep ranks in step however uneven the shards, so split
-    without dropping anything."""
+    without dropping anything. Ray Data's reads run on at most read_cpus CPUs (read_cpus())."""
+
+    def __init__(self, read_cpus: int) -> None:
+        super().__init__()
+        self.read_cpus = read_cpus
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         out: list[dict] = [{} for _ in range(world_size)]
         for name, ds in datasets.items():
             ds = ds.copy(ds)
             ds.context.execution_options = self.default_ingest_options()
+            opts = ds.context.execution_options
+            opts.resource_limits = opts.resource_limits.copy(cpu=self.read_cpus)
             splits = ds.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)
             for i, split in enumerate(splits):
                 out[i][name] = split
@@ -279,6 +297,11 @@ class _ProgressLog:
 
     @staticmethod
     def _log(r: dict) -> None:
+        if "intake" in r:  # rank 0 has its rows in memory; the epochs start
+            i = r["intake"]
+            log.info("tiger: %d rows in the workers' memory (%d on rank 0 of %d), read in %.1f s",
+                     i["rows"], i["rank_rows"], i["workers"], i["seconds"])
+            return
         val = "" if r.get("val_recon") is None else \
             f" | val recon {r['val_recon']:.4f} (rel {r['val_rel_recon']:.4f})"
         temp = "" if r.get("temperature") is None else f" | tau {r['temperature']:.3f}"

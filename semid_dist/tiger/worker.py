@@ -53,6 +53,10 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     data = steps.RankData.build(ids_N, x_ND, cfg, comm, device, consume=True)
     del ids_N, x_ND
     read_s = time.perf_counter() - t_read
+    if rank == 0:
+        _progress(loop_cfg.get("progress"), {"intake": {
+            "rows": data.n_train + data.n_val, "rank_rows": len(data.ids_train_T) + len(data.ids_val_V),
+            "workers": world, "seconds": round(read_s, 3)}})
 
     # 2. Model, optimizer and loop state, from the latest checkpoint when there is one.
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
