@@ -75,6 +75,18 @@ def test_read_cpus_leave_one_core_per_train_worker(ray_session):
     assert read_cpus(Config(num_workers=cores + 3)) == 1
 
 
+def test_training_dataset_reads_within_the_cpu_limit(ray_session):
+    """The limit must reach the dataset the workers' splits stream from, and leave the
+    caller's dataset alone."""
+    from semid_dist.tiger.trainer import _EveryRowDataConfig
+
+    ds = ray_session.data.range(10)
+    before = ds.context.execution_options.resource_limits.cpu
+    fed = _EveryRowDataConfig(read_cpus=1).ingest(ds)
+    assert fed.context.execution_options.resource_limits.cpu == 1
+    assert ds.context.execution_options.resource_limits.cpu == before != 1
+
+
 def test_read_shard_grows_past_the_expected_size(ray_session):
     """A worker's shard can be bigger than n_items / workers (streaming_split(equal=False))."""
     import pyarrow as pa

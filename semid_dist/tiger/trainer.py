@@ -178,8 +178,8 @@ def read_cpus(cfg: Config) -> int:
     less one per train worker, which copies its rows in on one thread while the blocks arrive.
     Without a limit a local Ray (4 logical CPUs on 2 cores) ran 3 read tasks next to the
     worker; the worker fell behind and copied the backlog alone afterwards. 1M x 768 rows, one
-    worker, 2 cores (BENCHMARKS.md): intake 18.7-20.9 s with 3 read tasks (6 runs), 20.4-21.3 s with 2,
-    14.7-18.2 s with 1 (7 runs)."""
+    worker, 2 cores, this code (BENCHMARKS.md): intake 20.1 / 20.5 s with 3 read tasks, 20.4 /
+    21.3 s with 2, 14.7-18.2 s with 1 (7 runs)."""
     from semid_dist import passes
 
     return max(1, passes.parallelism() - cfg.num_workers)
@@ -249,14 +249,19 @@ class _EveryRowDataConfig(ray.train.DataConfig):
         super().__init__()
         self.read_cpus = read_cpus
 
+    def ingest(self, ds):
+        """A copy of ds with Ray Train's ingest options and the read CPU limit. A deep copy:
+        a plain Dataset.copy shares the DataContext, so the caller's dataset would change too."""
+        ds = ds.copy(ds, _deep_copy=True)
+        ds.context.execution_options = self.default_ingest_options()
+        opts = ds.context.execution_options
+        opts.resource_limits = opts.resource_limits.copy(cpu=self.read_cpus)
+        return ds
+
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         out: list[dict] = [{} for _ in range(world_size)]
         for name, ds in datasets.items():
-            ds = ds.copy(ds)
-            ds.context.execution_options = self.default_ingest_options()
-            opts = ds.context.execution_options
-            opts.resource_limits = opts.resource_limits.copy(cpu=self.read_cpus)
-            splits = ds.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)
+            splits = self.ingest(ds).streaming_split(world_size, equal=False, locality_hints=worker_node_ids)
             for i, split in enumerate(splits):
                 out[i][name] = split
         return out
