@@ -104,6 +104,33 @@ def test_read_shard_grows_past_the_expected_size(ray_session):
         assert np.array_equal(got_x[order], x[np.argsort(ids)])
 
 
+def test_read_shard_takes_blocks_of_many_chunks(ray_session):
+    """A read task's block is its read batches side by side (one Arrow chunk each): every row
+    arrives once, in place, and a bad row in a later chunk is named by its ItemID."""
+    import pyarrow as pa
+
+    from semid_dist.data import RowError
+    from semid_dist.tiger.worker import read_shard
+
+    ids, x = make_catalog(1000, 5, seed=5, n_clusters=2)
+
+    def block(a: int, b: int, x_ND: np.ndarray) -> pa.Table:  # chunks of 64 rows, like read batches
+        return pa.concat_tables([pa.table({"ItemID": ids[c:min(c + 64, b)], "embedding": pa.array(
+            list(x_ND[c:min(c + 64, b)]), pa.list_(pa.float32()))}) for c in range(a, b, 64)])
+
+    blocks = [block(a, min(a + 400, 1000), x) for a in range(0, 1000, 400)]
+    ds = ray_session.data.from_arrow(blocks)
+    assert max(b.column("embedding").num_chunks for b in ds.iter_batches(batch_format="pyarrow",
+                                                                         batch_size=None)) > 1
+    got_ids, got_x = read_shard(ds.iterator(), 5, 1000)
+    assert np.array_equal(got_ids, ids) and np.array_equal(got_x, x)
+    bad = x.copy()
+    bad[700, 2] = np.nan  # block 1, chunk 4
+    with pytest.raises(RowError, match=f"ItemID {ids[700]}: embedding contains NaN"):
+        read_shard(ray_session.data.from_arrow([block(a, min(a + 400, 1000), bad)
+                                                for a in range(0, 1000, 400)]).iterator(), 5, 1000)
+
+
 def test_global_batches_do_not_depend_on_sharding():
     ids = np.random.default_rng(0).permutation(10_000)[:997].astype(np.int64) + 5
     nb = batches.num_batches(997, 64)
