@@ -131,6 +131,25 @@ def test_read_shard_takes_blocks_of_many_chunks(ray_session):
                                                 for a in range(0, 1000, 400)]).iterator(), 5, 1000)
 
 
+def test_evaluate_errors_match_float64_over_every_row(monkeypatch):
+    """evaluate's reconstruction errors, summed chunk by chunk from float32 row norms, equal
+    the float64 sums over every element, for the validation split and for all items."""
+    monkeypatch.setattr(steps, "EVAL_CHUNK", 64)  # several chunks, and a short last one
+    cfg = small_cfg()
+    comm, data, model = build(cfg, n=300)
+    steps.init_codebooks(model, data, cfg, comm)
+    ev, _ = steps.evaluate(model, data, comm)
+
+    def sq_err(x: torch.Tensor) -> tuple[float, float]:
+        recon = model.decode_codes(model.encode(x)).detach().double()
+        return float((x.double() - recon).pow(2).sum()), float(x.double().pow(2).sum())
+
+    (v_err, v_norm), (t_err, t_norm) = sq_err(data.x_val_VD), sq_err(data.x_train_TD)
+    assert data.n_val > 0 and ev["val_recon"] == pytest.approx(v_err / data.n_val, rel=1e-6)
+    assert ev["val_rel_recon"] == pytest.approx(v_err / v_norm, rel=1e-6)
+    assert ev["rel_recon"] == pytest.approx((v_err + t_err) / (v_norm + t_norm), rel=1e-6)
+
+
 def test_global_batches_do_not_depend_on_sharding():
     ids = np.random.default_rng(0).permutation(10_000)[:997].astype(np.int64) + 5
     nb = batches.num_batches(997, 64)
