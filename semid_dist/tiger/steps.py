@@ -234,8 +234,9 @@ def train_epoch(net: torch.nn.Module, model: RQVAE, opt: torch.optim.Optimizer, 
 def _sum_of_squares(x_ND: torch.Tensor) -> torch.Tensor:
     """Sum of squares of a chunk, in float64: each row's norm in float32 (one pass, no N x D
     temporary), squared and summed in float64. Relative difference to squaring every element
-    in float64 ~1e-9; 2.6 ms instead of 105 ms for 16,384 x 768 on 2 cores (the float64 copy
-    and its square were a quarter of evaluate's time on CPU)."""
+    in float64: 7e-10 (val_recon) to 4e-8 (rel_recon) measured over 200k items; 2.6 ms instead
+    of 105 ms for 16,384 x 768 on 2 cores (the float64 copy and its square were a quarter of
+    evaluate's time on CPU)."""
     return torch.linalg.vector_norm(x_ND, dim=1).double().square().sum()
 
 
