@@ -43,6 +43,6 @@ SIDES=product,baseline
 "$PY" -c "import faiss" 2>/dev/null || SIDES=product
 "$PY" bench/kmeans_bench.py --n "$N" --device "$DEVICE" --sides "$SIDES" --out "$OUT"
 # One tiger epoch over every item on the one GPU (the H100 target is <= 20 s per epoch).
-"$PY" bench/tiger_bench.py --n "$N" --items "$N" --epochs 1 --workers 1 --device "$DEVICE" --out "$OUT"
+"$PY" bench/tiger_bench.py --n "$N" --items "$N" --epochs 1 --workers 1 --references 1 --device "$DEVICE" --out "$OUT"
 echo "== bench-gpu done: $(ls "$OUT")"
 exit $rc
