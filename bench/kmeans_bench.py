@@ -239,14 +239,30 @@ def run_baseline(data: str, work: str, device: str, env: dict) -> dict:
     return side
 
 
-def machine() -> dict:
-    model = ""
+def cpu_info() -> dict:
+    """The first CPU's model name, family/model numbers and widest vector unit, from /proc/cpuinfo.
+    A cloud VM's model name can be just "AMD EPYC": the family/model and the SIMD level tell
+    the generations apart (Zen 3 has no AVX-512, Zen 4 does; GEMM speed and float rounding in
+    the BLAS kernels differ between them)."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+            for ln in f:
+                if not ln.strip():
+                    break  # the first processor is enough
+                key, _, val = ln.partition(":")
+                fields[key.strip()] = val.strip()
     except OSError:
         pass
-    info = {"cpu_model": model or platform.processor(), "cpus": os.cpu_count(),
+    flags = set(fields.get("flags", "").split())
+    simd = next((s for s, f in (("avx512", "avx512f"), ("avx2", "avx2"), ("avx", "avx")) if f in flags), "")
+    return {"cpu_model": fields.get("model name") or platform.processor(),
+            "cpu_family_model": f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}",
+            "simd": simd or "unknown"}
+
+
+def machine() -> dict:
+    info = {**cpu_info(), "cpus": os.cpu_count(),
             "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
             "python": platform.python_version(), "load_avg_at_start": os.getloadavg()}
     try:
@@ -257,6 +273,11 @@ def machine() -> dict:
     except (OSError, subprocess.TimeoutExpired):
         pass
     return info
+
+
+def machine_line(m: dict) -> str:
+    return (f"{m['cpu_model']} (family/model {m.get('cpu_family_model', '?')}, {m.get('simd', '?')}, "
+            f"{m['cpus']} CPUs, {m['memory_gib']} GiB)")
 
 
 def save(base: str, res: dict, md: str) -> str:
@@ -364,7 +385,7 @@ def main() -> None:
             shutil.rmtree(os.path.join(work, d), ignore_errors=True)
     print(f"\nkmeans benchmark: N={a.n}, D={a.dim}, 3 x 256, device {a.device}, "
           + (f"product flags '{a.product_flags}', " if a.product_flags else "") +
-          f"{res['machine']['cpu_model']} ({res['machine']['cpus']} CPUs, {res['machine']['memory_gib']} GiB)")
+          f"{machine_line(res['machine'])}")
     print(md)
     for k, v in res["targets_met"].items():
         print(f"  target {k}: {'met' if v else 'NOT met'}")

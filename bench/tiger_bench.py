@@ -37,7 +37,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, REPO)
 
 import synth  # noqa: E402
-from kmeans_bench import machine, pythonpath, save  # noqa: E402
+from kmeans_bench import machine, machine_line, pythonpath, save  # noqa: E402
 
 
 def flags(a) -> list[str]:
@@ -208,8 +208,7 @@ def main() -> None:
     res["derived"] = derived
     base = save(os.path.join(a.out, f"tiger_{a.items}_{a.device}_{stamp}"), res, md)
     print(f"\ntiger benchmark: {a.items} items x {a.dim}, {a.epochs} epochs, batch {a.batch_size}, "
-          f"3 x {a.n_embed}, latent {a.latent_dim}, device {a.device}, {res['machine']['cpu_model']} "
-          f"({res['machine']['cpus']} CPUs)")
+          f"3 x {a.n_embed}, latent {a.latent_dim}, device {a.device}, {machine_line(res['machine'])}")
     print(md)
     print(f"results: {base}.json")
 
