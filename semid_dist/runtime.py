@@ -43,15 +43,23 @@ def close_logging() -> None:
             h.close()
 
 
-def worker_setup() -> None:
-    """First thing in every local Ray worker (worker_process_setup_hook): import pandas whole.
-    Ray Data imports pandas from threads of a worker; a worker that first imported it that way
-    once saw a half-initialised module ("module 'pandas' has no attribute 'core'")."""
-    import pandas  # noqa: F401
+# Ray's own settings for a Ray this process starts (and the test suite's).
+#
+# Every worker imports pandas before it takes work (Ray's preload_python_modules, run on the
+# worker's main thread at start-up): Ray Data imports pandas lazily, and a worker that first
+# imported it from two threads at once once saw a half-initialised module ("module 'pandas'
+# has no attribute 'core'", the race of ray-project/ray#32435). This used to be a
+# worker_process_setup_hook, but any job runtime_env costs start-up time: the workers Ray
+# prestarts for the first driver have no runtime_env, so none of them could be used and every
+# task and Ray Data actor waited for a new worker started with it. The first catalog pass over
+# 1M items (2 cores, a fresh Ray each time, runs alternated) took 11.7-14.2 s with a runtime_env
+# (the hook, or only an env var) and 8.6-11.2 s without (BENCHMARKS.md).
+LOCAL_SYSTEM_CONFIG = {"preload_python_modules": ["pandas"]}
 
 
-# For a Ray this process starts (and the test suite's): see worker_setup.
-LOCAL_RUNTIME_ENV = {"worker_process_setup_hook": "semid_dist.runtime.worker_setup"}
+def local_ray_options() -> dict:
+    """ray.init arguments shared by the local Ray of the CLI and of the test suite."""
+    return {"include_dashboard": False, "configure_logging": False, "_system_config": LOCAL_SYSTEM_CONFIG}
 
 
 def ensure_ray(cfg: Config) -> None:
@@ -79,8 +87,7 @@ def ensure_ray(cfg: Config) -> None:
     else:
         ncpu = max(4, os.cpu_count() or 1)
         log.info("starting a local Ray (%d logical CPUs)", ncpu)
-        ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=cfg.log_level == "DEBUG",
-                 configure_logging=False, runtime_env=LOCAL_RUNTIME_ENV)
+        ray.init(num_cpus=ncpu, log_to_driver=cfg.log_level == "DEBUG", **local_ray_options())
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
     ctx.execution_options.preserve_order = True  # --max_items keeps the first rows, stably

@@ -1,5 +1,7 @@
 """The catalog passes' Ray Data source: read units, --max_items, fusion with the pass's map,
 and that the passes' results do not depend on how the files are cut into read tasks."""
+import os
+
 import numpy as np
 import pytest
 
@@ -125,3 +127,24 @@ def test_blas_thread_count_can_be_set_in_process():
     finally:
         blas.set_threads(before)
     assert blas.threads() == before
+
+
+def test_a_new_worker_has_pandas_before_its_first_task(ray_session):
+    """semid_dist.runtime.LOCAL_SYSTEM_CONFIG: every worker imports pandas on its main thread
+    at start-up, so Ray Data's lazy imports from other threads never meet a half-imported
+    pandas (without it a new worker has not imported pandas at this point)."""
+    import uuid
+
+    import ray
+
+    # A runtime_env of its own makes Ray start a worker for this task alone.
+    @ray.remote(runtime_env={"env_vars": {"SEMID_TEST_WORKER": uuid.uuid4().hex}})
+    def first_task():
+        import os
+        import sys
+
+        return "pandas" in sys.modules, os.getpid()
+
+    imported, pid = ray.get(first_task.remote())
+    assert pid != os.getpid()
+    assert imported
