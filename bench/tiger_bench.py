@@ -15,8 +15,9 @@ bench/synth.py), the same model, seed and --epochs:
 
 Throughput = training items x epochs / (seconds of the training loop). "Fed by Ray Data" adds
 the worker's data intake (data_read_s) to the loop time; the data-pipeline overhead is
-1 - (fed by Ray Data, 1 worker) / (in memory), checked against issue 5's target (at most 15%). The loop's own slowdown in the Ray Train worker,
-1 - (loop, 1 worker) / (in memory), is printed with it: over many epochs it is what remains.
+1 - (fed by Ray Data, 1 worker) / (in memory), checked against issue 5's target (at most
+15%). The loop's own slowdown in the Ray Train worker, 1 - (loop, 1 worker) / (in memory), is
+printed with it: over many epochs it is what remains.
 Ray and Ray Train start-up is reported apart (wall of the whole run), since it does not grow
 with the data.
 

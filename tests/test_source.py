@@ -1,7 +1,5 @@
 """The catalog passes' Ray Data source: read units, --max_items, fusion with the pass's map,
 and that the passes' results do not depend on how the files are cut into read tasks."""
-import os
-
 import numpy as np
 import pytest
 
@@ -140,11 +138,8 @@ def test_a_new_worker_has_pandas_before_its_first_task(ray_session):
     # A runtime_env of its own makes Ray start a worker for this task alone.
     @ray.remote(runtime_env={"env_vars": {"SEMID_TEST_WORKER": uuid.uuid4().hex}})
     def first_task():
-        import os
         import sys
 
-        return "pandas" in sys.modules, os.getpid()
+        return "pandas" in sys.modules
 
-    imported, pid = ray.get(first_task.remote())
-    assert pid != os.getpid()
-    assert imported
+    assert ray.get(first_task.remote())
