@@ -43,8 +43,28 @@ def filesystem(path: str, endpoint_url: str = "") -> fsspec.AbstractFileSystem:
         ep = s3_endpoint(endpoint_url)
         if ep:
             kw["endpoint_url"] = ep
-        return s3fs.S3FileSystem(client_kwargs=kw, config_kwargs={"retries": {"max_attempts": 3}})
+        fs = s3fs.S3FileSystem(client_kwargs=kw, config_kwargs={"retries": {"max_attempts": 3}})
+        _quiet_orphaned_task_errors(fs.loop)
+        return fs
     return fsspec.filesystem("file")
+
+
+def _orphaned_task_handler(loop, context: dict) -> None:
+    exc = context.get("exception")
+    if exc is not None and context.get("message") == "Task exception was never retrieved":
+        log.debug("S3 client: an I/O task's error was not retrieved (%s: %s)", type(exc).__name__, exc)
+        return
+    loop.default_exception_handler(context)
+
+
+def _quiet_orphaned_task_errors(loop) -> None:
+    """When a connection drops mid-upload, aiohttp's body-writer task fails next to the request
+    that awaits it. The request's error reaches the caller (and becomes the run's one-line
+    error), but the writer task's copy is never retrieved, so asyncio's default handler prints
+    "Task exception was never retrieved" and a traceback on stderr when the task is collected.
+    On fsspec's I/O loop those go to the debug log; anything else keeps the default handling."""
+    if loop.get_exception_handler() is None:
+        loop.set_exception_handler(_orphaned_task_handler)
 
 
 def strip_scheme(path: str) -> str:
