@@ -57,9 +57,30 @@ def close_logging() -> None:
 LOCAL_SYSTEM_CONFIG = {"preload_python_modules": ["pandas"]}
 
 
+# Ray Train settings for a Ray started on this machine, read by Ray Train's controller (Ray Train
+# passes these variables from the driver's environment to it); a value already in the
+# environment wins. The controller checks on its workers, and takes their reports, every
+# health-check interval (2 s by default): a run waits for that poll to start, to take the last
+# checkpoint and to finish. Its preemption watcher (one more actor process per run) watches
+# for cluster nodes being drained, which a Ray on one machine never does. A 1-epoch tiger run
+# over the embedded 3,200-item catalog (2 cores, runs alternated, BENCHMARKS.md): fit stage
+# 33.4-37.1 s with Ray's defaults, 29.0-31.4 s with these.
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 def local_ray_options() -> dict:
     """ray.init arguments shared by the local Ray of the CLI and of the test suite."""
     return {"include_dashboard": False, "configure_logging": False, "_system_config": LOCAL_SYSTEM_CONFIG}
+
+
+def start_local_ray(num_cpus: int, **init_kwargs) -> None:
+    """Start a Ray on this machine as the CLI and the test suite do (local_ray_options and
+    LOCAL_TRAIN_ENV); init_kwargs go to ray.init."""
+    import ray
+
+    for name, value in LOCAL_TRAIN_ENV.items():
+        os.environ.setdefault(name, value)
+    ray.init(num_cpus=num_cpus, **local_ray_options(), **init_kwargs)
 
 
 def ensure_ray(cfg: Config) -> None:
@@ -87,7 +108,7 @@ def ensure_ray(cfg: Config) -> None:
     else:
         ncpu = max(4, os.cpu_count() or 1)
         log.info("starting a local Ray (%d logical CPUs)", ncpu)
-        ray.init(num_cpus=ncpu, log_to_driver=cfg.log_level == "DEBUG", **local_ray_options())
+        start_local_ray(ncpu, log_to_driver=cfg.log_level == "DEBUG")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
     ctx.execution_options.preserve_order = True  # --max_items keeps the first rows, stably

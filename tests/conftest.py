@@ -24,13 +24,13 @@ def ray_session():
     """A local Ray with its own temp dir and no dashboard; shut down (not `ray stop`) at the end."""
     import ray
 
-    from semid_dist.runtime import local_ray_options
+    from semid_dist.runtime import start_local_ray
 
     tmp = tempfile.mkdtemp(prefix="semid-ray-")
     # Through the environment, not a runtime_env: a runtime_env keeps Ray's prestarted workers
     # from being used (semid_dist.runtime.LOCAL_SYSTEM_CONFIG).
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(num_cpus=4, _temp_dir=tmp, log_to_driver=False, **local_ray_options())
+    start_local_ray(4, _temp_dir=tmp, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True

@@ -88,6 +88,14 @@ def test_ranks_bit_identical_every_step_and_match_one_worker(ray_session, catalo
     assert [e for e, _ in two.checkpoints] == [1, 2, 3]
 
 
+def test_a_local_ray_starts_no_preemption_watcher(ray_session, reference):
+    """semid_dist.runtime.LOCAL_TRAIN_ENV reaches Ray Train's controller: the runs on the
+    session's Ray (started as the CLI starts one) had a controller and no preemption watcher."""
+    classes = {a["ActorClassName"] for a in ray_session._private.state.actors().values()}
+    assert "TrainController" in classes, classes
+    assert "PreemptionWatcher" not in classes, classes
+
+
 def test_worker_failure_restarts_from_last_checkpoint(ray_session, catalog, reference, tmp_path):
     two, _ = reference
     fail_at = two.loop.history[1]["step"] + 2  # inside epoch 3, after the epoch-2 checkpoint
