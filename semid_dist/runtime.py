@@ -64,7 +64,7 @@ LOCAL_SYSTEM_CONFIG = {"preload_python_modules": ["pandas"]}
 # checkpoint and to finish. Its preemption watcher (one more actor process per run) watches
 # for cluster nodes being drained, which a Ray on one machine never does. A 1-epoch tiger run
 # over the embedded 3,200-item catalog (2 cores, runs alternated, BENCHMARKS.md): fit stage
-# 33.4-37.1 s with Ray's defaults, 29.0-31.4 s with these.
+# 30.0-39.5 s with Ray's defaults, 24.0-31.4 s with these (six runs each).
 LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
