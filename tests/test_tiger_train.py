@@ -90,7 +90,9 @@ def test_ranks_bit_identical_every_step_and_match_one_worker(ray_session, catalo
 
 def test_a_local_ray_starts_no_preemption_watcher(ray_session, reference):
     """semid_dist.runtime.LOCAL_TRAIN_ENV reaches Ray Train's controller: the runs on the
-    session's Ray (started as the CLI starts one) had a controller and no preemption watcher."""
+    session's Ray (started as the CLI starts one) had a controller and no preemption watcher.
+    Ray's own actor table, read from the GCS: the state API needs the dashboard, which a local
+    Ray here does not start."""
     classes = {a["ActorClassName"] for a in ray_session._private.state.actors().values()}
     assert "TrainController" in classes, classes
     assert "PreemptionWatcher" not in classes, classes
