@@ -6,7 +6,7 @@ bench/synth.py), the same model, seed and --epochs:
 - in-memory: this process, no Ray: the rows are loaded into a tensor first (not timed), then
   the product's own loop (semid_dist.tiger.steps: codebook init, train_epoch, evaluate) runs
   over it. The reference throughput. It runs before the product runs and, with
-  --references 2 (the default), once more after them: the same loop moves by up to 20%
+  --references 2 (the default), once more after them: the same loop moves by up to 25%
   between runs on a shared machine, so the overhead is printed against the mean of the two
   and against each (the range says how far the noise alone moves it).
 - product, 1 worker and 2 workers: ``semid train --mode tiger`` as a subprocess. Each Ray Train

@@ -14,6 +14,8 @@ import pytest
 HERE = os.path.dirname(__file__)
 sys.path.insert(0, HERE)  # tests/s3server.py and helpers import as top-level modules
 
+# Ray settings through the environment, not a runtime_env: a runtime_env keeps Ray's
+# prestarted workers from being used (semid_dist.runtime.LOCAL_SYSTEM_CONFIG).
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
@@ -27,9 +29,6 @@ def ray_session():
     from semid_dist.runtime import start_local_ray
 
     tmp = tempfile.mkdtemp(prefix="semid-ray-")
-    # Through the environment, not a runtime_env: a runtime_env keeps Ray's prestarted workers
-    # from being used (semid_dist.runtime.LOCAL_SYSTEM_CONFIG).
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     start_local_ray(4, _temp_dir=tmp, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
