@@ -138,8 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg, extra = parse_config(argv)
         import importlib
 
-        results = importlib.import_module(COMMANDS[extra["command"]]).run(cfg, log_dir=extra["log_dir"])
-        print_summary(results)
+        try:
+            results = importlib.import_module(COMMANDS[extra["command"]]).run(cfg, log_dir=extra["log_dir"])
+            print_summary(results)
+        finally:
+            from semid_dist.runtime import stop_local_ray
+
+            stop_local_ray()
         return 0
     except KeyboardInterrupt:
         print("semid: interrupted; nothing was published", file=sys.stderr)

@@ -83,12 +83,18 @@ def start_local_ray(num_cpus: int, **init_kwargs) -> None:
     ray.init(num_cpus=num_cpus, **local_ray_options(), **init_kwargs)
 
 
+# ensure_ray started the local Ray this process is connected to, without forwarding its logs
+# (stop_local_ray shuts it down; otherwise Ray's own exit hook does).
+_stop_at_end = False
+
+
 def ensure_ray(cfg: Config) -> None:
     """Connect to the cluster named by --ray_address / RAY_ADDRESS, else start a local Ray.
 
     Locally we advertise at least 4 logical CPUs: on a 2-core machine, train workers holding
     whole CPUs would leave Ray Data no slot and the job hangs silently (DESIGN.md section 6).
     """
+    global _stop_at_end
     if cfg.log_level != "DEBUG":  # before ray.data is imported: it configures logging then
         os.environ.setdefault("RAY_DATA_LOGGING_CONFIG",
                               os.path.join(os.path.dirname(__file__), "ray_data_logging.yaml"))
@@ -109,9 +115,24 @@ def ensure_ray(cfg: Config) -> None:
         ncpu = max(4, os.cpu_count() or 1)
         log.info("starting a local Ray (%d logical CPUs)", ncpu)
         start_local_ray(ncpu, log_to_driver=cfg.log_level == "DEBUG")
+        _stop_at_end = cfg.log_level != "DEBUG"
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
     ctx.execution_options.preserve_order = True  # --max_items keeps the first rows, stably
+
+
+def stop_local_ray() -> None:
+    """Shut down the Ray that ensure_ray started in this process, if it did; a Ray the caller
+    started, or a cluster, is left alone. Ray's own exit hook would do it too, but first sleeps
+    0.5 s so that forwarded worker logs finish printing; only --log_level DEBUG forwards them,
+    and then the hook is left to do it."""
+    global _stop_at_end
+    if not _stop_at_end:
+        return
+    import ray
+
+    _stop_at_end = False
+    ray.shutdown()
 
 
 def torch_device(cfg: Config) -> str:

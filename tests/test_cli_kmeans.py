@@ -113,6 +113,19 @@ def test_input_layouts_seed_dir_glob_and_max_items(ray_session, small_catalog, t
     assert len(load_mapping(out3)) == 250
 
 
+def test_the_cli_leaves_a_ray_it_did_not_start_running(ray_session, small_catalog, tmp_path):
+    """The CLI shuts down a local Ray it started itself when the command ends (runtime.
+    stop_local_ray); a Ray that was already up (here the session's, for a user their own or a
+    cluster) must outlive the command, after a failed run too."""
+    import ray
+
+    data, _, _ = small_catalog
+    assert run_cli(data, str(tmp_path / "out")) == 0
+    assert run_cli(str(tmp_path / "missing"), str(tmp_path / "out2")) == 2
+    assert ray.is_initialized()
+    assert ray.get(ray.put(7)) == 7 and ray.cluster_resources().get("CPU", 0) > 0
+
+
 def test_config_file_and_flag_precedence(ray_session, small_catalog, tmp_path):
     data, _, _ = small_catalog
     cfg = tmp_path / "cfg.yaml"
