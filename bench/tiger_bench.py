@@ -81,7 +81,7 @@ def in_memory(a, data: str) -> dict:
     for epoch in range(cfg.epochs):
         t = time.perf_counter()
         _, step = steps.train_epoch(model, model, opt, rank_data, epoch, step, cfg, comm, 10**9)
-        metrics, _ = steps.evaluate(model, rank_data, comm)
+        metrics, _ = steps.evaluate(model, rank_data, comm, catalog=steps.catalog_eval_due(epoch + 1, cfg))
         epochs.append(round(time.perf_counter() - t, 3))
     return {"n_train": rank_data.n_train, "load_s": round(load_s, 3), "codebook_init_s": round(init_s, 3),
             "epoch_s": epochs, "steps": step, "val_recon": metrics.get("val_recon")}

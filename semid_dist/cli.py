@@ -38,6 +38,8 @@ HELP = {
     "latent_dim": "latent dimension (tiger)",
     "max_items": "use only the first N items (quick tests)",
     "save_every": "checkpoint every N epochs (tiger)",
+    "eval_every": "encode every item for the collision rate, code usage and reconstruction error "
+                  "every N epochs and at the last; the validation error is logged every epoch (tiger)",
     "log_level": "DEBUG, INFO, WARNING or ERROR (DEBUG also shows tracebacks)",
     "max_iters": "Lloyd iterations per level at full dimension (kmeans)",
     "seed": "random seed (sampling, k-means seeding, model init)",

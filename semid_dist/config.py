@@ -53,6 +53,7 @@ class Config:
     gumbel_temperature: float = 1.0
     gumbel_temperature_min: float = 0.1
     patience: int = 10  # early stopping on the validation split; 0 disables it
+    eval_every: int = 10  # metrics over all items every N epochs and at the last (tiger/steps.py)
     val_fraction: float = 0.05
     num_workers: int = 1
     cpus_per_worker: float = 0.5
@@ -120,7 +121,7 @@ class Config:
             raise bad("log_level", f"choose one of {', '.join(LOG_LEVELS)}")
         self.log_level = self.log_level.upper()
         positive = ("epochs", "batch_size", "n_layers", "n_embed", "n_clusters", "latent_dim",
-                    "save_every", "max_iters", "sample_per_centroid", "num_workers",
+                    "save_every", "eval_every", "max_iters", "sample_per_centroid", "num_workers",
                     "encode_batch_size")
         for name in positive:
             if int(getattr(self, name)) < 1:

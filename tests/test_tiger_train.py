@@ -46,6 +46,7 @@ def tiny_cfg(root: str, **kw) -> Config:
                 mode="tiger", n_layers=2, n_embed=8, latent_dim=4, batch_size=64, epochs=3,
                 learning_rate=3e-3, save_every=1, patience=0, val_fraction=0.1,
                 dead_code_threshold=3.0,  # ~8 rows per code per batch: some restarts happen
+                eval_every=2,  # epoch 1 evaluates the validation split only, epochs 2 and 3 all items
                 num_workers=2)
     base.update(kw)
     return Config(**base).validated()
@@ -85,6 +86,10 @@ def test_ranks_bit_identical_every_step_and_match_one_worker(ray_session, catalo
     for a, b in zip(one.loop.history, two.loop.history):
         assert a["restarted"] == b["restarted"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["val_recon"] == pytest.approx(b["val_recon"], rel=1e-4)
+    # eval_every=2: all items on epochs 2 and 3 (the last), the same on 1 and 2 workers
+    assert [h["dup_rate"] is not None for h in two.loop.history] == [False, True, True]
+    assert [h["dup_rate"] for h in one.loop.history] == [h["dup_rate"] for h in two.loop.history]
     assert [e for e, _ in two.checkpoints] == [1, 2, 3]
 
 
@@ -113,7 +118,7 @@ def cli_args(cfg: Config, log_dir: str) -> list[str]:
     args = ["train", "--log_dir", log_dir]
     for name in ("data_path", "output_dir", "mode", "n_layers", "n_embed", "latent_dim", "batch_size",
                  "epochs", "learning_rate", "save_every", "patience", "val_fraction",
-                 "dead_code_threshold", "num_workers"):
+                 "dead_code_threshold", "eval_every", "num_workers"):
         args += [f"--{name}", str(getattr(cfg, name))]
     return args
 

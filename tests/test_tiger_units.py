@@ -150,6 +150,40 @@ def test_evaluate_errors_match_float64_over_every_row(monkeypatch):
     assert ev["rel_recon"] == pytest.approx((v_err + t_err) / (v_norm + t_norm), rel=1e-6)
 
 
+def test_validation_only_evaluation_and_its_schedule():
+    """evaluate(catalog=False) gives the same validation numbers as the full evaluation and
+    nothing over all items; the catalog is evaluated every eval_every epochs and at the last."""
+    cfg = small_cfg()
+    comm, data, model = build(cfg, n=300)
+    steps.init_codebooks(model, data, cfg, comm)
+    full, usage = steps.evaluate(model, data, comm)
+    val, none = steps.evaluate(model, data, comm, catalog=False)
+    assert none is None and usage is not None and model.training
+    assert val["val_recon"] == full["val_recon"] and val["val_rel_recon"] == full["val_rel_recon"]
+    assert all(val[k] is None for k in steps.CATALOG_METRICS)
+    assert all(full[k] is not None for k in steps.CATALOG_METRICS)
+
+    due = [e for e in range(1, 24) if steps.catalog_eval_due(e, cfg.replace(epochs=23, eval_every=5))]
+    assert due == [5, 10, 15, 20, 23]
+    assert all(steps.catalog_eval_due(e, cfg.replace(epochs=3, eval_every=1)) for e in (1, 2, 3))
+
+
+def test_an_early_stop_between_catalog_epochs_still_evaluates_every_item():
+    from semid_dist.tiger.worker import evaluate_epoch
+
+    cfg = small_cfg(epochs=50, eval_every=10, patience=1)
+    comm, data, model = build(cfg, n=300)
+    steps.init_codebooks(model, data, cfg, comm)
+    going = checkpoint.LoopState(best_val=float("inf"))  # this epoch improves: no stop
+    ev, usage = evaluate_epoch(model, data, comm, cfg, going, 3)
+    assert not going.stopped_early and usage is None and ev["dup_rate"] is None
+    stopping = checkpoint.LoopState(best_val=0.0)  # cannot improve: patience 1 stops here
+    ev, usage = evaluate_epoch(model, data, comm, cfg, stopping, 3)
+    assert stopping.stopped_early and usage is not None and ev["dup_rate"] is not None
+    ev10, usage10 = evaluate_epoch(model, data, comm, cfg, checkpoint.LoopState(best_val=float("inf")), 10)
+    assert usage10 is not None and ev10 == ev
+
+
 def test_global_batches_do_not_depend_on_sharding():
     ids = np.random.default_rng(0).permutation(10_000)[:997].astype(np.int64) + 5
     nb = batches.num_batches(997, 64)

@@ -27,7 +27,8 @@ def _png(plt, fig) -> bytes:
 
 
 def training_curves(history: list[dict]) -> bytes:
-    """Loss terms, validation reconstruction, codes used and duplicate rate per epoch."""
+    """Loss terms and validation reconstruction per epoch; codes used, perplexity, duplicate rate
+    and the reconstruction over all items for the epochs that evaluated every item."""
     plt, fig, ax = _figure(2, 2, (11, 7.5))
     ep = [h["epoch"] for h in history]
     a = ax[0][0]
@@ -40,22 +41,25 @@ def training_curves(history: list[dict]) -> bytes:
     a.set_xlabel("epoch")
     a.legend()
     a = ax[0][1]
-    a.plot(ep, [h["rel_recon"] for h in history], label="all items")
+    # catalog-wide metrics exist for the epochs that evaluated every item (--eval_every)
+    cat = [h for h in history if h.get("rel_recon") is not None]
+    cat_ep = [h["epoch"] for h in cat]
+    a.plot(cat_ep, [h["rel_recon"] for h in cat], marker=".", label="all items")
     if any(h.get("val_rel_recon") is not None for h in history):
         a.plot(ep, [h.get("val_rel_recon") for h in history], label="validation")
     a.set_title("relative reconstruction error")
     a.set_xlabel("epoch")
     a.legend()
     a = ax[1][0]
-    levels = len(history[0]["codes_used"]) if history else 0
+    levels = len(cat[0]["codes_used"]) if cat else 0
     for lvl in range(levels):
-        a.plot(ep, [h["codes_used"][lvl] for h in history], label=f"level {lvl} used")
-        a.plot(ep, [h["perplexity"][lvl] for h in history], ls="--", label=f"level {lvl} perplexity")
+        a.plot(cat_ep, [h["codes_used"][lvl] for h in cat], marker=".", label=f"level {lvl} used")
+        a.plot(cat_ep, [h["perplexity"][lvl] for h in cat], ls="--", label=f"level {lvl} perplexity")
     a.set_title("codes used and perplexity per level")
     a.set_xlabel("epoch")
     a.legend(fontsize=7)
     a = ax[1][1]
-    a.plot(ep, [100 * h["dup_rate"] for h in history])
+    a.plot(cat_ep, [100 * h["dup_rate"] for h in cat], marker=".")
     a.set_title("duplicate rate before dedup (%)")
     a.set_xlabel("epoch")
     return _png(plt, fig)

@@ -310,9 +310,10 @@ class _ProgressLog:
         val = "" if r.get("val_recon") is None else \
             f" | val recon {r['val_recon']:.4f} (rel {r['val_rel_recon']:.4f})"
         temp = "" if r.get("temperature") is None else f" | tau {r['temperature']:.3f}"
-        log.info("epoch %d/%d: loss %.4f recon %.4f commit %.4f%s | rel recon %.4f | codes used %s "
-                 "ppl %s | dup %.2f%% | restarts %s | lr %.2g%s | %.1f s%s",
-                 r["epoch"], r["epochs"], r["loss"], r["recon"], r["commit"], val, r["rel_recon"],
-                 r["codes_used"], [round(p) for p in r["perplexity"]], 100 * r["dup_rate"],
+        catalog = "" if r.get("rel_recon") is None else \
+            (f" | rel recon {r['rel_recon']:.4f} | codes used {r['codes_used']} ppl "
+             f"{[round(p) for p in r['perplexity']]} | dup {100 * r['dup_rate']:.2f}%")
+        log.info("epoch %d/%d: loss %.4f recon %.4f commit %.4f%s%s | restarts %s | lr %.2g%s | %.1f s%s",
+                 r["epoch"], r["epochs"], r["loss"], r["recon"], r["commit"], val, catalog,
                  r["restarted"], r["lr"], temp, r["time_s"],
                  " (early stop)" if r.get("stopped_early") else "")

@@ -3,7 +3,8 @@
     rows  <- this rank's Ray Data shard, read once into memory (sorted by ItemID)
     model <- the latest checkpoint, if any (resume / restart after a worker failure)
     init  <- k-means on rank 0, broadcast (skipped when the checkpoint already has codebooks)
-    for each epoch: train in global batches (steps.py), evaluate, early-stop, report/checkpoint
+    for each epoch: train in global batches (steps.py), evaluate (the validation split; every
+                    item every --eval_every epochs and at the last), early-stop, report/checkpoint
 
 Why the shard is kept in memory rather than streamed every epoch: an RQ-VAE trains for hundreds
 of epochs over a catalog that fits in the workers' memory (1M x 768 float32 is 3 GB in all);
@@ -92,15 +93,16 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         train_m, state.step = steps.train_epoch(
             net, model, opt, data, epoch, state.step, cfg, comm, RESTART_EVERY,
             before_step=hooks.before_step, after_step=hooks.after_step)
-        eval_m, usage_LK = steps.evaluate(model, data, comm)
+        eval_m, usage_LK = evaluate_epoch(model, data, comm, cfg, state, epoch + 1)
         record = {"epoch": epoch + 1, "step": state.step, **train_m, **eval_m,
                   "lr": opt.param_groups[0]["lr"],
                   "temperature": model.temperature if cfg.gumbel else None,
                   "time_s": round(time.perf_counter() - t0, 3), **startup}
         startup = {}
-        state.epoch, state.usage_LK = epoch + 1, usage_LK.tolist()
+        state.epoch = epoch + 1
+        if usage_LK is not None:
+            state.usage_LK = usage_LK.tolist()
         state.history.append(record)
-        _early_stopping(state, record["val_recon"], cfg.patience)
         hooks.end_epoch()
         if rank == 0:
             _progress(loop_cfg.get("progress"), {**record, "epochs": cfg.epochs,
@@ -158,6 +160,19 @@ def _progress(queue, record: dict) -> None:
         queue.put_nowait(record)
     except Exception:  # the driver went away or the queue is full: training goes on
         pass
+
+
+def evaluate_epoch(model: RQVAE, data: steps.RankData, comm: Collectives, cfg: Config,
+                   state: checkpoint.LoopState, epochs_done: int) -> tuple[dict, np.ndarray | None]:
+    """The end of an epoch: the validation error, early stopping on it, and the metrics over
+    all items when the schedule says so (steps.catalog_eval_due) or when this epoch turns out to
+    be the last because training stops early."""
+    catalog = steps.catalog_eval_due(epochs_done, cfg)
+    eval_m, usage_LK = steps.evaluate(model, data, comm, catalog=catalog)
+    _early_stopping(state, eval_m["val_recon"], cfg.patience)
+    if state.stopped_early and not catalog:
+        eval_m, usage_LK = steps.evaluate(model, data, comm)
+    return eval_m, usage_LK
 
 
 def _early_stopping(state: checkpoint.LoopState, val: float | None, patience: int) -> None:
