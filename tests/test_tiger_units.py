@@ -10,6 +10,7 @@ import torch
 
 from conftest import make_catalog
 from semid_dist.config import Config
+from semid_dist.errors import UserError
 from semid_dist.math.rqvae import RQVAE
 from semid_dist.tiger import batches, checkpoint, plots, steps, trainer
 from semid_dist.tiger.collectives import Collectives
@@ -166,6 +167,8 @@ def test_validation_only_evaluation_and_its_schedule():
     due = [e for e in range(1, 24) if steps.catalog_eval_due(e, cfg.replace(epochs=23, eval_every=5))]
     assert due == [5, 10, 15, 20, 23]
     assert all(steps.catalog_eval_due(e, cfg.replace(epochs=3, eval_every=1)) for e in (1, 2, 3))
+    with pytest.raises(UserError, match="eval_every"):
+        cfg.replace(eval_every=0)  # a one-line error, not a ZeroDivisionError mid-training
 
 
 def test_an_early_stop_between_catalog_epochs_still_evaluates_every_item():
