@@ -410,13 +410,8 @@ def _pick_tokenizer(cfg: Config, root: _Root, existing: dict | None, parent: Gen
         source = f"generation {cfg.generation} (re-run)"
         return (*_loaded(root.model_bytes(cfg.generation), source), source, {}, None)
     if cfg.retrain or (parent is None and not cfg.tokenizer):
-        if cfg.n_codes > n_items:
-            flag = "n_embed" if cfg.mode == "tiger" else "n_clusters"
-            raise UserError(f"--{flag} {cfg.n_codes} is larger than the number of items ({n_items})")
-        with timer.stage("scan"):
-            scan = passes.scan_pass(info, cfg.seed, cfg.sample_per_centroid * cfg.n_codes, ep,
-                                    n_items)
-            passes.check_unique_ids(scan.ids_N, info.files, ep)
+        train.check_enough_items(cfg, n_items)
+        scan = train.scan_stage(cfg, info, n_items, timer)
         with timer.stage("fit"):
             tokenizer, fit_info = train._fit(cfg, ds, info, scan, n_items, pub)
         return tokenizer, _payload_bytes(tokenizer), "trained", fit_info, scan

@@ -79,20 +79,14 @@ def execute(cfg: Config, log_dir: str, fit: FitFn, scan_first: bool = True) -> d
         n_items = min(info.num_rows, cfg.max_items or info.num_rows)
         log.info("input: %d parquet file(s), %d rows, dim %d%s", len(files), info.num_rows, info.dim,
                  f" (using the first {n_items})" if n_items < info.num_rows else "")
-        if scan_first and cfg.n_codes > n_items:
-            flag = "n_embed" if cfg.mode == "tiger" else "n_clusters"
-            raise UserError(f"--{flag} {cfg.n_codes} is larger than the number of items ({n_items})")
+        if scan_first:
+            check_enough_items(cfg, n_items)
         pub = storage.Publisher(cfg.output_dir, ep)
         ensure_ray(cfg)
         where = passes.encode_device(cfg.device)  # where the encode pass will run
         # The catalog passes build their own datasets; tiger training reads this one.
         ds = datalib.read_dataset(info, ep, cfg.max_items) if cfg.mode == "tiger" else None
-        scan = None
-        if scan_first:
-            with timer.stage("scan"):
-                scan = passes.scan_pass(info, cfg.seed, cfg.sample_per_centroid * cfg.n_codes, ep,
-                                        n_items)
-                passes.check_unique_ids(scan.ids_N, files, ep)
+        scan = scan_stage(cfg, info, n_items, timer) if scan_first else None
         with timer.stage("fit"):
             tokenizer, fit_info = fit(cfg, ds, info, scan, n_items, pub)
         with timer.stage("encode"):
@@ -136,6 +130,23 @@ def execute(cfg: Config, log_dir: str, fit: FitFn, scan_first: bool = True) -> d
         raise
     finally:
         close_logging()
+
+
+def check_enough_items(cfg: Config, n_items: int) -> None:
+    """Before fitting: a codebook cannot have more codes than there are items to fit it on."""
+    if cfg.n_codes > n_items:
+        flag = "n_embed" if cfg.mode == "tiger" else "n_clusters"
+        raise UserError(f"--{flag} {cfg.n_codes} is larger than the number of items ({n_items})")
+
+
+def scan_stage(cfg: Config, info: datalib.InputInfo, n_items: int, timer: _Timer) -> passes.ScanResult:
+    """The scan pass before a fit (every row validated, the hash sample kept), and no ItemID
+    twice."""
+    with timer.stage("scan"):
+        scan = passes.scan_pass(info, cfg.seed, cfg.sample_per_centroid * cfg.n_codes,
+                                cfg.s3_endpoint_url, n_items)
+        passes.check_unique_ids(scan.ids_N, info.files, cfg.s3_endpoint_url)
+    return scan
 
 
 def publish_run(pub: storage.Publisher, results: dict, log_path: str, manifest: dict) -> None:
