@@ -158,15 +158,17 @@ def hash_unit(ids_N: np.ndarray, seed: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-def read_dataset(info: InputInfo, endpoint_url: str = "", max_items: int | None = None):
+def read_dataset(info: InputInfo, endpoint_url: str = "", max_items: int | None = None,
+                 tasks: int | None = None):
     """The Ray Dataset of (ItemID, embedding) that tiger training consumes: the first max_items
     rows (all without it) in file order, through the same streaming source as the catalog
-    passes (source.CatalogSource). A worker's intake of 100k of 1M items took 11.9 s with
-    read_parquet().limit(), 9.5 s through the source (bench/tiger_bench.py)."""
+    passes (source.CatalogSource), in about `tasks` read tasks (one per file without it). A
+    worker's intake of 100k of 1M items took 11.9 s with read_parquet().limit(), 9.5 s through
+    the source (bench/tiger_bench.py)."""
     import ray
 
     from semid_dist.source import CatalogSource
 
     n = info.num_rows if max_items is None else min(max_items, info.num_rows)
-    src = CatalogSource(info, n, endpoint_url)
+    src = CatalogSource(info, n, endpoint_url, tasks=tasks)
     return ray.data.read_datasource(src, override_num_blocks=max(1, len(src.units)))

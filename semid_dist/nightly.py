@@ -309,7 +309,8 @@ def run(cfg: Config, log_dir: str = "logs") -> dict:
         ensure_ray(cfg)
         where = passes.encode_device(cfg.device)  # where the encode pass will run
         # The catalog passes build their own datasets; tiger training reads this one.
-        ds = datalib.read_dataset(info, ep, cfg.max_items) if cfg.mode == "tiger" else None
+        ds = (datalib.read_dataset(info, ep, cfg.max_items, passes.read_tasks())
+              if cfg.mode == "tiger" else None)
 
         if existing and (cfg.retrain or cfg.tokenizer or cfg.changed_policy != existing["changed_policy"]):
             log.warning("generation %s is already published: verifying it with its own tokenizer and "

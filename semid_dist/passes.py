@@ -20,6 +20,9 @@ How the passes use Ray Data, and why (measured on 1M x 768 on 2 cores, BENCHMARK
 - Every pass task sets numpy's OpenBLAS to the CPUs Ray gave it (semid_dist/blas.py): a worker
   loads OpenBLAS before Ray sets OMP_NUM_THREADS, and two tasks on two cores ran four spinning
   BLAS threads (the 1M encode pass: 20.4 s and 38.7 CPU-s, then 13.3 s and 21.6 CPU-s).
+- About TASKS_PER_SLOT read tasks per task slot, each reading consecutive files
+  (source.plan_units): Ray Data leaves ~0.3 s between one read task and the next on a worker;
+  with a task per file, a scan pass on warm workers took 5.9-6.6 s instead of 4.5-4.6.
 - Blocks of one read batch (target_max_block_size): otherwise Ray Data merges a task's batches
   into blocks of up to 128 MB before the map sees them.
 - On GPUs (encode_pass_on_devices) the map is an actor pool instead, one actor per GPU holding
@@ -79,6 +82,14 @@ def parallelism() -> int:
     return max(1, cpus)
 
 
+TASKS_PER_SLOT = 2  # read tasks per task slot (source.plan_units): few gaps, even ends
+
+
+def read_tasks() -> int:
+    """How many read tasks a pass over the catalog is cut into (source.plan_units)."""
+    return TASKS_PER_SLOT * parallelism()
+
+
 def _lists(values: np.ndarray, type_: pa.DataType) -> pa.Array:
     """One result row's list column."""
     return pa.array([values], pa.list_(type_))
@@ -118,7 +129,7 @@ def catalog(info: datalib.InputInfo, endpoint_url: str, n_items: int, read_batch
 
     from semid_dist.source import READ_BATCH, CatalogSource
 
-    src = CatalogSource(info, n_items, endpoint_url, read_batch or READ_BATCH)
+    src = CatalogSource(info, n_items, endpoint_url, read_batch or READ_BATCH, tasks=read_tasks())
     # One block stream per read task: more blocks would make Ray Data split each task's
     # output (SplitBlocks), which also stops it fusing the read with the pass's map.
     ds = ray.data.read_datasource(src, override_num_blocks=max(1, len(src.units)))

@@ -10,8 +10,10 @@ task holds one READ_BATCH of rows at a time.
 
 It is a plain ``ray.data.Datasource``: Ray Data schedules the read tasks, fuses them with the
 pass's ``map_batches`` (so raw embeddings never enter the object store) and streams the small
-results back. Read tasks = one per file, big files split by row groups; ``--max_items`` is
-applied here (the first rows in file order), so no ``limit`` breaks the fusion.
+results back. Pieces = one per file, big files split by row groups; a read task reads
+consecutive pieces, about ``tasks`` tasks in all (the caller asks for a few per core; see
+plan_units for why not one task per file); ``--max_items`` is applied here (the first rows in
+file order), so no ``limit`` breaks the fusion.
 
 A file that cannot be read yields one block with a single ``error`` column instead of raising:
 Ray Data wraps a task's exception and the message naming the file would be lost.
@@ -34,17 +36,31 @@ ERROR_COL = "error"
 
 
 @dataclass(frozen=True)
-class Unit:
+class Piece:
     path: str
     row_groups: tuple[int, ...] | None  # None: the whole file
-    rows: int  # rows of the unit to use (the first `rows`; fewer than it has under --max_items)
+    rows: int  # rows of the piece to use (the first `rows`; fewer than it has under --max_items)
 
 
-def plan_units(info: datalib.InputInfo, n_items: int, endpoint_url: str = "") -> list[Unit]:
-    """The first n_items rows in file order, as units: one per file, big files split by row group."""
+@dataclass(frozen=True)
+class Unit:
+    """One read task: consecutive pieces, read in file order."""
+    pieces: tuple[Piece, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(p.rows for p in self.pieces)
+
+    @property
+    def paths(self) -> list[str]:
+        return list(dict.fromkeys(p.path for p in self.pieces))
+
+
+def plan_pieces(info: datalib.InputInfo, n_items: int, endpoint_url: str = "") -> list[Piece]:
+    """The first n_items rows in file order, as pieces: one per file, big files split by row group."""
     rows_per_file = info.rows_per_file or [datalib.open_parquet(p, endpoint_url).metadata.num_rows
                                            for p in info.files]
-    units, left = [], n_items
+    pieces, left = [], n_items
     for path, n in zip(info.files, rows_per_file):
         if left <= 0:
             break
@@ -53,7 +69,7 @@ def plan_units(info: datalib.InputInfo, n_items: int, endpoint_url: str = "") ->
         if take == 0:
             continue
         if n <= SPLIT_ROWS:
-            units.append(Unit(path, None, take))
+            pieces.append(Piece(path, None, take))
             continue
         md = datalib.open_parquet(path, endpoint_url).metadata
         group, group_rows = [], 0
@@ -65,38 +81,68 @@ def plan_units(info: datalib.InputInfo, n_items: int, endpoint_url: str = "") ->
             group_rows += rg_rows
             take -= rg_rows
             if group_rows >= SPLIT_ROWS // 2 or take <= 0:
-                units.append(Unit(path, tuple(group), group_rows))
+                pieces.append(Piece(path, tuple(group), group_rows))
                 group, group_rows = [], 0
+    return pieces
+
+
+def plan_units(info: datalib.InputInfo, n_items: int, endpoint_url: str = "",
+               tasks: int | None = None) -> list[Unit]:
+    """The read tasks for the first n_items rows: the pieces (plan_pieces) packed in file order
+    into about `tasks` units of similar row counts (a piece is never cut); without `tasks`, one
+    unit per piece.
+
+    Why pack: Ray Data starts each read task ~0.2-0.4 s after the last one on the same worker
+    ended, and the catalog is often many small files. The 1M x 768 benchmark catalog (16 files of
+    62,500 rows) on 2 cores: one task per file left 6-8 such gaps per worker and pass, and a scan
+    pass on warm workers took 5.9-6.6 s; packed into 4 tasks, 4.5-4.6 s (BENCHMARKS.md)."""
+    pieces = plan_pieces(info, n_items, endpoint_url)
+    if not tasks or tasks >= len(pieces):
+        return [Unit((p,)) for p in pieces]
+    target = sum(p.rows for p in pieces) / tasks
+    units, current, done = [], [], 0
+    for p in pieces:
+        current.append(p)
+        done += p.rows
+        # close the unit once the rows so far reach the next multiple of the target
+        if done >= target * (len(units) + 1) - 0.5 * p.rows:
+            units.append(Unit(tuple(current)))
+            current = []
+    if current:
+        units.append(Unit(tuple(current)))
     return units
 
 
 def read_unit(unit: Unit, fs, read_batch: int = READ_BATCH):
-    """The unit's (ItemID, embedding) rows, read_batch at a time, as pyarrow Tables."""
-    try:
-        source = fs.open_input_file(storage.strip_scheme(unit.path)) if fs is not None else unit.path
-        pf = pq.ParquetFile(source, buffer_size=READ_BUFFER, pre_buffer=False)
-        batches = pf.iter_batches(batch_size=read_batch, row_groups=unit.row_groups,
-                                  columns=[datalib.ID_COL, datalib.EMB_COL], use_threads=False)
-        left = unit.rows
-        for batch in batches:
-            if left <= 0:
-                break
-            if batch.num_rows > left:
-                batch = batch.slice(0, left)
-            left -= batch.num_rows
-            yield pa.Table.from_batches([batch])
-    except (OSError, pa.ArrowException) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        yield pa.table({ERROR_COL: [f"{unit.path}: cannot read parquet ({first})"]})
+    """The unit's (ItemID, embedding) rows, read_batch at a time, as pyarrow Tables. A file
+    that cannot be read ends the unit with one error block that names it."""
+    for piece in unit.pieces:
+        try:
+            source = fs.open_input_file(storage.strip_scheme(piece.path)) if fs is not None else piece.path
+            pf = pq.ParquetFile(source, buffer_size=READ_BUFFER, pre_buffer=False)
+            batches = pf.iter_batches(batch_size=read_batch, row_groups=piece.row_groups,
+                                      columns=[datalib.ID_COL, datalib.EMB_COL], use_threads=False)
+            left = piece.rows
+            for batch in batches:
+                if left <= 0:
+                    break
+                if batch.num_rows > left:
+                    batch = batch.slice(0, left)
+                left -= batch.num_rows
+                yield pa.Table.from_batches([batch])
+        except (OSError, pa.ArrowException) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            yield pa.table({ERROR_COL: [f"{piece.path}: cannot read parquet ({first})"]})
+            return
 
 
 class CatalogSource(Datasource):
     """The first n_items rows of the catalog's parquet files (see the module docstring)."""
 
     def __init__(self, info: datalib.InputInfo, n_items: int, endpoint_url: str = "",
-                 read_batch: int = READ_BATCH):
+                 read_batch: int = READ_BATCH, tasks: int | None = None):
         super().__init__()
-        self.units = plan_units(info, n_items, endpoint_url)
+        self.units = plan_units(info, n_items, endpoint_url, tasks)
         self.read_batch = read_batch
         self.row_bytes = 8 + 4 * info.dim
         self.fs = storage.arrow_filesystem(info.files[0], endpoint_url)
@@ -109,6 +155,6 @@ class CatalogSource(Datasource):
         fs, read_batch = self.fs, self.read_batch
         return [ReadTask(lambda unit=unit: read_unit(unit, fs, read_batch),
                          BlockMetadata(num_rows=unit.rows, size_bytes=unit.rows * self.row_bytes,
-                                       exec_stats=None, input_files=[unit.path]),
+                                       exec_stats=None, input_files=unit.paths),
                          per_task_row_limit=per_task_row_limit)
                 for unit in self.units]

@@ -85,7 +85,8 @@ def execute(cfg: Config, log_dir: str, fit: FitFn, scan_first: bool = True) -> d
         ensure_ray(cfg)
         where = passes.encode_device(cfg.device)  # where the encode pass will run
         # The catalog passes build their own datasets; tiger training reads this one.
-        ds = datalib.read_dataset(info, ep, cfg.max_items) if cfg.mode == "tiger" else None
+        ds = (datalib.read_dataset(info, ep, cfg.max_items, passes.read_tasks())
+              if cfg.mode == "tiger" else None)
         scan = scan_stage(cfg, info, n_items, timer) if scan_first else None
         with timer.stage("fit"):
             tokenizer, fit_info = fit(cfg, ds, info, scan, n_items, pub)

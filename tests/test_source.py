@@ -20,13 +20,36 @@ def row_grouped(tmp_path):
 def test_plan_units_splits_big_files_by_row_group_and_honours_max_items(row_grouped, monkeypatch):
     info, _, _ = row_grouped
     whole = source.plan_units(info, info.num_rows)
-    assert [(u.row_groups, u.rows) for u in whole] == [(None, 1000), (None, 300)]
-    monkeypatch.setattr(source, "SPLIT_ROWS", 400)  # files over 400 rows: units of >= 200 rows
+    assert [(u.pieces[0].row_groups, u.rows) for u in whole] == [(None, 1000), (None, 300)]
+    monkeypatch.setattr(source, "SPLIT_ROWS", 400)  # files over 400 rows: pieces of >= 200 rows
     split = source.plan_units(info, info.num_rows)
+    assert [len(u.pieces) for u in split] == [1] * 6  # no task count asked: a task per piece
     assert [u.rows for u in split] == [200] * 5 + [300]
-    assert [u.row_groups for u in split[:5]] == [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
+    assert [u.pieces[0].row_groups for u in split[:5]] == [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
     first = source.plan_units(info, 450)  # --max_items 450: the first 450 rows in file order
-    assert [u.rows for u in first] == [200, 200, 50] and first[-1].row_groups == (4,)
+    assert [u.rows for u in first] == [200, 200, 50] and first[-1].pieces[0].row_groups == (4,)
+
+
+def test_plan_units_packs_consecutive_pieces_into_about_the_tasks_asked(tmp_path):
+    """Many small files become a few read tasks of similar size, each reading whole files in
+    file order; every row is planned exactly once."""
+    ids, x = make_catalog(1600, 8, seed=7)
+    sizes = [100] * 12 + [400]  # twelve small files, then a larger one
+    files, start = [], 0
+    for i, n in enumerate(sizes):
+        files.append(str(tmp_path / f"part-{i:02d}.parquet"))
+        write_parquet(files[-1], ids[start:start + n], x[start:start + n])
+        start += n
+    info = datalib.inspect_inputs(files)
+    units = source.plan_units(info, info.num_rows, tasks=4)
+    assert len(units) == 4
+    assert [u.rows for u in units] == [400, 400, 400, 400]
+    assert [p.path for u in units for p in u.pieces] == files  # each file once, in order
+    assert units[0].paths == files[:4] and units[-1].paths == files[-1:]
+    assert len(source.plan_units(info, info.num_rows, tasks=50)) == len(files)  # never cut a file
+    assert sum(u.rows for u in source.plan_units(info, 1050, tasks=3)) == 1050  # --max_items
+    ragged = source.plan_units(info, info.num_rows, tasks=3)
+    assert len(ragged) == 3 and max(u.rows for u in ragged) - min(u.rows for u in ragged) <= 400
 
 
 def test_passes_fuse_the_read_and_do_not_depend_on_the_cut(ray_session, row_grouped, monkeypatch):
@@ -40,15 +63,19 @@ def test_passes_fuse_the_read_and_do_not_depend_on_the_cut(ray_session, row_grou
     rows = order[np.searchsorted(ids[order], scan.sample_ids_S)]
     assert np.array_equal(scan.sample_SD, x[rows])
 
-    # The same pass cut into more read tasks and 64-row blocks gives the same result.
+    # The same pass cut into more read tasks (one per piece) and 64-row blocks, or with the
+    # pieces packed into two tasks, gives the same result.
     monkeypatch.setattr(source, "SPLIT_ROWS", 400)
-    fine = passes.catalog(info, "", info.num_rows, read_batch=64)
-    t = passes.map_catalog(fine, passes._scan_block, passes._EMPTY_SCAN, "scan", info.num_rows, info, "",
-                           dim=info.dim, seed=3, fraction=400 / 1300)
-    assert t.num_rows == 5 * 4 + 5  # one result row per 64-row block: five 200-row units, one 300
-    again = passes.flat(t, "sample_ids")
-    assert np.array_equal(np.sort(passes.flat(t, "ids")), np.sort(scan.ids_N))
-    assert np.array_equal(np.sort(again), scan.sample_ids_S)
+    for tasks, blocks in ((None, 5 * 4 + 5), (2, None)):  # 64-row blocks: five 200-row pieces, one 300
+        monkeypatch.setattr(passes, "read_tasks", lambda: tasks)
+        fine = passes.catalog(info, "", info.num_rows, read_batch=64)
+        t = passes.map_catalog(fine, passes._scan_block, passes._EMPTY_SCAN, "scan", info.num_rows, info, "",
+                               dim=info.dim, seed=3, fraction=400 / 1300)
+        if blocks is not None:
+            assert t.num_rows == blocks  # one result row per block
+        again = passes.flat(t, "sample_ids")
+        assert np.array_equal(np.sort(passes.flat(t, "ids")), np.sort(scan.ids_N))
+        assert np.array_equal(np.sort(again), scan.sample_ids_S)
 
     # Ray Data runs the read and the pass's map as one operator (no raw rows between tasks).
     mapped = ds.map_batches(lambda b: b, batch_format="pyarrow", batch_size=None)
