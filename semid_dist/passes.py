@@ -22,7 +22,7 @@ How the passes use Ray Data, and why (measured on 1M x 768 on 2 cores, BENCHMARK
   BLAS threads (the 1M encode pass: 20.4 s and 38.7 CPU-s, then 13.3 s and 21.6 CPU-s).
 - About TASKS_PER_SLOT read tasks per task slot, each reading consecutive files
   (source.plan_units): Ray Data leaves ~0.3 s between one read task and the next on a worker;
-  with a task per file, a scan pass on warm workers took 5.9-6.6 s instead of 4.5-4.6.
+  with a task per file, a scan pass on warm workers took 5.9-6.6 s instead of 4.5-5.9.
 - Blocks of one read batch (target_max_block_size): otherwise Ray Data merges a task's batches
   into blocks of up to 128 MB before the map sees them.
 - On GPUs (encode_pass_on_devices) the map is an actor pool instead, one actor per GPU holding

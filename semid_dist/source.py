@@ -95,7 +95,7 @@ def plan_units(info: datalib.InputInfo, n_items: int, endpoint_url: str = "",
     Why pack: Ray Data starts each read task ~0.2-0.4 s after the last one on the same worker
     ended, and the catalog is often many small files. The 1M x 768 benchmark catalog (16 files of
     62,500 rows) on 2 cores: one task per file left 6-8 such gaps per worker and pass, and a scan
-    pass on warm workers took 5.9-6.6 s; packed into 4 tasks, 4.5-4.6 s (BENCHMARKS.md)."""
+    pass on warm workers took 5.9-6.6 s; packed into 4 tasks, 4.5-5.9 s (BENCHMARKS.md)."""
     pieces = plan_pieces(info, n_items, endpoint_url)
     if not tasks or tasks >= len(pieces):
         return [Unit((p,)) for p in pieces]
