@@ -73,7 +73,8 @@ def code_usage(usage_LK: np.ndarray) -> bytes:
     for lvl in range(n_lvl):
         counts = np.sort(usage_LK[lvl])[::-1]
         a = ax[0][lvl]
-        a.bar(np.arange(k), counts, width=1.0)
+        # one filled step outline, not k bars: the same picture, ~20x faster to draw
+        a.stairs(counts, np.arange(k + 1) - 0.5, fill=True)
         a.axhline(counts.sum() / k, color="k", lw=0.8, ls="--", label="uniform")
         a.set_title(f"level {lvl}: {int((counts > 0).sum())}/{k} codes used")
         a.set_xlabel("code (sorted by usage)")
