@@ -52,6 +52,24 @@ def test_plan_units_packs_consecutive_pieces_into_about_the_tasks_asked(tmp_path
     assert len(ragged) == 3 and max(u.rows for u in ragged) - min(u.rows for u in ragged) <= 400
 
 
+def test_a_packed_unit_names_the_file_it_cannot_read(tmp_path):
+    """A read task of several files: the rows of the good ones, then one error block naming the
+    unreadable file, and nothing after it."""
+    ids, x = make_catalog(300, 8, seed=3)
+    paths = [str(tmp_path / f"part-{i}.parquet") for i in range(3)]
+    for i, p in enumerate(paths):
+        write_parquet(p, ids[100 * i: 100 * (i + 1)], x[100 * i: 100 * (i + 1)])
+    info = datalib.inspect_inputs(paths)
+    (unit,) = source.plan_units(info, info.num_rows, tasks=1)
+    assert unit.paths == paths
+    blob = open(paths[1], "rb").read()
+    open(paths[1], "wb").write(blob[: len(blob) // 2])
+    blocks = list(source.read_unit(unit, None, read_batch=64))
+    assert [b.num_rows for b in blocks[:-1]] == [64, 36] and blocks[0].column_names == ["ItemID", "embedding"]
+    assert blocks[-1].column_names == [source.ERROR_COL]
+    assert blocks[-1].column(source.ERROR_COL)[0].as_py().startswith(f"{paths[1]}: cannot read parquet")
+
+
 def test_passes_fuse_the_read_and_do_not_depend_on_the_cut(ray_session, row_grouped, monkeypatch):
     info, ids, x = row_grouped
     ds = passes.catalog(info, "", info.num_rows)
