@@ -137,10 +137,19 @@ def _dedup_reference(ids, codes):
     return np.array([rank[i] for i in ids.tolist()])
 
 
-def test_dedup_matches_reference_and_ignores_row_order():
+# Codes as they come (small, non-negative: sorted through one packed int64 key), and two kinds
+# of rows the packed key cannot hold (negative values, value ranges past 2**63: a lexsort).
+ROWS = {"codes": lambda r: r, "negative": lambda r: r - 2, "huge": lambda r: r * 2**40}
+
+
+@pytest.mark.parametrize("kind", ROWS)
+def test_dedup_matches_reference_and_ignores_row_order(kind):
+    from semid_dist.math.dedup import packed_key
+
     rng = np.random.default_rng(9)
     ids = rng.permutation(5000)[:1000].astype(np.int64) + 10
-    codes = rng.integers(0, 4, size=(1000, 3))  # many collisions
+    codes = ROWS[kind](rng.integers(0, 4, size=(1000, 3)))  # many collisions
+    assert (packed_key(codes) is None) == (kind != "codes")
     got = dedup_codes(ids, codes)
     assert np.array_equal(got, _dedup_reference(ids, codes))
     full = np.concatenate([codes, got[:, None]], 1)
@@ -161,11 +170,12 @@ def test_metrics_match_definitions():
     assert q["relative_reconstruction_error"] == pytest.approx(0.25)
 
 
-def test_row_groups_match_numpy_unique():
+@pytest.mark.parametrize("kind", ROWS)
+def test_row_groups_match_numpy_unique(kind):
     from semid_dist.math.dedup import row_groups
 
     rng = np.random.default_rng(7)
-    rows = rng.integers(0, 4, size=(5000, 3))
+    rows = ROWS[kind](rng.integers(0, 4, size=(5000, 3)))
     group, first, order = row_groups(rows)
     uniq, inverse, counts = np.unique(rows, axis=0, return_inverse=True, return_counts=True)
     assert np.array_equal(group, inverse.ravel())  # same numbering: lexicographic order
