@@ -57,7 +57,7 @@ from semid_dist.config import Config
 from semid_dist.errors import UserError
 from semid_dist.math import generations as gen
 from semid_dist.math.metrics import collision_stats, quality_report
-from semid_dist.runtime import close_logging, ensure_ray, setup_logging
+from semid_dist.runtime import close_logging, setup_logging
 
 log = logging.getLogger("semid_dist")
 
@@ -299,18 +299,10 @@ def run(cfg: Config, log_dir: str = "logs") -> dict:
             raise UserError(f"invalid --n_layers={cfg.n_layers}: generation {parent_name} has "
                             f"{parent.mapping.sid.shape[1] - 1} levels; IDs of one lineage keep their "
                             "length (start a new --output_dir for a new layout)")
-        with timer.stage("inspect"):
-            files = storage.list_parquet_inputs(cfg.data_path, ep)
-            info = datalib.inspect_inputs(files, ep)
-        n_items = min(info.num_rows, cfg.max_items or info.num_rows)
-        log.info("input: %d parquet file(s), %d rows, dim %d", len(files), info.num_rows, info.dim)
+        files, info, n_items = train.inspect_stage(cfg, timer)
         if not existing:
             pub = storage.Publisher(root.gen_uri(name), ep)
-        ensure_ray(cfg)
-        where = passes.encode_device(cfg.device)  # where the encode pass will run
-        # The catalog passes build their own datasets; tiger training reads this one.
-        ds = (datalib.read_dataset(info, ep, cfg.max_items, passes.read_tasks())
-              if cfg.mode == "tiger" else None)
+        where, ds = train.connect(cfg, info)
 
         if existing and (cfg.retrain or cfg.tokenizer or cfg.changed_policy != existing["changed_policy"]):
             log.warning("generation %s is already published: verifying it with its own tokenizer and "

@@ -73,20 +73,11 @@ def execute(cfg: Config, log_dir: str, fit: FitFn, scan_first: bool = True) -> d
         log.info("semid_dist %s: mode=%s data=%s output=%s", __version__, cfg.mode, cfg.data_path,
                  cfg.output_dir)
         log.info("config: %s", cfg.to_dict())
-        with timer.stage("inspect"):
-            files = storage.list_parquet_inputs(cfg.data_path, ep)
-            info = datalib.inspect_inputs(files, ep)
-        n_items = min(info.num_rows, cfg.max_items or info.num_rows)
-        log.info("input: %d parquet file(s), %d rows, dim %d%s", len(files), info.num_rows, info.dim,
-                 f" (using the first {n_items})" if n_items < info.num_rows else "")
+        files, info, n_items = inspect_stage(cfg, timer)
         if scan_first:
             check_enough_items(cfg, n_items)
         pub = storage.Publisher(cfg.output_dir, ep)
-        ensure_ray(cfg)
-        where = passes.encode_device(cfg.device)  # where the encode pass will run
-        # The catalog passes build their own datasets; tiger training reads this one.
-        ds = (datalib.read_dataset(info, ep, cfg.max_items, passes.read_tasks())
-              if cfg.mode == "tiger" else None)
+        where, ds = connect(cfg, info)
         scan = scan_stage(cfg, info, n_items, timer) if scan_first else None
         with timer.stage("fit"):
             tokenizer, fit_info = fit(cfg, ds, info, scan, n_items, pub)
@@ -131,6 +122,28 @@ def execute(cfg: Config, log_dir: str, fit: FitFn, scan_first: bool = True) -> d
         raise
     finally:
         close_logging()
+
+
+def inspect_stage(cfg: Config, timer: _Timer) -> tuple[list[str], datalib.InputInfo, int]:
+    """The input files, their schema and row counts (no embedding is read), and how many items
+    the run uses (--max_items)."""
+    with timer.stage("inspect"):
+        files = storage.list_parquet_inputs(cfg.data_path, cfg.s3_endpoint_url)
+        info = datalib.inspect_inputs(files, cfg.s3_endpoint_url)
+    n_items = min(info.num_rows, cfg.max_items or info.num_rows)
+    log.info("input: %d parquet file(s), %d rows, dim %d%s", len(files), info.num_rows, info.dim,
+             f" (using the first {n_items})" if n_items < info.num_rows else "")
+    return files, info, n_items
+
+
+def connect(cfg: Config, info: datalib.InputInfo) -> tuple[tuple[str, int], Any]:
+    """Ray started or joined; where the encode pass will run (passes.encode_device); the Ray
+    Dataset tiger training reads (None in kmeans mode: the catalog passes build their own)."""
+    ensure_ray(cfg)
+    where = passes.encode_device(cfg.device)
+    ds = (datalib.read_dataset(info, cfg.s3_endpoint_url, cfg.max_items, passes.read_tasks())
+          if cfg.mode == "tiger" else None)
+    return where, ds
 
 
 def check_enough_items(cfg: Config, n_items: int) -> None:
