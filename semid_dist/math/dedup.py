@@ -17,19 +17,11 @@ def dedup_codes(item_ids_N: np.ndarray, codes_NL: np.ndarray) -> np.ndarray:
     assert codes_NL.shape[0] == n
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    # lexsort sorts by the LAST key first: primary keys are the codes, ItemID breaks ties.
-    key_N = packed_key(codes_NL)
-    if key_N is not None:
-        order = np.lexsort([item_ids_N, key_N])
-        sorted_key = key_N[order]
-        new_group = np.ones(n, dtype=bool)
-        new_group[1:] = sorted_key[1:] != sorted_key[:-1]
-    else:
-        keys = [item_ids_N] + [codes_NL[:, j] for j in range(codes_NL.shape[1] - 1, -1, -1)]
-        order = np.lexsort(keys)
-        sorted_codes = codes_NL[order]
-        new_group = np.ones(n, dtype=bool)
-        new_group[1:] = np.any(sorted_codes[1:] != sorted_codes[:-1], axis=1)
+    group_N = row_groups(codes_NL)[0]  # numbered in the codes' lexicographic order
+    order = np.lexsort([item_ids_N, group_N])  # by codes; ItemID breaks ties (lexsort: last key first)
+    sorted_group = group_N[order]
+    new_group = np.ones(n, dtype=bool)
+    new_group[1:] = sorted_group[1:] != sorted_group[:-1]
     group_start = np.maximum.accumulate(np.where(new_group, np.arange(n), 0))
     rank_sorted = np.arange(n) - group_start
     out = np.empty(n, dtype=np.int64)
@@ -52,7 +44,7 @@ def packed_key(rows_NM: np.ndarray) -> np.ndarray | None:
     key_N = np.zeros(rows_NM.shape[0], np.int64)
     for j, span in enumerate(spans):
         key_N *= span
-        key_N += rows_NM[:, j]
+        key_N += rows_NM[:, j].astype(np.int64, copy=False)  # < 2**63: exact, uint64 included
     return key_N
 
 
