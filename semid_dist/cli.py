@@ -43,7 +43,9 @@ HELP = {
     "log_level": "DEBUG, INFO, WARNING or ERROR (DEBUG also shows tracebacks)",
     "max_iters": "Lloyd iterations per level at full dimension (kmeans)",
     "seed": "random seed (sampling, k-means seeding, model init)",
-    "sample_per_centroid": "k-means sample size = this x n_clusters",
+    "sample_per_centroid": "k-means sample size = this x n_clusters (kmeans)",
+    "kmeans_sample_gb": "at most this many GB of k-means sample in memory; a larger sample is "
+                        "cut to it, with a warning (kmeans)",
     "kmeans_full_dim_levels": "fit the first N levels in the full dimension, not progressively: "
                               "lower reconstruction error, more collisions on real catalogs (kmeans)",
     "num_workers": "Ray Train workers (tiger)",

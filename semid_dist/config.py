@@ -43,6 +43,7 @@ class Config:
     # --- kmeans mode ---
     seed: int = 42
     sample_per_centroid: int = 256  # k-means sample = this x n_clusters points
+    kmeans_sample_gb: float = 1.0  # at most this many GB of sample in the driver (train.sample_target)
     kmeans_progressive: bool = True  # progressive-dimension k-means (see math/kmeans.py)
     kmeans_full_dim_levels: int = 0  # top levels fitted in the full dimension (math/kmeans.py)
     # --- tiger mode ---
@@ -126,6 +127,8 @@ class Config:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise bad(name, "must be >= 1")
+        if not self.kmeans_sample_gb > 0:
+            raise bad("kmeans_sample_gb", "must be > 0")
         if self.kmeans_full_dim_levels < 0:
             raise bad("kmeans_full_dim_levels", "must be >= 0")
         if self.max_items is not None and self.max_items < 1:

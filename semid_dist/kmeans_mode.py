@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from semid_dist.config import Config
+from semid_dist.errors import UserError
 from semid_dist.math.kmeans import fit_residual_codebooks
 from semid_dist.math.metrics import level_stats
 from semid_dist.passes import ScanResult
@@ -34,6 +35,9 @@ def fit(cfg: Config, scan: ScanResult) -> tuple[Tokenizer, dict]:
              cfg.n_layers, cfg.n_clusters, x_SD.shape[0], x_SD.shape[1], how, cfg.max_iters,
              "a GPU" if device == "cuda" else "the CPU")
     n_sample = int(x_SD.shape[0])
+    if n_sample < cfg.n_clusters:  # the hash sample came out short (train.sample_floor)
+        raise UserError(f"the k-means sample kept {n_sample} rows, fewer than --n_clusters {cfg.n_clusters}: "
+                        "raise --sample_per_centroid")
     scan.sample_SD = np.zeros((0, x_SD.shape[1]), np.float32)
     if device == "cuda":
         books_LKD, per_level = fit_in_task(x_SD, cfg, "cuda", num_gpus=1)

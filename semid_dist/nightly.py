@@ -403,7 +403,7 @@ def _pick_tokenizer(cfg: Config, root: _Root, existing: dict | None, parent: Gen
         source = f"generation {cfg.generation} (re-run)"
         return (*_loaded(root.model_bytes(cfg.generation), source), source, {}, None)
     if cfg.retrain or (parent is None and not cfg.tokenizer):
-        train.check_enough_items(cfg, n_items)
+        train.check_enough_items(cfg, n_items, info.dim)
         scan = train.scan_stage(cfg, info, n_items, timer)
         with timer.stage("fit"):
             tokenizer, fit_info = train._fit(cfg, ds, info, scan, n_items, pub)

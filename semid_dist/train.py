@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import time
@@ -75,7 +76,7 @@ def execute(cfg: Config, log_dir: str, fit: FitFn, scan_first: bool = True) -> d
         log.info("config: %s", cfg.to_dict())
         files, info, n_items = inspect_stage(cfg, timer)
         if scan_first:
-            check_enough_items(cfg, n_items)
+            check_enough_items(cfg, n_items, info.dim)
         pub = storage.Publisher(cfg.output_dir, ep)
         where, ds = connect(cfg, info)
         scan = scan_stage(cfg, info, n_items, timer) if scan_first else None
@@ -146,19 +147,49 @@ def connect(cfg: Config, info: datalib.InputInfo) -> tuple[tuple[str, int], Any]
     return where, ds
 
 
-def check_enough_items(cfg: Config, n_items: int) -> None:
-    """Before fitting: a codebook cannot have more codes than there are items to fit it on."""
+def check_enough_items(cfg: Config, n_items: int, dim: int) -> None:
+    """Before fitting: a codebook cannot have more codes than there are items to fit it on, and
+    the k-means sample must fit in --kmeans_sample_gb (sample_target)."""
     if cfg.n_codes > n_items:
         flag = "n_embed" if cfg.mode == "tiger" else "n_clusters"
         raise UserError(f"--{flag} {cfg.n_codes} is larger than the number of items ({n_items})")
+    sample_target(cfg, dim)
+
+
+def sample_floor(k: int) -> int:
+    """The fewest sample rows the scan pass aims for with k codes: k + 8 ceil(sqrt k) + 16. The
+    hash sample's size is binomial around its target T, with a standard deviation below
+    sqrt(T) <= sqrt(k) + 4, so it falls short of k only beyond 4.8 standard deviations (7 for
+    k = 256). Aiming for k itself failed: --sample_per_centroid 1 with 3 x 256 on 3,200 items
+    kept 221 rows with seed 7, and the fit could not start."""
+    return k + 8 * (math.isqrt(k - 1) + 1) + 16
+
+
+def sample_target(cfg: Config, dim: int) -> int:
+    """Rows the scan pass keeps for the fit (a hash sample of about this many): none for tiger,
+    which trains on every item; for kmeans --sample_per_centroid x --n_clusters, cut to what
+    --kmeans_sample_gb holds (large codebooks: 256 x 8,192 rows of 768-d floats would be 6.4 GB
+    in the driver, and as much again in transit), and never below sample_floor."""
+    if cfg.mode != "kmeans":
+        return 0
+    cap = int(cfg.kmeans_sample_gb * 1e9 // (4 * dim))
+    floor = sample_floor(cfg.n_clusters)
+    if cap < floor:
+        raise UserError(f"--kmeans_sample_gb {cfg.kmeans_sample_gb:g} holds {cap} rows of {dim} floats; "
+                        f"--n_clusters {cfg.n_clusters} needs a sample of at least {floor}")
+    return max(min(cfg.sample_per_centroid * cfg.n_clusters, cap), floor)
 
 
 def scan_stage(cfg: Config, info: datalib.InputInfo, n_items: int, timer: _Timer) -> passes.ScanResult:
     """The scan pass before a fit (every row validated, the hash sample kept), and no ItemID
     twice."""
+    target = sample_target(cfg, info.dim)
+    if cfg.mode == "kmeans" and target < min(cfg.sample_per_centroid * cfg.n_clusters, n_items):
+        log.warning("kmeans: sample cut to %d rows (%.0f per centroid instead of %d) to stay within "
+                    "--kmeans_sample_gb %g; raise it for a larger sample", target,
+                    target / cfg.n_clusters, cfg.sample_per_centroid, cfg.kmeans_sample_gb)
     with timer.stage("scan"):
-        scan = passes.scan_pass(info, cfg.seed, cfg.sample_per_centroid * cfg.n_codes,
-                                cfg.s3_endpoint_url, n_items)
+        scan = passes.scan_pass(info, cfg.seed, target, cfg.s3_endpoint_url, n_items)
         passes.check_unique_ids(scan.ids_N, info.files, cfg.s3_endpoint_url)
     return scan
 
