@@ -217,9 +217,27 @@ def scan_pass(info: datalib.InputInfo, seed: int, sample_size: int, endpoint_url
     ids_N = flat(t, "ids").astype(np.int64, copy=False)
     sample_ids = flat(t, "sample_ids").astype(np.int64, copy=False)
     order = np.argsort(sample_ids, kind="stable")
-    sample_SD = flat(t, "sample").astype(np.float32, copy=False).reshape(-1, info.dim)[order]
+    sample_SD = _sorted_rows(t.column("sample"), order, info.dim)
     del t
     return ScanResult(ids_N=ids_N, sample_ids_S=sample_ids[order], sample_SD=sample_SD)
+
+
+def _sorted_rows(col: pa.ChunkedArray, order: np.ndarray, dim: int) -> np.ndarray:
+    """The rows of a list<float32> column, flattened in row order, as one (S, dim) array sorted
+    by `order`: every chunk copied once, straight to its rows' sorted places. Flattening the
+    column first and then gathering made two fresh copies: for a 1 GB sample (325,147 x 768)
+    6.7-7.7 s and a driver peak of 3.18 GB, against 3.8-4.0 s and 2.21 GB this way; for
+    65,545 x 768, 1.1-1.5 s against 0.6-0.9 s (fresh memory faults in slowly on these VMs)."""
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    out = np.empty((len(order), dim), np.float32)
+    at = 0
+    for chunk in col.chunks:
+        rows = chunk.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+        out[rank[at: at + len(rows)]] = rows
+        at += len(rows)
+    assert at == len(order), (at, len(order))
+    return out
 
 
 def check_unique_ids(ids_N: np.ndarray, files: list[str], endpoint_url: str) -> None:

@@ -100,6 +100,23 @@ def test_passes_fuse_the_read_and_do_not_depend_on_the_cut(ray_session, row_grou
     assert "ReadCatalogSource->MapBatches" in mapped.materialize().stats()
 
 
+def test_sorted_rows_scatters_every_chunk_to_its_sorted_place():
+    """The scan's sample assembly (one copy per chunk) against flattening then gathering, over
+    chunks with no rows, several list rows, and a sliced chunk (non-zero offsets)."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(0)
+    per_row = [3, 0, 5, 1, 0, 4, 2]  # sampled rows per result row (block)
+    vals = [rng.normal(size=(n, 6)).astype(np.float32) for n in per_row]
+    rows = [passes._lists(v.ravel(), pa.float32()) for v in vals]
+    two = pa.concat_arrays([pa.concat_arrays(rows[3:5]), pa.concat_arrays(rows[5:])])
+    sliced = pa.concat_arrays([rows[0], rows[0], rows[1], rows[2]]).slice(1)
+    col = pa.chunked_array([sliced, pa.array([], pa.list_(pa.float32())), two])
+    flat_RD = np.concatenate(vals)
+    order = rng.permutation(len(flat_RD))
+    assert np.array_equal(passes._sorted_rows(col, order, 6), flat_RD[order])
+
+
 def test_max_items_reads_only_the_first_rows(ray_session, row_grouped):
     info, ids, _ = row_grouped
     scan = passes.scan_pass(info, seed=0, sample_size=50, endpoint_url="", n_items=250)
