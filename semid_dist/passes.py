@@ -38,6 +38,7 @@ ItemIDs, every row is encoded on its own, and the driver sorts by ItemID.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ import pyarrow.compute as pc
 
 from semid_dist import blas, data as datalib
 from semid_dist.errors import UserError, find_user_error
+from semid_dist.math.rows import take_rows_in_place
 
 log = logging.getLogger("semid_dist")
 
@@ -143,17 +145,21 @@ def catalog(info: datalib.InputInfo, endpoint_url: str, n_items: int, read_batch
 
 
 def map_catalog(ds, fn: Callable, empty: dict, what: str, total: int, info: datalib.InputInfo,
-                endpoint_url: str, **fn_kwargs) -> pa.Table:
-    """fn over every block of ds (fused with the read), the result rows concatenated. The first
-    bad row stops the pass with a one-line UserError that names its file."""
+                endpoint_url: str, keep: Callable[[pa.Table], pa.Table] | None = None, **fn_kwargs) -> pa.Table:
+    """fn over every block of ds (fused with the read), the result rows (or what keep makes of
+    each batch of them) concatenated. The first bad row stops the pass with a one-line
+    UserError that names its file."""
     mapped = ds.map_batches(_guarded(fn, empty), batch_format="pyarrow", batch_size=None,
                             zero_copy_batch=True, fn_kwargs=fn_kwargs)
-    return collect(mapped, what, total, info, endpoint_url)
+    return collect(mapped, what, total, info, endpoint_url, keep)
 
 
-def collect(mapped, what: str, total: int, info: datalib.InputInfo, endpoint_url: str) -> pa.Table:
+def collect(mapped, what: str, total: int, info: datalib.InputInfo, endpoint_url: str,
+            keep: Callable[[pa.Table], pa.Table] | None = None) -> pa.Table:
     """The result rows of a pass, concatenated, with progress in the log; the first error row
-    stops the pass with a one-line UserError that names its file."""
+    stops the pass with a one-line UserError that names its file. With keep, what it returns
+    for each batch is kept instead: a batch is a view into Ray's object store, which holds the
+    block as long as any of its buffers is referenced."""
     parts, done, t0, last = [], 0, time.time(), time.time()
     try:
         for b in mapped.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -164,8 +170,8 @@ def collect(mapped, what: str, total: int, info: datalib.InputInfo, endpoint_url
                 if item == -2:
                     raise UserError(errors[i].as_py())
                 raise datalib.RowError(errors[i].as_py(), None if item < 0 else item)
-            parts.append(b)
             done += int(pc.sum(pc.list_value_length(b.column("ids"))).as_py() or 0)
+            parts.append(b if keep is None else keep(b))
             if time.time() - last > 10:
                 last = time.time()
                 log.info("%s: %d / %d items (%.0f items/s)", what, done, total, done / max(last - t0, 1e-9))
@@ -212,32 +218,44 @@ def scan_pass(info: datalib.InputInfo, seed: int, sample_size: int, endpoint_url
               n_items: int) -> ScanResult:
     """Pass 1 over the first n_items rows, in file order."""
     fraction = min(1.0, sample_size / max(n_items, 1))
+    sink = _SampleSink(info.dim, n_items if fraction >= 1 else sample_size + 8 * math.isqrt(sample_size) + 16)
     t = map_catalog(catalog(info, endpoint_url, n_items), _scan_block, _EMPTY_SCAN, "scan", n_items,
-                    info, endpoint_url, dim=info.dim, seed=seed, fraction=fraction)
+                    info, endpoint_url, keep=sink.take, dim=info.dim, seed=seed, fraction=fraction)
     ids_N = flat(t, "ids").astype(np.int64, copy=False)
     sample_ids = flat(t, "sample_ids").astype(np.int64, copy=False)
     order = np.argsort(sample_ids, kind="stable")
-    sample_SD = _sorted_rows(t.column("sample"), order, info.dim)
-    del t
-    return ScanResult(ids_N=ids_N, sample_ids_S=sample_ids[order], sample_SD=sample_SD)
+    return ScanResult(ids_N=ids_N, sample_ids_S=sample_ids[order], sample_SD=sink.sorted(order))
 
 
-def _sorted_rows(col: pa.ChunkedArray, order: np.ndarray, dim: int) -> np.ndarray:
-    """The rows of a list<float32> column, flattened in row order, as one (S, dim) array sorted
-    by `order`: every chunk copied once, straight to its rows' sorted places. Flattening the
-    column first and then gathering made two fresh copies: for a 1 GB sample (325,147 x 768)
-    6.7-7.7 s and a driver peak of 3.18 GB, against 3.8-4.0 s and 2.21 GB this way; for
-    65,545 x 768, 1.1-1.5 s against 0.6-0.9 s (fresh memory faults in slowly on these VMs)."""
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    out = np.empty((len(order), dim), np.float32)
-    at = 0
-    for chunk in col.chunks:
-        rows = chunk.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-        out[rank[at: at + len(rows)]] = rows
-        at += len(rows)
-    assert at == len(order), (at, len(order))
-    return out
+class _SampleSink:
+    """The scan's sample rows, copied out of each result batch as it arrives (the batch is then
+    dropped and Ray frees its block) into one array, sorted by ItemID in place at the end.
+
+    Keeping the batches until the pass ended held the whole sample in Ray's object store while
+    the driver made its own sorted copy: for a 1 GB sample (325,147 x 768), 1.0 GB in the
+    object store next to the driver's 1 GB (BENCHMARKS.md)."""
+
+    def __init__(self, dim: int, capacity: int):
+        self.rows = np.empty((max(capacity, 1), dim), np.float32)  # pages fault in as they fill
+        self.n = 0
+
+    def take(self, b: pa.Table) -> pa.Table:
+        """Copy the batch's sample rows out; return its ItemIDs and sample ItemIDs as fresh
+        arrays (views would keep the whole block alive)."""
+        new = flat(b, "sample").reshape(-1, self.rows.shape[1])
+        if self.n + len(new) > len(self.rows):  # past the capacity, 8 standard deviations up
+            self.rows = np.concatenate([self.rows[: self.n], np.empty((len(new) + self.n // 2, self.rows.shape[1]),
+                                                                      np.float32)])
+        self.rows[self.n: self.n + len(new)] = new
+        self.n += len(new)
+        return pa.table({"ids": _lists(flat(b, "ids").copy(), pa.int64()),
+                         "sample_ids": _lists(flat(b, "sample_ids").copy(), pa.int64())})
+
+    def sorted(self, order: np.ndarray) -> np.ndarray:
+        assert len(order) == self.n, (len(order), self.n)
+        rows = self.rows[: self.n]
+        take_rows_in_place(rows, order)
+        return rows
 
 
 def check_unique_ids(ids_N: np.ndarray, files: list[str], endpoint_url: str) -> None:

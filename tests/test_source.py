@@ -100,21 +100,45 @@ def test_passes_fuse_the_read_and_do_not_depend_on_the_cut(ray_session, row_grou
     assert "ReadCatalogSource->MapBatches" in mapped.materialize().stats()
 
 
-def test_sorted_rows_scatters_every_chunk_to_its_sorted_place():
-    """The scan's sample assembly (one copy per chunk) against flattening then gathering, over
-    chunks with no rows, several list rows, and a sliced chunk (non-zero offsets)."""
+def test_sample_sink_copies_each_batch_out_and_sorts_in_place():
+    """The scan's sample collection against concatenating and gathering: batches of one and of
+    several result rows, a sliced batch, rows with no sample, a capacity it must grow past; and
+    what it keeps of a batch shares no memory with it (or Ray would keep the block)."""
     import pyarrow as pa
 
     rng = np.random.default_rng(0)
     per_row = [3, 0, 5, 1, 0, 4, 2]  # sampled rows per result row (block)
     vals = [rng.normal(size=(n, 6)).astype(np.float32) for n in per_row]
-    rows = [passes._lists(v.ravel(), pa.float32()) for v in vals]
-    two = pa.concat_arrays([pa.concat_arrays(rows[3:5]), pa.concat_arrays(rows[5:])])
-    sliced = pa.concat_arrays([rows[0], rows[0], rows[1], rows[2]]).slice(1)
-    col = pa.chunked_array([sliced, pa.array([], pa.list_(pa.float32())), two])
-    flat_RD = np.concatenate(vals)
-    order = rng.permutation(len(flat_RD))
-    assert np.array_equal(passes._sorted_rows(col, order, 6), flat_RD[order])
+    sids = np.split(rng.permutation(1000)[: sum(per_row)].astype(np.int64), np.cumsum(per_row)[:-1])
+    rows = [pa.table({"ids": passes._lists(np.arange(10 * i, 10 * i + 10), pa.int64()),
+                      "sample_ids": passes._lists(sids[i], pa.int64()),
+                      "sample": passes._lists(vals[i].ravel(), pa.float32())}) for i in range(len(per_row))]
+    batches = [pa.concat_tables([rows[0], rows[0], rows[1], rows[2]]).slice(1), rows[3],
+               pa.concat_tables(rows[4:]).combine_chunks()]
+    sink = passes._SampleSink(6, capacity=4)
+    kept = [sink.take(b) for b in batches]
+    t = pa.concat_tables(kept)
+    sample_ids = passes.flat(t, "sample_ids")
+    assert np.array_equal(sample_ids, np.concatenate(sids)) and len(passes.flat(t, "ids")) == 70
+    order = np.argsort(sample_ids, kind="stable")
+    assert np.array_equal(sink.sorted(order), np.concatenate(vals)[order])
+
+    def spans(table):
+        return [(buf.address, buf.address + buf.size) for col in table.columns for chunk in col.chunks
+                for arr in (chunk, chunk.values) for buf in arr.buffers() if buf is not None and buf.size]
+    for k, b in zip(kept, batches):
+        assert not any(lo < b_hi and b_lo < hi for lo, hi in spans(k) for b_lo, b_hi in spans(b))
+
+
+def test_take_rows_in_place_is_a_gather():
+    from semid_dist.math.rows import take_rows_in_place
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(500, 3)).astype(np.float32)
+    for src in (rng.permutation(500), np.arange(500), np.roll(np.arange(500), 7)):
+        y = x.copy()
+        take_rows_in_place(y, src)
+        assert np.array_equal(y, x[src])
 
 
 def test_max_items_reads_only_the_first_rows(ray_session, row_grouped):

@@ -24,6 +24,7 @@ import torch
 from semid_dist.config import Config
 from semid_dist.math.kmeans import fit_kmeans
 from semid_dist.math.metrics import collision_stats, level_stats
+from semid_dist.math.rows import take_rows_in_place
 from semid_dist.math.rqvae import RQVAE
 from semid_dist.tiger import batches
 from semid_dist.tiger.collectives import Collectives
@@ -95,37 +96,12 @@ class RankData:
         t_here = int((~val_sorted).sum())
         # Row p of the result is row src[p] of the input. In place: a second 1M x 768 array
         # would be 3 GB of fresh memory, slow to fault in on the VMs we measured (BENCHMARKS.md).
-        _take_rows_in_place(rows_ND, np.concatenate([order[~val_sorted], order[val_sorted]]))
+        take_rows_in_place(rows_ND, np.concatenate([order[~val_sorted], order[val_sorted]]))
         rows = torch.from_numpy(rows_ND)
         return cls(ids_train_T=ids_sorted[~val_sorted], x_train_TD=rows[:t_here].to(device),
                    ids_val_V=ids_sorted[val_sorted], x_val_VD=rows[t_here:].to(device),
                    n_train=n_train, n_val=n_val,
                    n_batches=batches.num_batches(n_train, cfg.batch_size))
-
-
-def _take_rows_in_place(rows_ND: np.ndarray, src_N: np.ndarray) -> None:
-    """rows_ND[:] = rows_ND[src_N] (src_N a permutation) without a second array: each cycle of
-    the permutation is walked once with one spare row (1.3 s for 1M x 768 rows here)."""
-    n = len(src_N)
-    if n == 0:
-        return
-    src = src_N.tolist()
-    done = bytearray(n)
-    spare = np.empty(rows_ND.shape[1], rows_ND.dtype)
-    for start in range(n):
-        if done[start]:
-            continue
-        done[start] = 1
-        j = src[start]
-        if j == start:
-            continue
-        spare[:] = rows_ND[start]
-        i = start
-        while j != start:
-            rows_ND[i] = rows_ND[j]
-            done[j] = 1
-            i, j = j, src[j]
-        rows_ND[i] = spare
 
 
 def _global_rows_by_id(ids_B: np.ndarray, rows_BC: torch.Tensor, comm: Collectives) -> torch.Tensor:
