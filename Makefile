@@ -10,7 +10,7 @@ FAISS ?= cpu
 OUT ?= output/wikidata_films_kmeans
 RAY_ADDRESS ?=
 
-.PHONY: install run run-tiger test bench bench-kmeans bench-tiger bench-gpu submit-train submit-nightly clean
+.PHONY: install run run-tiger test bench bench-kmeans bench-tiger bench-nightly bench-gpu submit-train submit-nightly clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -62,6 +62,8 @@ clean:
 #   make bench-kmeans           kmeans end to end vs a FAISS baseline, N = 1,000,000 (N=250000 quicker)
 #   make bench-tiger            tiger throughput, 1 and 2 workers, vs the same loop in memory
 #                               (TIGER_ITEMS = 100,000 of the N-item catalog, 2 epochs)
+#   make bench-nightly          the nightly job from and to S3 (a local SeaweedFS), three nights,
+#                               the ID policy checked on what night 3 published
 #   make bench-gpu              on a machine with one NVIDIA GPU (bench/gpu.sh installs its own venv)
 # Results (JSON + the table as Markdown) go to $(BENCH_OUT).
 N ?= 1000000
@@ -75,6 +77,9 @@ bench-kmeans: install
 
 bench-tiger: install
 	BENCH_OUT=$(BENCH_OUT) $(BIN)/python bench/tiger_bench.py --n $(N) --items $(TIGER_ITEMS)
+
+bench-nightly: install
+	BENCH_OUT=$(BENCH_OUT) $(BIN)/python bench/nightly_bench.py --n $(N)
 
 bench-gpu:
 	BENCH_OUT=$(BENCH_OUT) N=$(N) bash bench/gpu.sh
