@@ -40,11 +40,14 @@ class InputInfo:
 
 
 def open_parquet(path: str, endpoint_url: str = "") -> pq.ParquetFile:
-    """A ParquetFile with buffered column reads: reading a few rows decodes only the first pages
-    of a column chunk, not the whole chunk (200 MB for a 64k-row group of 768-d floats)."""
+    """A ParquetFile with buffered column reads and no pre-buffering (pyarrow's default pre-buffers
+    every column chunk a read touches): reading a few rows decodes only the first pages of a
+    column chunk, not the whole chunk. Finding the embedding size of a one-file catalog of 1M x
+    768 in one row group (pyarrow's default row group size) read the whole 3 GB chunk with
+    pre-buffering: 6.7-8.3 s and 3.1 GB; 0.00 s and 0.08 GB without."""
     fs = storage.filesystem(path, endpoint_url)
     try:
-        return pq.ParquetFile(fs.open(storage.strip_scheme(path), "rb"), buffer_size=1 << 20)
+        return pq.ParquetFile(fs.open(storage.strip_scheme(path), "rb"), buffer_size=1 << 20, pre_buffer=False)
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{path}: not a readable parquet file ({first})") from e
