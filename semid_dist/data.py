@@ -21,6 +21,9 @@ from semid_dist import storage
 from semid_dist.errors import UserError
 
 ID_COL, EMB_COL = "ItemID", "embedding"
+# Files larger than this become several read tasks, cut between row groups (source.plan_pieces);
+# a row group is always read by one task.
+SPLIT_ROWS = 4 * 65536
 
 
 class RowError(UserError):
@@ -37,6 +40,7 @@ class InputInfo:
     num_rows: int
     dim: int
     rows_per_file: list[int] = field(default_factory=list)  # from the footers, in files order
+    largest_row_group: tuple[str, int] = ("", 0)  # (file, rows) of the largest row group
 
 
 def open_parquet(path: str, endpoint_url: str = "") -> pq.ParquetFile:
@@ -74,13 +78,16 @@ def _check_schema(path: str, schema: pa.Schema) -> None:
 
 def inspect_inputs(files: list[str], endpoint_url: str = "") -> InputInfo:
     """Check every file's footer (columns, types, row count) and find the embedding size."""
-    total, dim, rows = 0, None, []
+    total, dim, rows, largest = 0, None, [], ("", 0)
     for path in files:
         pf = _open_parquet(path, endpoint_url)
         _check_schema(path, pf.schema_arrow)
         n = pf.metadata.num_rows
         total += n
         rows.append(n)
+        group = max((pf.metadata.row_group(rg).num_rows for rg in range(pf.num_row_groups)), default=0)
+        if group > largest[1]:
+            largest = (path, group)
         if dim is None and n > 0:
             for rg in range(pf.num_row_groups):
                 if pf.metadata.row_group(rg).num_rows:  # one row, not the whole row group
@@ -94,7 +101,7 @@ def inspect_inputs(files: list[str], endpoint_url: str = "") -> InputInfo:
         raise UserError(f"{files[0] if len(files) == 1 else 'input'}: zero rows in "
                         f"{len(files)} parquet file(s)")
     assert dim is not None
-    return InputInfo(files=files, num_rows=total, dim=dim, rows_per_file=rows)
+    return InputInfo(files=files, num_rows=total, dim=dim, rows_per_file=rows, largest_row_group=largest)
 
 
 def batch_to_arrays(batch: pa.Table, dim: int) -> tuple[np.ndarray, np.ndarray]:

@@ -31,7 +31,7 @@ from semid_dist import data as datalib, storage
 
 READ_BATCH = 4096  # rows per block (12 MB of 768-d float32)
 READ_BUFFER = 4 << 20  # buffered column reads: pages decode as they stream in
-SPLIT_ROWS = 4 * 65536  # files larger than this become several read tasks, by row group
+SPLIT_ROWS = datalib.SPLIT_ROWS  # files larger than this become several read tasks, by row group
 ERROR_COL = "error"
 
 

@@ -134,6 +134,11 @@ def inspect_stage(cfg: Config, timer: _Timer) -> tuple[list[str], datalib.InputI
     n_items = min(info.num_rows, cfg.max_items or info.num_rows)
     log.info("input: %d parquet file(s), %d rows, dim %d%s", len(files), info.num_rows, info.dim,
              f" (using the first {n_items})" if n_items < info.num_rows else "")
+    path, rows = info.largest_row_group
+    if rows > datalib.SPLIT_ROWS and n_items > datalib.SPLIT_ROWS:
+        log.warning("%s: a row group of %d rows, which one task reads alone in every pass (a read "
+                    "task cannot split a row group); row groups of ~65,536 rows let several cores "
+                    "read it", path, rows)
     return files, info, n_items
 
 

@@ -155,8 +155,24 @@ def test_inspect_reads_one_row_not_the_whole_row_group(tmp_path):
     before = rchar()
     info = datalib.inspect_inputs([path])
     read = rchar() - before
-    assert (info.num_rows, info.dim) == (20000, 768)
+    assert (info.num_rows, info.dim, info.largest_row_group) == (20000, 768, (path, 20000))
     assert read < 8 << 20, f"inspect read {read / 2**20:.0f} MB of a {x.nbytes / 2**20:.0f} MB row group"
+
+
+def test_a_row_group_too_big_to_share_out_is_named(tmp_path, monkeypatch, caplog):
+    """A row group is one task's read; one bigger than a file split is worth a warning."""
+    from semid_dist import train
+    from semid_dist.config import Config
+
+    ids, x = make_catalog(1000, 8, seed=7)
+    one, many = str(tmp_path / "one.parquet"), str(tmp_path / "many.parquet")
+    write_parquet(one, ids, x, row_group_size=1000)
+    write_parquet(many, ids, x, row_group_size=100)
+    monkeypatch.setattr(datalib, "SPLIT_ROWS", 400)
+    for path, warned in ((one, True), (many, False)):
+        caplog.clear()
+        train.inspect_stage(Config(data_path=path, output_dir="y", mode="kmeans"), train._Timer())
+        assert ("one.parquet: a row group of 1000 rows, which one task reads alone" in caplog.text) == warned
 
 
 def test_max_items_reads_only_the_first_rows(ray_session, row_grouped):
