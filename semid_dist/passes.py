@@ -84,7 +84,17 @@ def parallelism() -> int:
     return max(1, cpus)
 
 
+def _spare_cpus(tasks: int) -> int:
+    """CPUs per task when a pass has fewer tasks than parallelism(): the slots shared out, at
+    most one node's CPUs (a task runs on one node)."""
+    import ray
+
+    node = max((int(n.get("Resources", {}).get("CPU", 1)) for n in ray.nodes() if n.get("Alive")), default=1)
+    return max(1, min(parallelism() // max(1, tasks), node))
+
+
 TASKS_PER_SLOT = 2  # read tasks per task slot (source.plan_units): few gaps, even ends
+TASK_CPUS = "semid_dist.task_cpus"  # a pass's CPUs per task, on its dataset's DataContext (catalog)
 
 
 def read_tasks() -> int:
@@ -132,9 +142,14 @@ def catalog(info: datalib.InputInfo, endpoint_url: str, n_items: int, read_batch
     from semid_dist.source import READ_BATCH, CatalogSource
 
     src = CatalogSource(info, n_items, endpoint_url, read_batch or READ_BATCH, tasks=read_tasks())
+    # Fewer read tasks than task slots (a catalog of one or two big row groups: a task cannot
+    # split one): each task gets the spare CPUs, which its BLAS uses (blas.match_task). Read and
+    # map must ask for the same CPUs, or Ray Data does not fuse them.
+    task_cpus = _spare_cpus(len(src.units)) if limit_cpus else 1
     # One block stream per read task: more blocks would make Ray Data split each task's
     # output (SplitBlocks), which also stops it fusing the read with the pass's map.
-    ds = ray.data.read_datasource(src, override_num_blocks=max(1, len(src.units)))
+    ds = ray.data.read_datasource(src, override_num_blocks=max(1, len(src.units)), num_cpus=task_cpus)
+    ds.context.set_config(TASK_CPUS, task_cpus)
     if limit_cpus:
         opts = ds.context.execution_options
         opts.resource_limits = opts.resource_limits.copy(cpu=parallelism())
@@ -149,9 +164,14 @@ def map_catalog(ds, fn: Callable, empty: dict, what: str, total: int, info: data
     """fn over every block of ds (fused with the read), the result rows (or what keep makes of
     each batch of them) concatenated. The first bad row stops the pass with a one-line
     UserError that names its file."""
-    mapped = ds.map_batches(_guarded(fn, empty), batch_format="pyarrow", batch_size=None,
-                            zero_copy_batch=True, fn_kwargs=fn_kwargs)
-    return collect(mapped, what, total, info, endpoint_url, keep)
+    return collect(map_blocks(ds, fn, empty, **fn_kwargs), what, total, info, endpoint_url, keep)
+
+
+def map_blocks(ds, fn: Callable, empty: dict, **fn_kwargs):
+    """ds.map_batches of fn (guarded) over every block, fused with the read: the same CPUs per
+    task as the read tasks (catalog)."""
+    return ds.map_batches(_guarded(fn, empty), batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+                          num_cpus=ds.context.get_config(TASK_CPUS, 1), fn_kwargs=fn_kwargs)
 
 
 def collect(mapped, what: str, total: int, info: datalib.InputInfo, endpoint_url: str,

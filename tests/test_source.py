@@ -175,6 +175,33 @@ def test_a_row_group_too_big_to_share_out_is_named(tmp_path, monkeypatch, caplog
         assert ("one.parquet: a row group of 1000 rows, which one task reads alone" in caplog.text) == warned
 
 
+def test_a_lone_read_task_gets_the_spare_cpus_and_stays_fused(ray_session, tmp_path):
+    """One file in one row group is one read task: it gets every task slot's CPU (its BLAS
+    threads follow), and its read and map still run as one operator."""
+    import os
+
+    import pyarrow as pa
+
+    ids, x = make_catalog(500, 8, seed=8)
+    path = str(tmp_path / "one.parquet")
+    write_parquet(path, ids, x)
+    info = datalib.inspect_inputs([path])
+    ds = passes.catalog(info, "", info.num_rows)
+    assert ds.context.get_config(passes.TASK_CPUS) == passes.parallelism()
+
+    def threads(block):
+        return {"ids": passes._lists(block.column("ItemID").to_numpy(), pa.int64()),
+                "omp": [int(os.environ["OMP_NUM_THREADS"])]}
+    mapped = passes.map_blocks(ds, threads, {"ids": passes._lists(np.zeros(0, np.int64), pa.int64()), "omp": [0]})
+    out = mapped.materialize()
+    assert "ReadCatalogSource->MapBatches" in out.stats()
+    t = out.to_arrow_refs()
+    import ray
+    t = pa.concat_tables(ray.get(t))
+    assert set(t.column("omp").to_pylist()) == {passes.parallelism()}
+    assert np.array_equal(np.sort(passes.flat(t, "ids")), np.sort(ids))
+
+
 def test_max_items_reads_only_the_first_rows(ray_session, row_grouped):
     info, ids, _ = row_grouped
     scan = passes.scan_pass(info, seed=0, sample_size=50, endpoint_url="", n_items=250)
