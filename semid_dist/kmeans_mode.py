@@ -35,7 +35,7 @@ def fit(cfg: Config, scan: ScanResult) -> tuple[Tokenizer, dict]:
              cfg.n_layers, cfg.n_clusters, x_SD.shape[0], x_SD.shape[1], how, cfg.max_iters,
              "a GPU" if device == "cuda" else "the CPU")
     n_sample = int(x_SD.shape[0])
-    if n_sample < cfg.n_clusters:  # the hash sample came out short (train.sample_floor)
+    if n_sample < cfg.n_clusters:  # the hash sample came out short (math.sampling.sample_floor)
         raise UserError(f"the k-means sample kept {n_sample} rows, fewer than --n_clusters {cfg.n_clusters}: "
                         "raise --sample_per_centroid")
     scan.sample_SD = np.zeros((0, x_SD.shape[1]), np.float32)

@@ -23,8 +23,13 @@ How the passes use Ray Data, and why (measured on 1M x 768 on 2 cores, BENCHMARK
 - About TASKS_PER_SLOT read tasks per task slot, each reading consecutive files
   (source.plan_units): Ray Data leaves ~0.3 s between one read task and the next on a worker;
   with a task per file, a scan pass on warm workers took 5.9-6.6 s instead of 4.5-5.9.
+- Fewer read tasks than task slots (a file in one big row group): each task asks for the spare
+  CPUs, the read and the map alike so that they stay fused, and its BLAS uses them (the 1M
+  encode pass over one row group: 22.9-24.3 s on one core, 17.4-17.9 s on two).
 - Blocks of one read batch (target_max_block_size): otherwise Ray Data merges a task's batches
   into blocks of up to 128 MB before the map sees them.
+- The scan's sample is copied out of each result batch as it arrives (_SampleSink), so the
+  object store never holds the whole sample next to the driver's copy.
 - On GPUs (encode_pass_on_devices) the map is an actor pool instead, one actor per GPU holding
   the tokenizer there; actors cannot be fused with the read.
 - The kmeans encoder ships to the tasks as numpy codebooks (math/nearest_np.py), so a worker
@@ -38,7 +43,6 @@ ItemIDs, every row is encoded on its own, and the driver sorts by ItemID.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -50,6 +54,7 @@ import pyarrow.compute as pc
 
 from semid_dist import blas, data as datalib
 from semid_dist.errors import UserError, find_user_error
+from semid_dist.math import sampling
 from semid_dist.math.rows import take_rows_in_place
 
 log = logging.getLogger("semid_dist")
@@ -238,7 +243,7 @@ def scan_pass(info: datalib.InputInfo, seed: int, sample_size: int, endpoint_url
               n_items: int) -> ScanResult:
     """Pass 1 over the first n_items rows, in file order."""
     fraction = min(1.0, sample_size / max(n_items, 1))
-    sink = _SampleSink(info.dim, n_items if fraction >= 1 else sample_size + 8 * math.isqrt(sample_size) + 16)
+    sink = _SampleSink(info.dim, n_items if fraction >= 1 else sampling.capacity(sample_size))
     t = map_catalog(catalog(info, endpoint_url, n_items), _scan_block, _EMPTY_SCAN, "scan", n_items,
                     info, endpoint_url, keep=sink.take, dim=info.dim, seed=seed, fraction=fraction)
     ids_N = flat(t, "ids").astype(np.int64, copy=False)
@@ -263,7 +268,7 @@ class _SampleSink:
         """Copy the batch's sample rows out; return its ItemIDs and sample ItemIDs as fresh
         arrays (views would keep the whole block alive)."""
         new = flat(b, "sample").reshape(-1, self.rows.shape[1])
-        if self.n + len(new) > len(self.rows):  # past the capacity, 8 standard deviations up
+        if self.n + len(new) > len(self.rows):  # past sampling.capacity: essentially never
             self.rows = np.concatenate([self.rows[: self.n], np.empty((len(new) + self.n // 2, self.rows.shape[1]),
                                                                       np.float32)])
         self.rows[self.n: self.n + len(new)] = new

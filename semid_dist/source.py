@@ -31,7 +31,6 @@ from semid_dist import data as datalib, storage
 
 READ_BATCH = 4096  # rows per block (12 MB of 768-d float32)
 READ_BUFFER = 4 << 20  # buffered column reads: pages decode as they stream in
-SPLIT_ROWS = datalib.SPLIT_ROWS  # files larger than this become several read tasks, by row group
 ERROR_COL = "error"
 
 
@@ -68,7 +67,7 @@ def plan_pieces(info: datalib.InputInfo, n_items: int, endpoint_url: str = "") -
         left -= take
         if take == 0:
             continue
-        if n <= SPLIT_ROWS:
+        if n <= datalib.SPLIT_ROWS:
             pieces.append(Piece(path, None, take))
             continue
         md = datalib.open_parquet(path, endpoint_url).metadata
@@ -80,7 +79,7 @@ def plan_pieces(info: datalib.InputInfo, n_items: int, endpoint_url: str = "") -
             group.append(rg)
             group_rows += rg_rows
             take -= rg_rows
-            if group_rows >= SPLIT_ROWS // 2 or take <= 0:
+            if group_rows >= datalib.SPLIT_ROWS // 2 or take <= 0:
                 pieces.append(Piece(path, tuple(group), group_rows))
                 group, group_rows = [], 0
     return pieces

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import platform
 import time
@@ -14,6 +13,7 @@ from semid_dist import __version__, data as datalib, export, passes, storage
 from semid_dist.config import Config
 from semid_dist.errors import UserError
 from semid_dist.math.dedup import dedup_codes, row_groups
+from semid_dist.math import sampling
 from semid_dist.math.metrics import quality_report
 from semid_dist.runtime import close_logging, ensure_ray, setup_logging
 
@@ -161,24 +161,15 @@ def check_enough_items(cfg: Config, n_items: int, dim: int) -> None:
     sample_target(cfg, dim)
 
 
-def sample_floor(k: int) -> int:
-    """The fewest sample rows the scan pass aims for with k codes: k + 8 ceil(sqrt k) + 16. The
-    hash sample's size is binomial around its target T, with a standard deviation below
-    sqrt(T) <= sqrt(k) + 4, so it falls short of k only beyond 4.8 standard deviations (7 for
-    k = 256). Aiming for k itself failed: --sample_per_centroid 1 with 3 x 256 on 3,200 items
-    kept 221 rows with seed 7, and the fit could not start."""
-    return k + 8 * (math.isqrt(k - 1) + 1) + 16
-
-
 def sample_target(cfg: Config, dim: int) -> int:
     """Rows the scan pass keeps for the fit (a hash sample of about this many): none for tiger,
     which trains on every item; for kmeans --sample_per_centroid x --n_clusters, cut to what
     --kmeans_sample_gb holds (large codebooks: 256 x 8,192 rows of 768-d floats would be 6.4 GB
-    in the driver, and as much again in transit), and never below sample_floor."""
+    in the driver), and never below math.sampling.sample_floor."""
     if cfg.mode != "kmeans":
         return 0
     cap = int(cfg.kmeans_sample_gb * 1e9 // (4 * dim))
-    floor = sample_floor(cfg.n_clusters)
+    floor = sampling.sample_floor(cfg.n_clusters)
     if cap < floor:
         raise UserError(f"--kmeans_sample_gb {cfg.kmeans_sample_gb:g} holds {cap} rows of {dim} floats; "
                         f"--n_clusters {cfg.n_clusters} needs a sample of at least {floor}")

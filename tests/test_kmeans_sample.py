@@ -11,6 +11,7 @@ from conftest import make_catalog, write_parquet
 from semid_dist import data as datalib, train
 from semid_dist.config import Config
 from semid_dist.errors import UserError
+from semid_dist.math import sampling
 from test_cli_kmeans import run_cli
 
 
@@ -22,7 +23,7 @@ def test_sample_target_per_centroid_floor_and_cap():
     assert train.sample_target(cfg(n_clusters=256), 768) == 256 * 256
     assert train.sample_target(cfg(mode="tiger", n_embed=256), 768) == 0  # tiger trains on every item
     # --sample_per_centroid 1 aims above the codebook size, not at it
-    assert train.sample_target(cfg(n_clusters=256, sample_per_centroid=1), 768) == train.sample_floor(256) > 256
+    assert train.sample_target(cfg(n_clusters=256, sample_per_centroid=1), 768) == sampling.sample_floor(256) > 256
     # 256 x 8,192 rows of 768 floats would be 6.4 GB: cut to what 1 GB holds
     assert train.sample_target(cfg(n_clusters=8192), 768) == int(1e9 // (4 * 768))
     assert train.sample_target(cfg(n_clusters=8192, kmeans_sample_gb=8), 768) == 256 * 8192
@@ -34,13 +35,15 @@ def test_sample_target_per_centroid_floor_and_cap():
 
 @pytest.mark.parametrize("k", [1, 16, 256])
 def test_hash_sample_at_the_floor_holds_a_codebook(k):
-    """Over 300 seeds the hash sample aimed at sample_floor(k) never keeps fewer than k rows,
-    where one aimed at k itself falls short about half of the time."""
+    """Over 300 seeds the hash sample aimed at sample_floor(k) never keeps fewer than k rows
+    (nor more than the room made for it), where one aimed at k itself falls short about half
+    of the time."""
     ids = np.random.default_rng(k).permutation(10**7)[:20000].astype(np.int64)
-    floor = train.sample_floor(k)
+    floor = sampling.sample_floor(k)
     kept_floor = [(datalib.hash_unit(ids, s) < floor / len(ids)).sum() for s in range(300)]
     kept_k = [(datalib.hash_unit(ids, s) < k / len(ids)).sum() for s in range(300)]
     assert min(kept_floor) >= k
+    assert max(kept_floor) <= sampling.capacity(floor)  # the collecting array never has to grow
     assert 0.25 < np.mean(np.array(kept_k) < k) < 0.75
 
 
@@ -59,7 +62,7 @@ def test_sample_per_centroid_1_fits_where_the_sample_used_to_come_out_short(ray_
 
 def test_a_short_sample_is_a_one_line_error(ray_session, tmp_path, capsys):
     """A catalog whose ItemIDs hash almost all outside the sample: 10 sampled rows for 16 codes."""
-    fraction = train.sample_floor(16) / 600
+    fraction = sampling.sample_floor(16) / 600
     pool = np.arange(1, 20000, dtype=np.int64)
     inside = datalib.hash_unit(pool, 42) < fraction
     ids = np.concatenate([pool[inside][:10], pool[~inside][:590]])

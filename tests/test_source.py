@@ -21,7 +21,7 @@ def test_plan_units_splits_big_files_by_row_group_and_honours_max_items(row_grou
     info, _, _ = row_grouped
     whole = source.plan_units(info, info.num_rows)
     assert [(u.pieces[0].row_groups, u.rows) for u in whole] == [(None, 1000), (None, 300)]
-    monkeypatch.setattr(source, "SPLIT_ROWS", 400)  # files over 400 rows: pieces of >= 200 rows
+    monkeypatch.setattr(datalib, "SPLIT_ROWS", 400)  # files over 400 rows: pieces of >= 200 rows
     split = source.plan_units(info, info.num_rows)
     assert [len(u.pieces) for u in split] == [1] * 6  # no task count asked: a task per piece
     assert [u.rows for u in split] == [200] * 5 + [300]
@@ -83,7 +83,7 @@ def test_passes_fuse_the_read_and_do_not_depend_on_the_cut(ray_session, row_grou
 
     # The same pass cut into more read tasks (one per piece) and 64-row blocks, or with the
     # pieces packed into two tasks, gives the same result.
-    monkeypatch.setattr(source, "SPLIT_ROWS", 400)
+    monkeypatch.setattr(datalib, "SPLIT_ROWS", 400)
     for tasks, blocks in ((None, 5 * 4 + 5), (2, None)):  # 64-row blocks: five 200-row pieces, one 300
         monkeypatch.setattr(passes, "read_tasks", lambda: tasks)
         fine = passes.catalog(info, "", info.num_rows, read_batch=64)
