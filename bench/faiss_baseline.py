@@ -9,6 +9,7 @@ purpose (no semid_dist import), so its memory is only what this recipe needs.
 
 Writes ``result`` as JSON: per-stage seconds, quality metrics and the codes' checksum.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,8 @@ def read_matrix(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
     for f in files:
         for batch in pq.ParquetFile(f).iter_batches(batch_size=CHUNK, columns=["ItemID", "embedding"]):
             b = batch.num_rows
-            ids[row: row + b] = batch.column(0).to_numpy()
-            x[row: row + b] = batch.column(1).flatten().to_numpy().reshape(b, d)
+            ids[row : row + b] = batch.column(0).to_numpy()
+            x[row : row + b] = batch.column(1).flatten().to_numpy().reshape(b, d)
             row += b
     assert row == n
     return ids, x
@@ -91,7 +92,7 @@ def main() -> None:
         _, idx = km.index.search(resid, 1)
         codes[:, level] = idx[:, 0]
         for s in range(0, n, CHUNK):
-            resid[s: s + CHUNK] -= km.centroids[idx[s: s + CHUNK, 0]]
+            resid[s : s + CHUNK] -= km.centroids[idx[s : s + CHUNK, 0]]
         assign_s += time.perf_counter() - t
     stages["fit"], stages["assign"] = fit_s, assign_s
     sq_err = float(np.einsum("nd,nd->", resid, resid, dtype=np.float64))
@@ -104,18 +105,30 @@ def main() -> None:
     os.makedirs(a.out, exist_ok=True)
     sid = np.concatenate([codes, dd[:, None]], 1).astype(np.int32)
     order = np.argsort(ids)
-    table = pa.table({"ItemID": pa.array(ids[order]),
-                      "semantic_id": pa.FixedSizeListArray.from_arrays(pa.array(sid[order].ravel()), sid.shape[1])})
-    pq.write_table(table, os.path.join(a.out, "semantic_id_mappings.parquet"), row_group_size=CHUNK,
-                   compression="zstd")
+    table = pa.table(
+        {
+            "ItemID": pa.array(ids[order]),
+            "semantic_id": pa.FixedSizeListArray.from_arrays(pa.array(sid[order].ravel()), sid.shape[1]),
+        }
+    )
+    pq.write_table(
+        table, os.path.join(a.out, "semantic_id_mappings.parquet"), row_group_size=CHUNK, compression="zstd"
+    )
     stages["export"] = time.perf_counter() - t
     stages["total"] = time.perf_counter() - t_start
     used = [int(np.unique(codes[:, j]).size) for j in range(a.n_layers)]
     result = {
         "stages_s": {k: round(v, 3) for k, v in stages.items()},
-        "metrics": {"collision_rate": float(1 - len(counts) / n), "max_bucket": int(counts.max()),
-                    "relative_reconstruction_error": sq_err / sq_norm, "codes_used": used},
-        "n": n, "dim": d, "faiss": faiss.__version__, "faiss_gpu": use_gpu,
+        "metrics": {
+            "collision_rate": float(1 - len(counts) / n),
+            "max_bucket": int(counts.max()),
+            "relative_reconstruction_error": sq_err / sq_norm,
+            "codes_used": used,
+        },
+        "n": n,
+        "dim": d,
+        "faiss": faiss.__version__,
+        "faiss_gpu": use_gpu,
         "faiss_threads": faiss.omp_get_max_threads(),
     }
     with open(a.result, "w") as f:

@@ -25,6 +25,7 @@ user + system time of all its processes, as last sampled.
 
 Writes <out>/kmeans_<n>_<device>_<timestamp>.json and .md (the table) and prints the table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,12 @@ def _shm_files(pid: int) -> dict[tuple[str, int], str]:
     with open(f"/proc/{pid}/maps") as f:
         for line in f:
             parts = line.split()
-            if len(parts) >= 6 and parts[1][3] == "s" and parts[4] != "0" and (
-                    parts[5].startswith("/dev/shm/") or parts[5].startswith("/memfd:")):
+            if (
+                len(parts) >= 6
+                and parts[1][3] == "s"
+                and parts[4] != "0"
+                and (parts[5].startswith("/dev/shm/") or parts[5].startswith("/memfd:"))
+            ):
                 out.setdefault((parts[3], int(parts[4])), f"/proc/{pid}/map_files/{parts[0]}")
     return out
 
@@ -140,17 +145,29 @@ class TreeMemory:
             tot["pss"] += r["Pss"]
             tot["uss"] += uss
             tot["rss"] += r["Rss"]
-            detail.append({"pid": p.pid, "name": name, "pss_mb": round(r["Pss"] / 1e6),
-                           "pss_shmem_mb": round(r.get("Pss_Shmem", 0) / 1e6),
-                           "uss_mb": round(uss / 1e6), "rss_mb": round(r["Rss"] / 1e6)})
+            detail.append(
+                {
+                    "pid": p.pid,
+                    "name": name,
+                    "pss_mb": round(r["Pss"] / 1e6),
+                    "pss_shmem_mb": round(r.get("Pss_Shmem", 0) / 1e6),
+                    "uss_mb": round(uss / 1e6),
+                    "rss_mb": round(r["Rss"] / 1e6),
+                }
+            )
         for key, path in shm.items():
             try:
                 size = os.stat(path).st_blocks * 512
             except OSError:
                 continue
             tot["shm"] += size
-            detail.append({"pid": None, "name": f"shared-memory file {key} (e.g. Ray object store)",
-                           "allocated_mb": round(size / 1e6)})
+            detail.append(
+                {
+                    "pid": None,
+                    "name": f"shared-memory file {key} (e.g. Ray object store)",
+                    "allocated_mb": round(size / 1e6),
+                }
+            )
         tot["total"] += tot["shm"]
         self.samples += 1
         self.max_procs = max(self.max_procs, sum(1 for d in detail if d["pid"]))
@@ -186,12 +203,20 @@ def run_side(name: str, cmd: list[str], log_path: str, env: dict, cwd: str = REP
             tail = f.read()[-3000:]
         raise SystemExit(f"[{name}] exited with {rc}; log {log_path}:\n{tail}")
     print(f"[{name}] done in {wall:.1f} s, peak memory {mem.peak['total'] / GB:.2f} GB", flush=True)
-    return {"wall_s": round(wall, 2), "peak_gb": round(mem.peak["total"] / GB, 3),
-            "peak_pss_gb": round(mem.peak["pss"] / GB, 3), "peak_shm_gb": round(mem.peak["shm"] / GB, 3),
-            "peak_uss_gb": round(mem.peak["uss"] / GB, 3), "peak_rss_gb": round(mem.peak["rss"] / GB, 3),
-            "cpu_s": round(mem.cpu_s, 1), "processes_max": mem.max_procs, "memory_samples": mem.samples,
-            "sampler_cpu_s": round(mem.sampler_cpu_s, 2), "processes_at_peak": mem.at_peak[:20],
-            "log": log_path}
+    return {
+        "wall_s": round(wall, 2),
+        "peak_gb": round(mem.peak["total"] / GB, 3),
+        "peak_pss_gb": round(mem.peak["pss"] / GB, 3),
+        "peak_shm_gb": round(mem.peak["shm"] / GB, 3),
+        "peak_uss_gb": round(mem.peak["uss"] / GB, 3),
+        "peak_rss_gb": round(mem.peak["rss"] / GB, 3),
+        "cpu_s": round(mem.cpu_s, 1),
+        "processes_max": mem.max_procs,
+        "memory_samples": mem.samples,
+        "sampler_cpu_s": round(mem.sampler_cpu_s, 2),
+        "processes_at_peak": mem.at_peak[:20],
+        "log": log_path,
+    }
 
 
 def pythonpath(src: str) -> str:
@@ -201,39 +226,83 @@ def pythonpath(src: str) -> str:
 
 def run_product(data: str, work: str, device: str, env: dict, src: str = REPO, flags: list[str] = ()) -> dict:
     out = os.path.join(work, "product_out")
-    cmd = [sys.executable, "-m", "semid_dist", "train", "--data_path", data, "--output_dir", out,
-           "--mode", "kmeans", "--n_layers", "3", "--n_clusters", "256", "--device", device,
-           "--log_dir", os.path.join(work, "product_logs"), *flags]
-    side = run_side("product", cmd, os.path.join(work, "product.log"), dict(env, PYTHONPATH=pythonpath(src)), cwd=src)
+    cmd = [
+        sys.executable,
+        "-m",
+        "semid_dist",
+        "train",
+        "--data_path",
+        data,
+        "--output_dir",
+        out,
+        "--mode",
+        "kmeans",
+        "--n_layers",
+        "3",
+        "--n_clusters",
+        "256",
+        "--device",
+        device,
+        "--log_dir",
+        os.path.join(work, "product_logs"),
+        *flags,
+    ]
+    side = run_side(
+        "product", cmd, os.path.join(work, "product.log"), dict(env, PYTHONPATH=pythonpath(src)), cwd=src
+    )
     side["source"] = src
     with open(os.path.join(out, "training_results.json")) as f:
         res = json.load(f)
     t = res["timings_s"]
     m = res["metrics"]
     side["stages_s"] = t
-    side["aligned_s"] = {"read + sample": t["inspect"] + t["scan"], "fit": t["fit"],
-                         "assign all (encode)": t["encode"], "dedup + metrics": t["dedup"],
-                         "export": t["export"], "total (in process)": t["total"]}
-    side["metrics"] = {"collision_rate": m["collision_rate"], "max_bucket": m["max_bucket"],
-                       "relative_reconstruction_error": m["relative_reconstruction_error"],
-                       "codes_used": [lv["codes_used"] for lv in m["levels"]]}
-    side["output_bytes"] = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)
-                               if os.path.isfile(os.path.join(out, f)))
+    side["aligned_s"] = {
+        "read + sample": t["inspect"] + t["scan"],
+        "fit": t["fit"],
+        "assign all (encode)": t["encode"],
+        "dedup + metrics": t["dedup"],
+        "export": t["export"],
+        "total (in process)": t["total"],
+    }
+    side["metrics"] = {
+        "collision_rate": m["collision_rate"],
+        "max_bucket": m["max_bucket"],
+        "relative_reconstruction_error": m["relative_reconstruction_error"],
+        "codes_used": [lv["codes_used"] for lv in m["levels"]],
+    }
+    side["output_bytes"] = sum(
+        os.path.getsize(os.path.join(out, f)) for f in os.listdir(out) if os.path.isfile(os.path.join(out, f))
+    )
     return side
 
 
 def run_baseline(data: str, work: str, device: str, env: dict) -> dict:
     result = os.path.join(work, "baseline_result.json")
-    cmd = [sys.executable, os.path.join(HERE, "faiss_baseline.py"), "--data", data,
-           "--out", os.path.join(work, "baseline_out"), "--result", result, "--device", device]
+    cmd = [
+        sys.executable,
+        os.path.join(HERE, "faiss_baseline.py"),
+        "--data",
+        data,
+        "--out",
+        os.path.join(work, "baseline_out"),
+        "--result",
+        result,
+        "--device",
+        device,
+    ]
     side = run_side("baseline", cmd, os.path.join(work, "baseline.log"), env)
     with open(result) as f:
         res = json.load(f)
     t = res["stages_s"]
     side["stages_s"] = t
-    side["aligned_s"] = {"read + sample": t["read"], "fit": t["fit"], "assign all (encode)": t["assign"],
-                         "dedup + metrics": t["dedup"], "export": t["export"],
-                         "total (in process)": t["total"]}
+    side["aligned_s"] = {
+        "read + sample": t["read"],
+        "fit": t["fit"],
+        "assign all (encode)": t["assign"],
+        "dedup + metrics": t["dedup"],
+        "export": t["export"],
+        "total (in process)": t["total"],
+    }
     side["metrics"] = res["metrics"]
     side["faiss"] = {k: res[k] for k in ("faiss", "faiss_gpu", "faiss_threads")}
     return side
@@ -256,18 +325,28 @@ def cpu_info() -> dict:
         pass
     flags = set(fields.get("flags", "").split())
     simd = next((s for s, f in (("avx512", "avx512f"), ("avx2", "avx2"), ("avx", "avx")) if f in flags), "")
-    return {"cpu_model": fields.get("model name") or platform.processor(),
-            "cpu_family_model": f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}",
-            "simd": simd or "unknown"}
+    return {
+        "cpu_model": fields.get("model name") or platform.processor(),
+        "cpu_family_model": f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}",
+        "simd": simd or "unknown",
+    }
 
 
 def machine() -> dict:
-    info = {**cpu_info(), "cpus": os.cpu_count(),
-            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "python": platform.python_version(), "load_avg_at_start": os.getloadavg()}
+    info = {
+        **cpu_info(),
+        "cpus": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "load_avg_at_start": os.getloadavg(),
+    }
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         if out.returncode == 0:
             info["gpus"] = [ln.strip() for ln in out.stdout.splitlines() if ln.strip()]
     except (OSError, subprocess.TimeoutExpired):
@@ -276,8 +355,10 @@ def machine() -> dict:
 
 
 def machine_line(m: dict) -> str:
-    return (f"{m['cpu_model']} (family/model {m.get('cpu_family_model', '?')}, {m.get('simd', '?')}, "
-            f"{m['cpus']} CPUs, {m['memory_gib']} GiB)")
+    return (
+        f"{m['cpu_model']} (family/model {m.get('cpu_family_model', '?')}, {m.get('simd', '?')}, "
+        f"{m['cpus']} CPUs, {m['memory_gib']} GiB)"
+    )
 
 
 def save(base: str, res: dict, md: str) -> str:
@@ -297,13 +378,20 @@ def _ratio(a, b):
 def table(res: dict) -> str:
     p, b = res["sides"].get("product"), res["sides"].get("baseline")
     sides = [s for s in (p, b) if s]
-    head = "| | " + " | ".join(n for n in ("product", "baseline") if res["sides"].get(n)) + \
-        (" | product / baseline |" if p and b else " |")
+    head = (
+        "| | "
+        + " | ".join(n for n in ("product", "baseline") if res["sides"].get(n))
+        + (" | product / baseline |" if p and b else " |")
+    )
     lines = [head, "|" + "---|" * (len(sides) + 1 + (1 if p and b else 0))]
 
     def row(label, vals, fmt, ratio=True):
         cells = [fmt(v) for v in vals]
-        extra = f" | {_ratio(vals[0], vals[1]):.2f}" if (p and b and ratio and vals[1]) else (" | " if p and b else "")
+        extra = (
+            f" | {_ratio(vals[0], vals[1]):.2f}"
+            if (p and b and ratio and vals[1])
+            else (" | " if p and b else "")
+        )
         lines.append(f"| {label} | " + " | ".join(cells) + extra + " |")
 
     for stage in sides[0]["aligned_s"]:
@@ -311,19 +399,33 @@ def table(res: dict) -> str:
     row("**wall, whole process (s)**", [s["wall_s"] for s in sides], lambda v: f"**{v:.1f}**")
     row("CPU time, all processes (s)", [s["cpu_s"] for s in sides], lambda v: f"{v:.1f}")
     row("**peak memory, all processes (GB)**", [s["peak_gb"] for s in sides], lambda v: f"**{v:.2f}**")
-    row("  of which shared memory / object store (GB)", [s["peak_shm_gb"] for s in sides], lambda v: f"{v:.2f}",
-        ratio=False)
+    row(
+        "  of which shared memory / object store (GB)",
+        [s["peak_shm_gb"] for s in sides],
+        lambda v: f"{v:.2f}",
+        ratio=False,
+    )
     row("peak sum of PSS (GB)", [s["peak_pss_gb"] for s in sides], lambda v: f"{v:.2f}")
     row("peak sum of USS (GB)", [s["peak_uss_gb"] for s in sides], lambda v: f"{v:.2f}")
     row("peak sum of RSS (GB, double counts shared)", [s["peak_rss_gb"] for s in sides], lambda v: f"{v:.2f}")
     row("processes (max)", [s["processes_max"] for s in sides], lambda v: str(v), ratio=False)
-    row("collision rate before dedup", [s["metrics"]["collision_rate"] for s in sides],
-        lambda v: f"{100 * v:.3f}%")
+    row(
+        "collision rate before dedup",
+        [s["metrics"]["collision_rate"] for s in sides],
+        lambda v: f"{100 * v:.3f}%",
+    )
     row("max bucket", [s["metrics"]["max_bucket"] for s in sides], lambda v: str(v))
-    row("relative reconstruction error", [s["metrics"]["relative_reconstruction_error"] for s in sides],
-        lambda v: f"{v:.4f}")
-    row("codes used per level", [s["metrics"]["codes_used"] for s in sides],
-        lambda v: "/".join(map(str, v)), ratio=False)
+    row(
+        "relative reconstruction error",
+        [s["metrics"]["relative_reconstruction_error"] for s in sides],
+        lambda v: f"{v:.4f}",
+    )
+    row(
+        "codes used per level",
+        [s["metrics"]["codes_used"] for s in sides],
+        lambda v: "/".join(map(str, v)),
+        ratio=False,
+    )
     return "\n".join(lines)
 
 
@@ -350,10 +452,16 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("BENCH_OUT") or os.path.join(REPO, "bench_out"))
     ap.add_argument("--sides", default="product,baseline", help="comma list: product, baseline")
     ap.add_argument("--keep", action="store_true", help="keep both sides' output folders")
-    ap.add_argument("--product-src", default=REPO,
-                    help="run the product from this source tree (e.g. an exported older commit)")
-    ap.add_argument("--product-flags", default="",
-                    help="more semid flags for the product, e.g. '--kmeans_full_dim_levels 2'")
+    ap.add_argument(
+        "--product-src",
+        default=REPO,
+        help="run the product from this source tree (e.g. an exported older commit)",
+    )
+    ap.add_argument(
+        "--product-flags",
+        default="",
+        help="more semid flags for the product, e.g. '--kmeans_full_dim_levels 2'",
+    )
     a = ap.parse_args()
 
     data = synth.ensure(a.n, a.data or f"/tmp/bench/catalog_{a.n}", a.shards, a.dim)
@@ -362,30 +470,44 @@ def main() -> None:
     work = os.path.join(a.out, f"work_{a.n}_{a.device}_{stamp}")
     os.makedirs(work)
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=pythonpath(REPO))
-    res = {"n": a.n, "dim": a.dim, "levels": 3, "codes": 256, "device": a.device, "data": data,
-           "timestamp": stamp, "machine": machine(), "sides": {},
-           "command": " ".join([os.path.relpath(sys.executable, REPO)] + sys.argv),
-           "product_flags": a.product_flags}
+    res = {
+        "n": a.n,
+        "dim": a.dim,
+        "levels": 3,
+        "codes": 256,
+        "device": a.device,
+        "data": data,
+        "timestamp": stamp,
+        "machine": machine(),
+        "sides": {},
+        "command": " ".join([os.path.relpath(sys.executable, REPO)] + sys.argv),
+        "product_flags": a.product_flags,
+    }
     for side in a.sides.split(","):
         if side.strip() == "product":
-            res["sides"]["product"] = run_product(data, work, a.device, env, os.path.abspath(a.product_src),
-                                                   shlex.split(a.product_flags))
+            res["sides"]["product"] = run_product(
+                data, work, a.device, env, os.path.abspath(a.product_src), shlex.split(a.product_flags)
+            )
         else:
             res["sides"]["baseline"] = run_baseline(data, work, a.device, env)
     res["ratios"] = {}
     if len(res["sides"]) == 2:
         p, b = res["sides"]["product"], res["sides"]["baseline"]
-        res["ratios"] = {"wall": _ratio(p["wall_s"], b["wall_s"]),
-                         "peak_memory": _ratio(p["peak_gb"], b["peak_gb"])}
+        res["ratios"] = {
+            "wall": _ratio(p["wall_s"], b["wall_s"]),
+            "peak_memory": _ratio(p["peak_gb"], b["peak_gb"]),
+        }
     res["targets_met"] = targets(res)
     md = table(res)
     base = save(os.path.join(a.out, f"kmeans_{a.n}_{a.device}_{stamp}"), res, md)
     if not a.keep:
         for d in ("product_out", "baseline_out"):
             shutil.rmtree(os.path.join(work, d), ignore_errors=True)
-    print(f"\nkmeans benchmark: N={a.n}, D={a.dim}, 3 x 256, device {a.device}, "
-          + (f"product flags '{a.product_flags}', " if a.product_flags else "") +
-          f"{machine_line(res['machine'])}")
+    print(
+        f"\nkmeans benchmark: N={a.n}, D={a.dim}, 3 x 256, device {a.device}, "
+        + (f"product flags '{a.product_flags}', " if a.product_flags else "")
+        + f"{machine_line(res['machine'])}"
+    )
     print(md)
     for k, v in res["targets_met"].items():
         print(f"  target {k}: {'met' if v else 'NOT met'}")

@@ -17,6 +17,7 @@ items are gone, new items are there, every ID is unique and no retired ID was ha
 Writes <out>/nightly_<n>_<timestamp>.json and .md and prints the table; exits non-zero if a
 check fails.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,6 @@ import tempfile
 import time
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -37,6 +37,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 import synth  # noqa: E402
 from kmeans_bench import machine, machine_line, pythonpath, run_side  # noqa: E402
+
 from s3server import S3Server  # noqa: E402
 
 BUCKET = "nightly-bench"
@@ -54,11 +55,16 @@ def night3_files(data: str, n: int, new: int, work: str) -> list[str]:
     x[rows] += 0.05 * rng.standard_normal((len(rows), x.shape[1]), dtype=np.float32)
     x[rows] /= np.linalg.norm(x[rows], axis=1, keepdims=True)
     changed = os.path.join(work, shards[0])
-    pq.write_table(synth._table(first.column("ItemID").to_numpy(), x), changed, row_group_size=synth.ROW_GROUP)
+    pq.write_table(
+        synth._table(first.column("ItemID").to_numpy(), x), changed, row_group_size=synth.ROW_GROUP
+    )
     fresh = os.path.join(work, f"part-{len(shards):05d}.parquet")
     cat = synth.Catalog(x.shape[1], 0)
-    pq.write_table(synth._table(synth.item_ids(n, n + new), synth.rows(cat, n, n + new)), fresh,
-                   row_group_size=synth.ROW_GROUP)
+    pq.write_table(
+        synth._table(synth.item_ids(n, n + new), synth.rows(cat, n, n + new)),
+        fresh,
+        row_group_size=synth.ROW_GROUP,
+    )
     return [changed] + [os.path.join(data, s) for s in shards[1:-1]] + [fresh]
 
 
@@ -109,29 +115,57 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d_%H%M%S")
     work = os.path.join(a.out, f"nightly_work_{a.n}_{stamp}")
     os.makedirs(work)
-    res = {"n": a.n, "new": a.new, "timestamp": stamp, "machine": machine(), "nights": {},
-           "command": " ".join([os.path.relpath(sys.executable, REPO)] + sys.argv)}
+    res = {
+        "n": a.n,
+        "new": a.new,
+        "timestamp": stamp,
+        "machine": machine(),
+        "nights": {},
+        "command": " ".join([os.path.relpath(sys.executable, REPO)] + sys.argv),
+    }
     with tempfile.TemporaryDirectory(prefix="nightly_bench_s3_") as s3dir:
         server = S3Server(bucket=BUCKET, base_dir=s3dir)
         server.start()
         try:
             env = dict(server.subprocess_env(), RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=pythonpath(REPO))
-            s3 = pafs.S3FileSystem(endpoint_override=server.endpoint_url, access_key=server.access_key,
-                                   secret_key=server.secret_key, scheme="http", region=server.region)
+            s3 = pafs.S3FileSystem(
+                endpoint_override=server.endpoint_url,
+                access_key=server.access_key,
+                secret_key=server.secret_key,
+                scheme="http",
+                region=server.region,
+            )
             shards = sorted(os.path.join(data, p) for p in os.listdir(data) if p.endswith(".parquet"))
-            res["upload_s"] = {"night1": upload(s3, shards, "night1"),
-                               "night3": upload(s3, night3_files(data, a.n, a.new, work), "night3")}
-            for night, prefix, extra in ((NIGHTS[0], "night1", ["--mode", "kmeans", "--n_layers", "3",
-                                                                 "--n_clusters", "256"]),
-                                         (NIGHTS[1], "night1", []), (NIGHTS[2], "night3", [])):
-                cmd = [sys.executable, "-m", "semid_dist", "nightly", "--data_path", f"s3://{BUCKET}/{prefix}/",
-                       "--output_dir", f"s3://{BUCKET}/semids", "--generation", night,
-                       "--log_dir", os.path.join(work, "logs"), *extra]
+            res["upload_s"] = {
+                "night1": upload(s3, shards, "night1"),
+                "night3": upload(s3, night3_files(data, a.n, a.new, work), "night3"),
+            }
+            for night, prefix, extra in (
+                (NIGHTS[0], "night1", ["--mode", "kmeans", "--n_layers", "3", "--n_clusters", "256"]),
+                (NIGHTS[1], "night1", []),
+                (NIGHTS[2], "night3", []),
+            ):
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "semid_dist",
+                    "nightly",
+                    "--data_path",
+                    f"s3://{BUCKET}/{prefix}/",
+                    "--output_dir",
+                    f"s3://{BUCKET}/semids",
+                    "--generation",
+                    night,
+                    "--log_dir",
+                    os.path.join(work, "logs"),
+                    *extra,
+                ]
                 side = run_side(night, cmd, os.path.join(work, f"{night}.log"), env)
                 side.pop("processes_at_peak")
                 r = results(s3, night)
-                side.update(stages_s=r["timings_s"], counts=r["counts"],
-                            collision_rate=r["metrics"]["collision_rate"])
+                side.update(
+                    stages_s=r["timings_s"], counts=r["counts"], collision_rate=r["metrics"]["collision_rate"]
+                )
                 res["nights"][night] = side
             res["checks"] = checks(s3, results(s3, NIGHTS[2]))
         finally:
@@ -141,8 +175,10 @@ def main() -> None:
         json.dump(res, f, indent=1)
     with open(os.path.join(a.out, f"nightly_{a.n}_{stamp}.md"), "w") as f:
         f.write(md + "\n")
-    print(f"\nnightly benchmark: N={a.n} from and to S3 (SeaweedFS on 127.0.0.1), {machine_line(res['machine'])}; "
-          f"uploads {res['upload_s']['night1']} s (night 1), {res['upload_s']['night3']} s (night 3)")
+    print(
+        f"\nnightly benchmark: N={a.n} from and to S3 (SeaweedFS on 127.0.0.1), {machine_line(res['machine'])}; "
+        f"uploads {res['upload_s']['night1']} s (night 1), {res['upload_s']['night3']} s (night 3)"
+    )
     print(md)
     for k, ok in res["checks"].items():
         print(f"  check {k}: {'ok' if ok else 'FAILED'}")
@@ -151,13 +187,18 @@ def main() -> None:
 
 
 def table(res: dict) -> str:
-    lines = ["| night | items | stable / new / changed (kept ID) / removed | wall (s) | peak memory (GB) | "
-             "stages (s) |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| night | items | stable / new / changed (kept ID) / removed | wall (s) | peak memory (GB) | "
+        "stages (s) |",
+        "|---|---|---|---|---|---|",
+    ]
     for night, r in res["nights"].items():
         c = r["counts"]
         stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stages_s"].items() if k != "total")
-        lines.append(f"| {night} | {c['items']:,} | {c['stable']:,} / {c['new']:,} / {c['changed']:,} "
-                     f"({c['changed_kept_id']:,}) / {c['removed']:,} | {r['wall_s']:.1f} | {r['peak_gb']:.2f} | {stages} |")
+        lines.append(
+            f"| {night} | {c['items']:,} | {c['stable']:,} / {c['new']:,} / {c['changed']:,} "
+            f"({c['changed_kept_id']:,}) / {c['removed']:,} | {r['wall_s']:.1f} | {r['peak_gb']:.2f} | {stages} |"
+        )
     return "\n".join(lines)
 
 

@@ -21,6 +21,7 @@ time (the full matrix is never in memory); written as list<float32> with 64k-row
 (large row groups of list columns exhaust memory on read: DESIGN.md section 6). ItemIDs are
 sparse and unordered (an odd multiplier mod 2^32 is a bijection, so they are unique).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,7 +50,7 @@ class Catalog:
         self.dim, self.seed = dim, seed
         rng = np.random.default_rng([seed, 0xC0FFEE])
         spec_D = (1.0 + np.arange(dim)) ** -SPEC
-        self.spec_D = (spec_D / np.sqrt((spec_D ** 2).sum())).astype(np.float32)  # unit total variance
+        self.spec_D = (spec_D / np.sqrt((spec_D**2).sum())).astype(np.float32)  # unit total variance
         mean = rng.standard_normal(dim)
         self.mean_D = (mean / np.linalg.norm(mean) * np.sqrt(VAR["mean"])).astype(np.float32)
         n_sub, n_leaf = N_TOPICS * N_SUB, N_TOPICS * N_SUB * N_LEAF
@@ -71,7 +72,9 @@ class Catalog:
     def block(self, b: int) -> np.ndarray:
         """Rows [b * BLOCK, (b + 1) * BLOCK) as float32 (BLOCK, dim), unit-normalised."""
         rng = np.random.default_rng([self.seed, b])
-        leaf = np.searchsorted(self.leaf_cdf, rng.random(BLOCK), side="right").clip(max=len(self.leaf_cdf) - 1)
+        leaf = np.searchsorted(self.leaf_cdf, rng.random(BLOCK), side="right").clip(
+            max=len(self.leaf_cdf) - 1
+        )
         sub, topic = leaf // N_LEAF, leaf // (N_LEAF * N_SUB)
         x = rng.standard_normal((BLOCK, self.dim), dtype=np.float32)
         x *= self.spec_D * np.float32(np.sqrt(VAR["noise"]))
@@ -94,7 +97,7 @@ def rows(cat: Catalog, start: int, stop: int) -> np.ndarray:
     out = np.empty((stop - start, cat.dim), np.float32)
     for b in range(start // BLOCK, (stop - 1) // BLOCK + 1):
         lo, hi = max(start, b * BLOCK), min(stop, (b + 1) * BLOCK)
-        out[lo - start: hi - start] = cat.block(b)[lo - b * BLOCK: hi - b * BLOCK]
+        out[lo - start : hi - start] = cat.block(b)[lo - b * BLOCK : hi - b * BLOCK]
     return out
 
 
@@ -119,8 +122,16 @@ def generate(n: int, out: str, shards: int = 16, dim: int = 768, seed: int = 0) 
                 w.write_table(_table(item_ids(lo, hi), rows(cat, lo, hi)), row_group_size=ROW_GROUP)
         os.replace(tmp, path)
         print(f"  {path}: rows {bounds[s]}..{bounds[s + 1]} ({time.time() - t0:.0f} s)", flush=True)
-    meta = {"n": n, "dim": dim, "shards": shards, "seed": seed, "row_group": ROW_GROUP,
-            "generator": "bench/synth.py", "version": VERSION, "seconds": round(time.time() - t0, 1)}
+    meta = {
+        "n": n,
+        "dim": dim,
+        "shards": shards,
+        "seed": seed,
+        "row_group": ROW_GROUP,
+        "generator": "bench/synth.py",
+        "version": VERSION,
+        "seconds": round(time.time() - t0, 1),
+    }
     with open(os.path.join(out, "_catalog.json"), "w") as f:
         json.dump(meta, f, indent=2)
     return meta
@@ -131,8 +142,13 @@ def ensure(n: int, out: str, shards: int = 16, dim: int = 768, seed: int = 0) ->
     try:
         with open(os.path.join(out, "_catalog.json")) as f:
             meta = json.load(f)
-        if (meta["n"], meta["dim"], meta["shards"], meta["seed"], meta.get("version")) == \
-                (n, dim, shards, seed, VERSION):
+        if (meta["n"], meta["dim"], meta["shards"], meta["seed"], meta.get("version")) == (
+            n,
+            dim,
+            shards,
+            seed,
+            VERSION,
+        ):
             return out
     except (OSError, ValueError, KeyError):
         pass

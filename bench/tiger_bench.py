@@ -23,6 +23,7 @@ with the data.
 
 Writes <out>/tiger_<items>_<device>_<timestamp>.json and .md and prints the table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,9 +43,26 @@ from kmeans_bench import machine, machine_line, pythonpath, save  # noqa: E402
 
 
 def flags(a) -> list[str]:
-    return ["--mode", "tiger", "--epochs", str(a.epochs), "--batch_size", str(a.batch_size),
-            "--n_layers", "3", "--n_embed", str(a.n_embed), "--latent_dim", str(a.latent_dim),
-            "--max_items", str(a.items), "--patience", str(a.epochs + 1), "--device", a.device]
+    return [
+        "--mode",
+        "tiger",
+        "--epochs",
+        str(a.epochs),
+        "--batch_size",
+        str(a.batch_size),
+        "--n_layers",
+        "3",
+        "--n_embed",
+        str(a.n_embed),
+        "--latent_dim",
+        str(a.latent_dim),
+        "--max_items",
+        str(a.items),
+        "--patience",
+        str(a.epochs + 1),
+        "--device",
+        a.device,
+    ]
 
 
 def in_memory(a, data: str) -> dict:
@@ -83,29 +101,59 @@ def in_memory(a, data: str) -> dict:
         _, step = steps.train_epoch(model, model, opt, rank_data, epoch, step, cfg, comm, 10**9)
         metrics, _ = steps.evaluate(model, rank_data, comm, catalog=steps.catalog_eval_due(epoch + 1, cfg))
         epochs.append(round(time.perf_counter() - t, 3))
-    return {"n_train": rank_data.n_train, "load_s": round(load_s, 3), "codebook_init_s": round(init_s, 3),
-            "epoch_s": epochs, "steps": step, "val_recon": metrics.get("val_recon")}
+    return {
+        "n_train": rank_data.n_train,
+        "load_s": round(load_s, 3),
+        "codebook_init_s": round(init_s, 3),
+        "epoch_s": epochs,
+        "steps": step,
+        "val_recon": metrics.get("val_recon"),
+    }
 
 
 def product(a, data: str, workers: int, work: str) -> dict:
     out = os.path.join(work, f"product_{workers}w")
-    cmd = [sys.executable, "-m", "semid_dist", "train", "--data_path", data, "--output_dir", out,
-           "--log_dir", os.path.join(work, f"logs_{workers}w"), "--num_workers", str(workers), *flags(a)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "semid_dist",
+        "train",
+        "--data_path",
+        data,
+        "--output_dir",
+        out,
+        "--log_dir",
+        os.path.join(work, f"logs_{workers}w"),
+        "--num_workers",
+        str(workers),
+        *flags(a),
+    ]
     print(f"[product {workers}w] {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
     with open(os.path.join(work, f"product_{workers}w.log"), "w") as log:
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                            env=dict(os.environ, PYTHONPATH=pythonpath(REPO), RAY_USAGE_STATS_ENABLED="0")).returncode
+        rc = subprocess.run(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=dict(os.environ, PYTHONPATH=pythonpath(REPO), RAY_USAGE_STATS_ENABLED="0"),
+        ).returncode
     wall = time.perf_counter() - t0
     if rc != 0:
         raise SystemExit(f"product run with {workers} worker(s) failed (exit {rc}); see {log.name}")
     with open(os.path.join(out, "training_results.json")) as f:
         res = json.load(f)
     hist = res["training"]["history"]
-    return {"wall_s": round(wall, 2), "fit_s": res["timings_s"]["fit"],
-            "data_read_s": hist[0].get("data_read_s"), "codebook_init_s": hist[0].get("codebook_init_s"),
-            "epoch_s": [h["time_s"] for h in hist], "steps": res["training"]["steps"],
-            "items": res["input"]["items"], "val_recon": hist[-1].get("val_recon")}
+    return {
+        "wall_s": round(wall, 2),
+        "fit_s": res["timings_s"]["fit"],
+        "data_read_s": hist[0].get("data_read_s"),
+        "codebook_init_s": hist[0].get("codebook_init_s"),
+        "epoch_s": [h["time_s"] for h in hist],
+        "steps": res["training"]["steps"],
+        "items": res["input"]["items"],
+        "val_recon": hist[-1].get("val_recon"),
+    }
 
 
 OVERHEAD_TARGET = 0.15  # issue 5: data-pipeline overhead at most 15%
@@ -114,8 +162,10 @@ OVERHEAD_TARGET = 0.15  # issue 5: data-pipeline overhead at most 15%
 def _references(res: dict) -> list[tuple[str, dict]]:
     refs = [("in memory (same loop, no Ray)", res["in_memory"])]
     if res.get("in_memory_after"):
-        refs = [("in memory, before the product runs", res["in_memory"]),
-                ("in memory, after the product runs", res["in_memory_after"])]
+        refs = [
+            ("in memory, before the product runs", res["in_memory"]),
+            ("in memory, after the product runs", res["in_memory_after"]),
+        ]
     return refs
 
 
@@ -127,8 +177,17 @@ def summarise(res: dict) -> tuple[str, dict]:
     for label, mem in refs:
         tput = n * e / sum(mem["epoch_s"])
         ref_tputs.append(tput)
-        rows.append((label, f"{mem['load_s']:.1f} (load, untimed)", f"{mem['codebook_init_s']:.1f}",
-                     " / ".join(f"{s:.1f}" for s in mem["epoch_s"]), f"{tput:,.0f}", "-", "-"))
+        rows.append(
+            (
+                label,
+                f"{mem['load_s']:.1f} (load, untimed)",
+                f"{mem['codebook_init_s']:.1f}",
+                " / ".join(f"{s:.1f}" for s in mem["epoch_s"]),
+                f"{tput:,.0f}",
+                "-",
+                "-",
+            )
+        )
     mem_tput = sum(ref_tputs) / len(ref_tputs)
     derived["in_memory_items_per_s"] = round(mem_tput)
     if len(ref_tputs) > 1:
@@ -142,9 +201,17 @@ def summarise(res: dict) -> tuple[str, dict]:
         fed = n * e / (loop_s + p["data_read_s"])
         derived[f"product_{w}w_items_per_s"] = round(tput)
         derived[f"product_{w}w_fed_items_per_s"] = round(fed)
-        rows.append((f"product, {w} worker(s), Ray Data", f"{p['data_read_s']:.1f}", f"{p['codebook_init_s']:.1f}",
-                     " / ".join(f"{s:.1f}" for s in p["epoch_s"]), f"{tput:,.0f}", f"{fed:,.0f}",
-                     f"{p['wall_s']:.1f}"))
+        rows.append(
+            (
+                f"product, {w} worker(s), Ray Data",
+                f"{p['data_read_s']:.1f}",
+                f"{p['codebook_init_s']:.1f}",
+                " / ".join(f"{s:.1f}" for s in p["epoch_s"]),
+                f"{tput:,.0f}",
+                f"{fed:,.0f}",
+                f"{p['wall_s']:.1f}",
+            )
+        )
     notes = []
     if "product_1w_fed_items_per_s" in derived:
         fed, loop = derived["product_1w_fed_items_per_s"], derived["product_1w_items_per_s"]
@@ -157,17 +224,25 @@ def summarise(res: dict) -> tuple[str, dict]:
             lo, hi = derived["pipeline_overhead_1w_range"]
             spread = f"; {100 * lo:.1f}% to {100 * hi:.1f}% against each in-memory run"
         derived["target_overhead_met"] = derived["pipeline_overhead_1w"] <= OVERHEAD_TARGET
-        notes.append(f"data-pipeline overhead (1 worker): {100 * derived['pipeline_overhead_1w']:.1f}% "
-                     f"against the in-memory loop{' (mean of both runs)' if len(ref_tputs) > 1 else ''}{spread} "
-                     f"(the loop alone in the worker, without the one-time intake: "
-                     f"{100 * derived['loop_slowdown_1w']:.1f}% fewer items/s than in memory)")
-        notes.append(f"  target data-pipeline overhead <= {100 * OVERHEAD_TARGET:.0f}%: "
-                     f"{'met' if derived['target_overhead_met'] else 'NOT met'}")
+        notes.append(
+            f"data-pipeline overhead (1 worker): {100 * derived['pipeline_overhead_1w']:.1f}% "
+            f"against the in-memory loop{' (mean of both runs)' if len(ref_tputs) > 1 else ''}{spread} "
+            f"(the loop alone in the worker, without the one-time intake: "
+            f"{100 * derived['loop_slowdown_1w']:.1f}% fewer items/s than in memory)"
+        )
+        notes.append(
+            f"  target data-pipeline overhead <= {100 * OVERHEAD_TARGET:.0f}%: "
+            f"{'met' if derived['target_overhead_met'] else 'NOT met'}"
+        )
     if "product_2w_items_per_s" in derived and "product_1w_items_per_s" in derived:
-        derived["speedup_2w_over_1w"] = round(derived["product_2w_items_per_s"] / derived["product_1w_items_per_s"], 3)
+        derived["speedup_2w_over_1w"] = round(
+            derived["product_2w_items_per_s"] / derived["product_1w_items_per_s"], 3
+        )
         notes.append(f"2 workers / 1 worker (loop throughput): {derived['speedup_2w_over_1w']:.2f}x")
-    head = ("| run | data intake (s) | codebook init (s) | epochs (s) | items/s, loop | items/s, fed by "
-            "Ray Data | wall, whole run (s) |\n|---|---|---|---|---|---|---|")
+    head = (
+        "| run | data intake (s) | codebook init (s) | epochs (s) | items/s, loop | items/s, fed by "
+        "Ray Data | wall, whole run (s) |\n|---|---|---|---|---|---|---|"
+    )
     md = head + "\n" + "\n".join("| " + " | ".join(r) + " |" for r in rows)
     if notes:
         md += "\n\n" + "\n".join(notes)
@@ -184,8 +259,13 @@ def main() -> None:
     ap.add_argument("--n_embed", type=int, default=256)
     ap.add_argument("--latent_dim", type=int, default=32)
     ap.add_argument("--workers", default="1,2")
-    ap.add_argument("--references", type=int, default=2, choices=[1, 2],
-                    help="in-memory reference runs: 1 (before the product) or 2 (before and after)")
+    ap.add_argument(
+        "--references",
+        type=int,
+        default=2,
+        choices=[1, 2],
+        help="in-memory reference runs: 1 (before the product) or 2 (before and after)",
+    )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--data", default=None, help="catalog dir (default /tmp/bench/catalog_<n>)")
     ap.add_argument("--out", default=os.environ.get("BENCH_OUT") or os.path.join(REPO, "bench_out"))
@@ -195,9 +275,18 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d_%H%M%S")
     work = os.path.join(a.out, f"tiger_work_{a.items}_{a.device}_{stamp}")
     os.makedirs(work)
-    res = {"items": a.items, "catalog": data, "epochs": a.epochs, "batch_size": a.batch_size,
-           "n_embed": a.n_embed, "latent_dim": a.latent_dim, "device": a.device, "timestamp": stamp,
-           "machine": machine(), "command": " ".join([os.path.relpath(sys.executable, REPO)] + sys.argv)}
+    res = {
+        "items": a.items,
+        "catalog": data,
+        "epochs": a.epochs,
+        "batch_size": a.batch_size,
+        "n_embed": a.n_embed,
+        "latent_dim": a.latent_dim,
+        "device": a.device,
+        "timestamp": stamp,
+        "machine": machine(),
+        "command": " ".join([os.path.relpath(sys.executable, REPO)] + sys.argv),
+    }
     print("[in memory] the product's loop over tensors in memory", flush=True)
     res["in_memory"] = in_memory(a, data)
     for w in (int(x) for x in a.workers.split(",")):
@@ -208,8 +297,10 @@ def main() -> None:
     md, derived = summarise(res)
     res["derived"] = derived
     base = save(os.path.join(a.out, f"tiger_{a.items}_{a.device}_{stamp}"), res, md)
-    print(f"\ntiger benchmark: {a.items} items x {a.dim}, {a.epochs} epochs, batch {a.batch_size}, "
-          f"3 x {a.n_embed}, latent {a.latent_dim}, device {a.device}, {machine_line(res['machine'])}")
+    print(
+        f"\ntiger benchmark: {a.items} items x {a.dim}, {a.epochs} epochs, batch {a.batch_size}, "
+        f"3 x {a.n_embed}, latent {a.latent_dim}, device {a.device}, {machine_line(res['machine'])}"
+    )
     print(md)
     print(f"results: {base}.json")
 

@@ -6,6 +6,7 @@
 
 Flags are those of `semid encode` (semid_dist/encode_only.py).
 """
+
 import sys
 
 from semid_dist.cli import main

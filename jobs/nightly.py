@@ -5,6 +5,7 @@
 
 Flags are those of `semid nightly` (e.g. --generation, --retrain, --tokenizer, --changed_policy).
 """
+
 import sys
 
 from semid_dist.cli import main

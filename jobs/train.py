@@ -6,6 +6,7 @@
 
 Flags are those of `semid train`.
 """
+
 import sys
 
 from semid_dist.cli import main

@@ -1,4 +1,5 @@
 """semid_dist: distributed trainer for semantic-ID tokenizers (tiger RQ-VAE, residual k-means)."""
+
 __version__ = "0.1.0"
 
 __all__ = ["Tokenizer", "load_tokenizer", "__version__"]

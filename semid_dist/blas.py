@@ -11,6 +11,7 @@ OpenBLAS is reached through ctypes (its documented C API, openblas_set_num_threa
 among the libraries this process has loaded. Where numpy uses another BLAS (MKL, Accelerate)
 this module finds no OpenBLAS and does nothing.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -37,8 +38,9 @@ def _loaded_openblas_paths() -> list[str]:
         import numpy
 
         here = os.path.dirname(numpy.__file__)
-        paths = glob.glob(os.path.join(here, ".dylibs", "*openblas*")) + \
-            glob.glob(os.path.join(os.path.dirname(here), "numpy.libs", "*openblas*"))
+        paths = glob.glob(os.path.join(here, ".dylibs", "*openblas*")) + glob.glob(
+            os.path.join(os.path.dirname(here), "numpy.libs", "*openblas*")
+        )
     # numpy's own first: another package (faiss-cpu, say) may have loaded an OpenBLAS of its own
     return sorted(paths, key=lambda p: "numpy" not in p)
 

@@ -5,6 +5,7 @@ The seed's flags keep their names and defaults (``--data_path``, ``--n_layers``,
 ``train_tokenizer.py`` did. ``--config FILE`` (YAML/JSON) sets the same fields; flags given on
 the command line win.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,15 +40,15 @@ HELP = {
     "max_items": "use only the first N items (quick tests)",
     "save_every": "checkpoint every N epochs (tiger)",
     "eval_every": "encode every item for the collision rate, code usage and reconstruction error "
-                  "every N epochs and at the last; the validation error is logged every epoch (tiger)",
+    "every N epochs and at the last; the validation error is logged every epoch (tiger)",
     "log_level": "DEBUG, INFO, WARNING or ERROR (DEBUG also shows tracebacks)",
     "max_iters": "Lloyd iterations per level at full dimension (kmeans)",
     "seed": "random seed (sampling, k-means seeding, model init)",
     "sample_per_centroid": "k-means sample size = this x n_clusters (kmeans)",
     "kmeans_sample_gb": "at most this many GB of k-means sample in memory; a larger sample is "
-                        "cut to it, with a warning (kmeans)",
+    "cut to it, with a warning (kmeans)",
     "kmeans_full_dim_levels": "fit the first N levels in the full dimension, not progressively: "
-                              "lower reconstruction error, more collisions on real catalogs (kmeans)",
+    "lower reconstruction error, more collisions on real catalogs (kmeans)",
     "num_workers": "Ray Train workers (tiger)",
     "resume": "continue from the latest checkpoint (tiger)",
     "max_failures": "restarts allowed after a worker failure (tiger)",
@@ -74,10 +75,15 @@ def _arg_type(tp):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="semid", description="Train semantic-ID tokenizers (tiger / kmeans).")
-    p.add_argument("command", nargs="?", default="train", choices=sorted(COMMANDS),
-                   help="train: fit a tokenizer and export IDs (default); encode: apply an existing "
-                        "tokenizer (--tokenizer) to a catalog; nightly: write a new ID generation "
-                        "that keeps unchanged items' IDs")
+    p.add_argument(
+        "command",
+        nargs="?",
+        default="train",
+        choices=sorted(COMMANDS),
+        help="train: fit a tokenizer and export IDs (default); encode: apply an existing "
+        "tokenizer (--tokenizer) to a catalog; nightly: write a new ID generation "
+        "that keeps unchanged items' IDs",
+    )
     p.add_argument("--config", help="YAML or JSON file of config fields")
     p.add_argument("--log_dir", default=argparse.SUPPRESS, help="local folder for log files (default: logs)")
     hints = typing.get_type_hints(Config)
@@ -85,16 +91,32 @@ def build_parser() -> argparse.ArgumentParser:
         name, tp = f.name, hints[f.name]
         h = argparse.SUPPRESS if name in HIDDEN else HELP.get(name, name.replace("_", " "))
         if name == "use_ema":
-            p.add_argument("--use_ema", dest="use_ema", action="store_true", default=argparse.SUPPRESS,
-                           help="EMA codebook updates (default)")
-            p.add_argument("--no_ema", dest="use_ema", action="store_false", default=argparse.SUPPRESS,
-                           help="learn codebooks by gradient")
+            p.add_argument(
+                "--use_ema",
+                dest="use_ema",
+                action="store_true",
+                default=argparse.SUPPRESS,
+                help="EMA codebook updates (default)",
+            )
+            p.add_argument(
+                "--no_ema",
+                dest="use_ema",
+                action="store_false",
+                default=argparse.SUPPRESS,
+                help="learn codebooks by gradient",
+            )
         elif tp is bool:
-            p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=h)
+            p.add_argument(
+                f"--{name}", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=h
+            )
         else:
             base = tp if tp in (int, float, str) else int  # int | None (max_items)
-            p.add_argument(f"--{name}", type=_arg_type(base), default=argparse.SUPPRESS,
-                           help=h if h is argparse.SUPPRESS else f"{h} (default: {f.default})")
+            p.add_argument(
+                f"--{name}",
+                type=_arg_type(base),
+                default=argparse.SUPPRESS,
+                help=h if h is argparse.SUPPRESS else f"{h} (default: {f.default})",
+            )
     return p
 
 
@@ -114,8 +136,10 @@ def print_summary(results: dict) -> None:
     k = c["n_embed"] if results["mode"] == "tiger" else c["n_clusters"]
     used = ", ".join(str(lv["codes_used"]) for lv in m["levels"])
     ppl = ", ".join(f"{lv['perplexity']:.0f}" for lv in m["levels"])
-    print(f"\nsemid_dist {results['mode']}: {results['input']['items']} items -> "
-          f"{c['n_layers']} levels x {k} codes + 1 dedup code")
+    print(
+        f"\nsemid_dist {results['mode']}: {results['input']['items']} items -> "
+        f"{c['n_layers']} levels x {k} codes + 1 dedup code"
+    )
     print(f"  collision rate before dedup: {100 * m['collision_rate']:.2f}%  (max bucket {m['max_bucket']})")
     print(f"  codes used per level:        {used}")
     print(f"  perplexity per level:        {ppl}")
@@ -125,9 +149,13 @@ def print_summary(results: dict) -> None:
     print(f"  log:                         {results['log_path']}")
     if results.get("counts"):
         n, g = results["counts"], results["generation"]
-        print(f"  generation:                  {g['name']} (#{g['seq']}, {g['status']}, LATEST {g['latest']})")
-        print(f"  items:                       {n['stable']} stable, {n['new']} new, {n['changed']} changed "
-              f"({n['changed_kept_id']} kept their ID), {n['removed']} removed, {n['reclaimed']} reclaimed")
+        print(
+            f"  generation:                  {g['name']} (#{g['seq']}, {g['status']}, LATEST {g['latest']})"
+        )
+        print(
+            f"  items:                       {n['stable']} stable, {n['new']} new, {n['changed']} changed "
+            f"({n['changed_kept_id']} kept their ID), {n['removed']} removed, {n['reclaimed']} reclaimed"
+        )
     if results.get("examples"):
         print("  items sharing a prefix:")
         for ex in results["examples"]:
@@ -160,8 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         if err is not None:
             print(f"semid: error: {one_line(err)}", file=sys.stderr)
             return 2
-        print(f"semid: internal error: {type(e).__name__}: {one_line(e)}"
-              + ("" if debug else " (rerun with --log_level DEBUG for the traceback)"), file=sys.stderr)
+        print(
+            f"semid: internal error: {type(e).__name__}: {one_line(e)}"
+            + ("" if debug else " (rerun with --log_level DEBUG for the traceback)"),
+            file=sys.stderr,
+        )
         return 1
 
 

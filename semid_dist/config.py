@@ -3,6 +3,7 @@
 The CLI maps onto it field for field (the seed's flag names and defaults); ``--config`` files
 (YAML or JSON) set the same fields; Ray workers receive ``to_dict()`` and rebuild it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -121,9 +122,20 @@ class Config:
         if self.log_level.upper() not in LOG_LEVELS:
             raise bad("log_level", f"choose one of {', '.join(LOG_LEVELS)}")
         self.log_level = self.log_level.upper()
-        positive = ("epochs", "batch_size", "n_layers", "n_embed", "n_clusters", "latent_dim",
-                    "save_every", "eval_every", "max_iters", "sample_per_centroid", "num_workers",
-                    "encode_batch_size")
+        positive = (
+            "epochs",
+            "batch_size",
+            "n_layers",
+            "n_embed",
+            "n_clusters",
+            "latent_dim",
+            "save_every",
+            "eval_every",
+            "max_iters",
+            "sample_per_centroid",
+            "num_workers",
+            "encode_batch_size",
+        )
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise bad(name, "must be >= 1")
@@ -148,8 +160,10 @@ class Config:
         if self.n_codes > 65535:
             raise bad("n_embed" if self.mode == "tiger" else "n_clusters", "must be <= 65535")
         if self.generation and not GENERATION_NAME.fullmatch(self.generation):
-            raise bad("generation", "use letters, digits, '.', '_' or '-' (up to 128, not starting "
-                                    "with '.', '_' or '-')")
+            raise bad(
+                "generation",
+                "use letters, digits, '.', '_' or '-' (up to 128, not starting with '.', '_' or '-')",
+            )
         if self.changed_policy not in CHANGED_POLICIES:
             raise bad("changed_policy", f"choose one of {', '.join(CHANGED_POLICIES)}")
         return self
@@ -175,5 +189,3 @@ def load_config_file(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"{path}: config must be a mapping of field: value")
     return data
-
-

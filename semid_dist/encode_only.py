@@ -8,6 +8,7 @@ training_results.json, and final_model.pt: the tokenizer that produced these IDs
     semid encode --data_path s3://catalog/items/ --output_dir s3://ids/2026-11-27/ \\
                  --tokenizer s3://models/kmeans-3x256/final_model.pt
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,8 +30,9 @@ def load(path: str, endpoint_url: str = ""):
     from semid_dist.tokenizer import Tokenizer
 
     if not path:
-        raise UserError("encode needs --tokenizer: the final_model.pt of an earlier train run "
-                        "(local path or s3://)")
+        raise UserError(
+            "encode needs --tokenizer: the final_model.pt of an earlier train run (local path or s3://)"
+        )
     fs = storage.filesystem(path, endpoint_url)
     try:
         with fs.open(storage.strip_scheme(path), "rb") as f:
@@ -53,8 +55,10 @@ def load(path: str, endpoint_url: str = ""):
     except UserError as e:
         raise UserError(f"{path}: {e.args[0]}") from e
     except Exception as e:  # a semid_dist file with missing or mismatched tensors
-        raise UserError(f"{path}: damaged tokenizer file ({type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
+        raise UserError(
+            f"{path}: damaged tokenizer file ({type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+        ) from e
     return tok, hashlib.sha256(blob).hexdigest()
 
 
@@ -69,10 +73,19 @@ def run(cfg: Config, log_dir: str = "logs") -> dict:
 
     def fit(cfg_: Config, ds, info, scan, n_items: int, pub) -> tuple:
         if info.dim != tok.input_dim:
-            raise UserError(f"{cfg.tokenizer}: tokenizer takes {tok.input_dim}-d embeddings, "
-                            f"but {cfg.data_path} has {info.dim}-d embeddings")
-        log.info("applying %s tokenizer %s (%d levels x %d codes, input dim %d, sha256 %s)",
-                 tok.mode, cfg.tokenizer, tok.n_layers, tok.n_codes, tok.input_dim, sha256[:12])
+            raise UserError(
+                f"{cfg.tokenizer}: tokenizer takes {tok.input_dim}-d embeddings, "
+                f"but {cfg.data_path} has {info.dim}-d embeddings"
+            )
+        log.info(
+            "applying %s tokenizer %s (%d levels x %d codes, input dim %d, sha256 %s)",
+            tok.mode,
+            cfg.tokenizer,
+            tok.n_layers,
+            tok.n_codes,
+            tok.input_dim,
+            sha256[:12],
+        )
         trained = tok.config if isinstance(tok.config, dict) else {}
         return tok, {
             "command": "encode",

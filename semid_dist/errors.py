@@ -1,4 +1,5 @@
 """User-facing errors: one line, no traceback (unless --log_level DEBUG)."""
+
 from __future__ import annotations
 
 

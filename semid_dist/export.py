@@ -1,4 +1,5 @@
 """Write the outputs of a run into a Publisher's staging area (published by the caller)."""
+
 from __future__ import annotations
 
 import io
@@ -31,7 +32,9 @@ def _mapping_parts(ids_N: np.ndarray, sid_NM: np.ndarray):
     fmt = '  "%d": [' + ", ".join(["%d"] * m) + "]"
     yield "{\n"
     for s in range(0, len(ids_N), JSON_CHUNK):
-        cols = [ids_N[s: s + JSON_CHUNK].tolist()] + [sid_NM[s: s + JSON_CHUNK, j].tolist() for j in range(m)]
+        cols = [ids_N[s : s + JSON_CHUNK].tolist()] + [
+            sid_NM[s : s + JSON_CHUNK, j].tolist() for j in range(m)
+        ]
         yield (",\n" if s else "") + ",\n".join([fmt % t for t in zip(*cols)])
     yield "\n}\n"
 
@@ -52,7 +55,9 @@ def _index_parts(ids_N: np.ndarray, sid_NM: np.ndarray):
     fmt = ' "%d": [\n' + ",\n".join(f'  "<{letters[l]}_%d>"' for l in range(m)) + "\n ]"
     yield "{\n"
     for s in range(0, len(ids_N), JSON_CHUNK):
-        cols = [ids_N[s: s + JSON_CHUNK].tolist()] + [sid_NM[s: s + JSON_CHUNK, j].tolist() for j in range(m)]
+        cols = [ids_N[s : s + JSON_CHUNK].tolist()] + [
+            sid_NM[s : s + JSON_CHUNK, j].tolist() for j in range(m)
+        ]
         yield (",\n" if s else "") + ",\n".join([fmt % t for t in zip(*cols)])
     yield "\n}\n"
 

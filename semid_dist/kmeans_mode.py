@@ -1,5 +1,6 @@
 """kmeans mode: residual k-means fitted on the in-memory hash sample from the scan pass, on
 the driver's CPU or, with GPUs in the Ray cluster, in a task on one of them."""
+
 from __future__ import annotations
 
 import logging
@@ -31,13 +32,22 @@ def fit(cfg: Config, scan: ScanResult) -> tuple[Tokenizer, dict]:
     how = "progressive-dimension" if cfg.kmeans_progressive else "plain"
     if cfg.kmeans_full_dim_levels and cfg.kmeans_progressive:
         how += f", full dimension at the first {min(cfg.kmeans_full_dim_levels, cfg.n_layers)} level(s)"
-    log.info("kmeans: fitting %d levels x %d centroids on a sample of %d x %d (%s k-means, %d iters) on %s",
-             cfg.n_layers, cfg.n_clusters, x_SD.shape[0], x_SD.shape[1], how, cfg.max_iters,
-             "a GPU" if device == "cuda" else "the CPU")
+    log.info(
+        "kmeans: fitting %d levels x %d centroids on a sample of %d x %d (%s k-means, %d iters) on %s",
+        cfg.n_layers,
+        cfg.n_clusters,
+        x_SD.shape[0],
+        x_SD.shape[1],
+        how,
+        cfg.max_iters,
+        "a GPU" if device == "cuda" else "the CPU",
+    )
     n_sample = int(x_SD.shape[0])
     if n_sample < cfg.n_clusters:  # the hash sample came out short (math.sampling.sample_floor)
-        raise UserError(f"the k-means sample kept {n_sample} rows, fewer than --n_clusters {cfg.n_clusters}: "
-                        "raise --sample_per_centroid")
+        raise UserError(
+            f"the k-means sample kept {n_sample} rows, fewer than --n_clusters {cfg.n_clusters}: "
+            "raise --sample_per_centroid"
+        )
     scan.sample_SD = np.zeros((0, x_SD.shape[1]), np.float32)
     if device == "cuda":
         books_LKD, per_level = fit_in_task(x_SD, cfg, "cuda", num_gpus=1)
@@ -45,12 +55,17 @@ def fit(cfg: Config, scan: ScanResult) -> tuple[Tokenizer, dict]:
         books_LKD, per_level = fit_levels(x_SD, cfg, None, live_log=True)
     del x_SD
     tok = Tokenizer("kmeans", cfg.to_dict(), codebooks_LKD=books_LKD)
-    return tok, {"sample_size": n_sample, "levels_on_sample": per_level, "device": device,
-                 "sample_ids_checksum": int(np.bitwise_xor.reduce(scan.sample_ids_S)) if scan.sample_ids_S.size else 0}
+    return tok, {
+        "sample_size": n_sample,
+        "levels_on_sample": per_level,
+        "device": device,
+        "sample_ids_checksum": int(np.bitwise_xor.reduce(scan.sample_ids_S)) if scan.sample_ids_S.size else 0,
+    }
 
 
-def fit_levels(x_SD: np.ndarray, cfg: Config, device: str | None, live_log: bool = False
-               ) -> tuple[torch.Tensor, list[dict]]:
+def fit_levels(
+    x_SD: np.ndarray, cfg: Config, device: str | None, live_log: bool = False
+) -> tuple[torch.Tensor, list[dict]]:
     """The codebooks (L, K, D) fitted on x_SD (overwritten when writable) and per-level stats
     on the sample; device as for fit_residual_codebooks."""
     per_level = []
@@ -64,10 +79,18 @@ def fit_levels(x_SD: np.ndarray, cfg: Config, device: str | None, live_log: bool
             _log_level(st, cfg)
 
     t0 = time.time()
-    codebooks = fit_residual_codebooks(torch.from_numpy(x_SD), cfg.n_layers, cfg.n_clusters, cfg.max_iters,
-                                       seed=cfg.seed, progressive=cfg.kmeans_progressive,
-                                       on_level=on_level, in_place=True,
-                                       full_dim_levels=cfg.kmeans_full_dim_levels, device=device)
+    codebooks = fit_residual_codebooks(
+        torch.from_numpy(x_SD),
+        cfg.n_layers,
+        cfg.n_clusters,
+        cfg.max_iters,
+        seed=cfg.seed,
+        progressive=cfg.kmeans_progressive,
+        on_level=on_level,
+        in_place=True,
+        full_dim_levels=cfg.kmeans_full_dim_levels,
+        device=device,
+    )
     return torch.stack(codebooks), per_level
 
 
@@ -84,5 +107,10 @@ def fit_in_task(x_SD: np.ndarray, cfg: Config, device: str, num_gpus: int) -> tu
 
 
 def _log_level(st: dict, cfg: Config) -> None:
-    log.info("kmeans: level %d fitted: %d/%d codes used on the sample, perplexity %.1f",
-             st["level"], st["codes_used"], cfg.n_clusters, st["perplexity"])
+    log.info(
+        "kmeans: level %d fitted: %d/%d codes used on the sample, perplexity %.1f",
+        st["level"],
+        st["codes_used"],
+        cfg.n_clusters,
+        st["perplexity"],
+    )

@@ -35,6 +35,7 @@ After a --retrain, kept IDs still carry the codes of the tokenizer that made the
 mapping's ``tokenizer`` column names it by fingerprint); this generation's final_model.pt
 reproduces exactly the IDs whose ``tokenizer`` equals generation.json's tokenizer_fingerprint.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,7 +53,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from semid_dist import __version__, data as datalib, export, passes, storage, train
+from semid_dist import __version__, export, passes, storage, train
+from semid_dist import data as datalib
 from semid_dist.config import Config
 from semid_dist.errors import UserError
 from semid_dist.math import generations as gen
@@ -97,8 +99,10 @@ class _Root:
         except FileNotFoundError:
             return None
         except Exception as e:
-            raise UserError(f"{storage.join(self.uri, *parts)}: cannot read: "
-                            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+            raise UserError(
+                f"{storage.join(self.uri, *parts)}: cannot read: "
+                f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+            ) from e
 
     def latest(self) -> dict | None:
         self.fs.invalidate_cache()
@@ -124,13 +128,21 @@ class _Root:
     def load(self, name: str) -> Generation:
         manifest = self.manifest(name)
         if manifest is None:
-            raise UserError(f"{self.gen_uri(name)}: parent generation {name} is not published "
-                            f"(no {storage.SUCCESS}); LATEST or generation.json names it")
+            raise UserError(
+                f"{self.gen_uri(name)}: parent generation {name} is not published "
+                f"(no {storage.SUCCESS}); LATEST or generation.json names it"
+            )
         width = int(manifest["id_width"])
         mapping = _read_table(self._read(GENERATIONS, name, export.MAPPING_PARQUET), self.gen_uri(name))
         retired = _read_table(self._read(GENERATIONS, name, RETIRED), self.gen_uri(name))
-        return Generation(name, int(manifest["seq"]), manifest, _id_table(mapping, width),
-                          _retired_table(retired, width), self.model_bytes(name))
+        return Generation(
+            name,
+            int(manifest["seq"]),
+            manifest,
+            _id_table(mapping, width),
+            _retired_table(retired, width),
+            self.model_bytes(name),
+        )
 
     def model_bytes(self, name: str) -> bytes:
         model = self._read(GENERATIONS, name, export.MODEL)
@@ -155,6 +167,7 @@ class _Root:
 
 # --- parquet <-> tables --------------------------------------------------------------------
 
+
 def _read_table(raw: bytes | None, where: str) -> pa.Table:
     if raw is None:
         raise UserError(f"{where}: generation files are missing")
@@ -171,15 +184,28 @@ def _np(table: pa.Table, name: str, dtype) -> np.ndarray:
 
 
 def _id_table(t: pa.Table, width: int) -> gen.IdTable:
-    return gen.IdTable(_np(t, "ItemID", np.int64), _np(t, "fingerprint", np.uint64), _sid_column(t, width),
-                       _np(t, "tokenizer", np.uint64))
+    return gen.IdTable(
+        _np(t, "ItemID", np.int64),
+        _np(t, "fingerprint", np.uint64),
+        _sid_column(t, width),
+        _np(t, "tokenizer", np.uint64),
+    )
 
 
 def _retired_table(t: pa.Table, width: int) -> gen.RetiredTable:
-    reason = np.where(pc.equal(t.column("reason").cast(pa.string()), "changed").to_numpy(zero_copy_only=False),
-                      gen.CHANGED, gen.REMOVED).astype(np.int8)
-    return gen.RetiredTable(_np(t, "ItemID", np.int64), _np(t, "fingerprint", np.uint64), _sid_column(t, width),
-                            _np(t, "tokenizer", np.uint64), _np(t, "retired_seq", np.int64), reason)
+    reason = np.where(
+        pc.equal(t.column("reason").cast(pa.string()), "changed").to_numpy(zero_copy_only=False),
+        gen.CHANGED,
+        gen.REMOVED,
+    ).astype(np.int8)
+    return gen.RetiredTable(
+        _np(t, "ItemID", np.int64),
+        _np(t, "fingerprint", np.uint64),
+        _sid_column(t, width),
+        _np(t, "tokenizer", np.uint64),
+        _np(t, "retired_seq", np.int64),
+        reason,
+    )
 
 
 def _sid_array(sid_NM: np.ndarray) -> pa.Array:
@@ -187,16 +213,29 @@ def _sid_array(sid_NM: np.ndarray) -> pa.Array:
 
 
 def mapping_parquet(m: gen.IdTable) -> pa.Table:
-    return pa.table({"ItemID": pa.array(m.ids, pa.int64()), "semantic_id": _sid_array(m.sid),
-                     "fingerprint": pa.array(m.fp, pa.uint64()), "tokenizer": pa.array(m.tok, pa.uint64())})
+    return pa.table(
+        {
+            "ItemID": pa.array(m.ids, pa.int64()),
+            "semantic_id": _sid_array(m.sid),
+            "fingerprint": pa.array(m.fp, pa.uint64()),
+            "tokenizer": pa.array(m.tok, pa.uint64()),
+        }
+    )
 
 
 def retired_parquet(r: gen.RetiredTable) -> pa.Table:
     names = [gen.REASON_NAMES[gen.REMOVED], gen.REASON_NAMES[gen.CHANGED]]
     reason = pa.DictionaryArray.from_arrays(pa.array((r.reason == gen.CHANGED).astype(np.int8)), names)
-    return pa.table({"semantic_id": _sid_array(r.sid), "ItemID": pa.array(r.ids, pa.int64()),
-                     "fingerprint": pa.array(r.fp, pa.uint64()), "tokenizer": pa.array(r.tok, pa.uint64()),
-                     "retired_seq": pa.array(r.seq, pa.int64()), "reason": reason})
+    return pa.table(
+        {
+            "semantic_id": _sid_array(r.sid),
+            "ItemID": pa.array(r.ids, pa.int64()),
+            "fingerprint": pa.array(r.fp, pa.uint64()),
+            "tokenizer": pa.array(r.tok, pa.uint64()),
+            "retired_seq": pa.array(r.seq, pa.int64()),
+            "reason": reason,
+        }
+    )
 
 
 def content_digest(a: gen.Assignment, name: str, seq: int, parent: str | None, tok_fp: int) -> str:
@@ -204,8 +243,18 @@ def content_digest(a: gen.Assignment, name: str, seq: int, parent: str | None, t
     encodings, timings and run ids: two runs with equal digests published the same thing."""
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps([name, seq, parent, f"{tok_fp:016x}"]).encode())
-    for arr in (a.mapping.ids, a.mapping.fp, a.mapping.sid, a.mapping.tok, a.retired.ids, a.retired.fp,
-                a.retired.sid, a.retired.tok, a.retired.seq, a.retired.reason):
+    for arr in (
+        a.mapping.ids,
+        a.mapping.fp,
+        a.mapping.sid,
+        a.mapping.tok,
+        a.retired.ids,
+        a.retired.fp,
+        a.retired.sid,
+        a.retired.tok,
+        a.retired.seq,
+        a.retired.reason,
+    ):
         arr = np.ascontiguousarray(arr)
         h.update(f"{arr.dtype.str}{arr.shape}".encode())
         h.update(arr.tobytes())
@@ -213,6 +262,7 @@ def content_digest(a: gen.Assignment, name: str, seq: int, parent: str | None, t
 
 
 # --- tokenizer -----------------------------------------------------------------------------
+
 
 def tokenizer_fingerprint(tok) -> int:
     """64-bit hash of what makes the codes: mode, architecture and every tensor's bytes."""
@@ -267,6 +317,7 @@ def _read_bytes(uri: str, endpoint_url: str) -> bytes:
 
 # --- the run -------------------------------------------------------------------------------
 
+
 def _today() -> str:
     return time.strftime("%Y-%m-%d", time.gmtime())
 
@@ -284,8 +335,13 @@ def run(cfg: Config, log_dir: str = "logs") -> dict:
     t_start, timer, ep, name = time.perf_counter(), train._Timer(), cfg.s3_endpoint_url, cfg.generation
     pub = None
     try:
-        log.info("semid_dist %s nightly: generation %s, data=%s output=%s", __version__, name,
-                 cfg.data_path, cfg.output_dir)
+        log.info(
+            "semid_dist %s nightly: generation %s, data=%s output=%s",
+            __version__,
+            name,
+            cfg.data_path,
+            cfg.output_dir,
+        )
         root = _Root(cfg.output_dir, ep)
         with timer.stage("previous"):
             latest = root.latest()
@@ -293,40 +349,61 @@ def run(cfg: Config, log_dir: str = "logs") -> dict:
             parent_name = existing["parent"] if existing else (latest["generation"] if latest else None)
             parent = root.load(parent_name) if parent_name else None
         seq = parent.seq + 1 if parent else 1
-        log.info("parent generation: %s; this is generation #%d%s", parent_name or "none (first night)",
-                 seq, " (already published: verifying)" if existing else "")
+        log.info(
+            "parent generation: %s; this is generation #%d%s",
+            parent_name or "none (first night)",
+            seq,
+            " (already published: verifying)" if existing else "",
+        )
         if parent and cfg.retrain and not existing and cfg.n_layers + 1 != parent.mapping.sid.shape[1]:
-            raise UserError(f"invalid --n_layers={cfg.n_layers}: generation {parent_name} has "
-                            f"{parent.mapping.sid.shape[1] - 1} levels; IDs of one lineage keep their "
-                            "length (start a new --output_dir for a new layout)")
+            raise UserError(
+                f"invalid --n_layers={cfg.n_layers}: generation {parent_name} has "
+                f"{parent.mapping.sid.shape[1] - 1} levels; IDs of one lineage keep their "
+                "length (start a new --output_dir for a new layout)"
+            )
         files, info, n_items = train.inspect_stage(cfg, timer)
         if not existing:
             pub = storage.Publisher(root.gen_uri(name), ep)
         where, ds = train.connect(cfg, info)
 
         if existing and (cfg.retrain or cfg.tokenizer or cfg.changed_policy != existing["changed_policy"]):
-            log.warning("generation %s is already published: verifying it with its own tokenizer and "
-                        "policy (--retrain/--tokenizer/--changed_policy ignored)", name)
+            log.warning(
+                "generation %s is already published: verifying it with its own tokenizer and "
+                "policy (--retrain/--tokenizer/--changed_policy ignored)",
+                name,
+            )
         if existing:
             cfg = cfg.replace(changed_policy=existing["changed_policy"])
         tokenizer, model_bytes, source, fit_info, scan = _pick_tokenizer(
-            cfg, root, existing, parent, ds, info, n_items, pub, timer)
+            cfg, root, existing, parent, ds, info, n_items, pub, timer
+        )
         cfg = _resolved(cfg, tokenizer)
         tok_fp = tokenizer_fingerprint(tokenizer)
-        log.info("tokenizer: %s (%s, %d levels x %d codes, fingerprint %016x)", source, tokenizer.mode,
-                 tokenizer.n_layers, tokenizer.n_codes, tok_fp)
+        log.info(
+            "tokenizer: %s (%s, %d levels x %d codes, fingerprint %016x)",
+            source,
+            tokenizer.mode,
+            tokenizer.n_layers,
+            tokenizer.n_codes,
+            tok_fp,
+        )
         if tokenizer.input_dim != info.dim:
-            raise UserError(f"{cfg.data_path}: embeddings have {info.dim} dimensions, the tokenizer "
-                            f"({source}) expects {tokenizer.input_dim}")
+            raise UserError(
+                f"{cfg.data_path}: embeddings have {info.dim} dimensions, the tokenizer "
+                f"({source}) expects {tokenizer.input_dim}"
+            )
         width = tokenizer.n_layers + 1
         if parent is not None and parent.mapping.sid.shape[1] != width:
-            raise UserError(f"tokenizer ({source}) has {tokenizer.n_layers} levels, generation "
-                            f"{parent_name} has {parent.mapping.sid.shape[1] - 1}; IDs of one lineage "
-                            "keep their length (start a new --output_dir for a new layout)")
+            raise UserError(
+                f"tokenizer ({source}) has {tokenizer.n_layers} levels, generation "
+                f"{parent_name} has {parent.mapping.sid.shape[1] - 1}; IDs of one lineage "
+                "keep their length (start a new --output_dir for a new layout)"
+            )
 
         with timer.stage("encode"):
-            enc = passes.encode_catalog(info, tokenizer, ep, n_items, where, cfg.encode_batch_size,
-                                        fingerprints=True)
+            enc = passes.encode_catalog(
+                info, tokenizer, ep, n_items, where, cfg.encode_batch_size, fingerprints=True
+            )
             fp_N = enc.fp_N
             if scan is None:
                 passes.check_unique_ids(enc.ids_N, files, ep)
@@ -339,16 +416,36 @@ def run(cfg: Config, log_dir: str = "logs") -> dict:
             quality["max_dedup_code"] = a.counts["max_dedup_code"]
             quality["published_ids"] = collision_stats(a.mapping.sid[:, :-1])
         counts = a.counts
-        log.info("generation %s: %d items: %d stable, %d new, %d changed (%d kept their ID), %d removed, "
-                 "%d reclaimed, %d fresh IDs, %d retired in all; collision rate before dedup %.3f%%", name,
-                 counts["items"], counts["stable"], counts["new"], counts["changed"], counts["changed_kept_id"],
-                 counts["removed"], counts["reclaimed"], counts["fresh_ids"], counts["retired_total"],
-                 100 * quality["collision_rate"])
-        manifest = {"name": name, "seq": seq, "parent": parent_name, "content_digest": digest,
-                    "tokenizer_fingerprint": f"{tok_fp:016x}", "id_width": width,
-                    "changed_policy": cfg.changed_policy, "counts": counts}
-        generation = {**{k: v for k, v in manifest.items() if k != "counts"}, "tokenizer_source": source,
-                      "path": root.gen_uri(name)}
+        log.info(
+            "generation %s: %d items: %d stable, %d new, %d changed (%d kept their ID), %d removed, "
+            "%d reclaimed, %d fresh IDs, %d retired in all; collision rate before dedup %.3f%%",
+            name,
+            counts["items"],
+            counts["stable"],
+            counts["new"],
+            counts["changed"],
+            counts["changed_kept_id"],
+            counts["removed"],
+            counts["reclaimed"],
+            counts["fresh_ids"],
+            counts["retired_total"],
+            100 * quality["collision_rate"],
+        )
+        manifest = {
+            "name": name,
+            "seq": seq,
+            "parent": parent_name,
+            "content_digest": digest,
+            "tokenizer_fingerprint": f"{tok_fp:016x}",
+            "id_width": width,
+            "changed_policy": cfg.changed_policy,
+            "counts": counts,
+        }
+        generation = {
+            **{k: v for k, v in manifest.items() if k != "counts"},
+            "tokenizer_source": source,
+            "path": root.gen_uri(name),
+        }
         results = {
             "semid_dist_version": __version__,
             "mode": tokenizer.mode,
@@ -368,9 +465,11 @@ def run(cfg: Config, log_dir: str = "logs") -> dict:
 
         if existing:
             if existing.get("content_digest") != digest:
-                raise UserError(f"{root.gen_uri(name)}: generation {name} is already published with other "
-                                f"content (digest {existing.get('content_digest')}, tonight {digest}): the "
-                                "catalog or tokenizer changed since; publish it under another --generation")
+                raise UserError(
+                    f"{root.gen_uri(name)}: generation {name} is already published with other "
+                    f"content (digest {existing.get('content_digest')}, tonight {digest}): the "
+                    "catalog or tokenizer changed since; publish it under another --generation"
+                )
             generation["status"] = "verified"
             log.info("generation %s is already published with identical content: nothing rewritten", name)
         else:
@@ -378,8 +477,12 @@ def run(cfg: Config, log_dir: str = "logs") -> dict:
                 _write_generation(pub, a, model_bytes, manifest, cfg.dataset_name)
             results["timings_s"] = {**timer.stages, "total": round(time.perf_counter() - t_start, 3)}
             generation["status"] = "published"
-            train.publish_run(pub, results, log_path,
-                              {"generation": name, "seq": seq, "items": n_items, "content_digest": digest})
+            train.publish_run(
+                pub,
+                results,
+                log_path,
+                {"generation": name, "seq": seq, "items": n_items, "content_digest": digest},
+            )
         generation["latest"] = _move_latest(root, name, seq, parent_name, digest, latest)
         results["timings_s"] = {**timer.stages, "total": round(time.perf_counter() - t_start, 3)}
         results["output_dir"] = root.gen_uri(name)
@@ -393,8 +496,17 @@ def run(cfg: Config, log_dir: str = "logs") -> dict:
         close_logging()
 
 
-def _pick_tokenizer(cfg: Config, root: _Root, existing: dict | None, parent: Generation | None, ds,
-                    info: datalib.InputInfo, n_items: int, pub, timer):
+def _pick_tokenizer(
+    cfg: Config,
+    root: _Root,
+    existing: dict | None,
+    parent: Generation | None,
+    ds,
+    info: datalib.InputInfo,
+    n_items: int,
+    pub,
+    timer,
+):
     """Tonight's tokenizer: on a re-run the generation's own; --retrain (or a first night without
     --tokenizer) fits one with the training path; else --tokenizer; else the parent's copy.
     Returns (tokenizer, the bytes of final_model.pt to publish, source, fit info, scan|None)."""
@@ -418,8 +530,9 @@ def _loaded(raw: bytes, where: str):
     return _tokenizer_from_bytes(raw, where), raw
 
 
-def _write_generation(pub: storage.Publisher, a: gen.Assignment, model_bytes: bytes, manifest: dict,
-                      dataset: str) -> None:
+def _write_generation(
+    pub: storage.Publisher, a: gen.Assignment, model_bytes: bytes, manifest: dict, dataset: str
+) -> None:
     m = a.mapping
     pub.write_text(export.MAPPING_JSON, export.mapping_json(m.ids, m.sid))
     pub.write_text(f"{dataset}.index.json", export.index_json(m.ids, m.sid))
@@ -431,8 +544,9 @@ def _write_generation(pub: storage.Publisher, a: gen.Assignment, model_bytes: by
     pub.write_text(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def _move_latest(root: _Root, name: str, seq: int, parent: str | None, digest: str,
-                 latest_at_start: dict | None) -> str:
+def _move_latest(
+    root: _Root, name: str, seq: int, parent: str | None, digest: str, latest_at_start: dict | None
+) -> str:
     """LATEST moves forward only: from this generation's parent (or from nothing) to it."""
     now = root.latest()
     at = now["generation"] if now else None
@@ -440,11 +554,20 @@ def _move_latest(root: _Root, name: str, seq: int, parent: str | None, digest: s
         return "unchanged (already names this generation)"
     if at != parent:
         if (latest_at_start or {}).get("generation") != at:
-            raise UserError(f"{storage.join(root.uri, LATEST)} moved to {at} during this run (another "
-                            f"nightly run?); generation {name} is published but LATEST was not moved")
+            raise UserError(
+                f"{storage.join(root.uri, LATEST)} moved to {at} during this run (another "
+                f"nightly run?); generation {name} is published but LATEST was not moved"
+            )
         log.warning("LATEST names %s, a later generation than %s's parent: left as is", at, name)
         return f"unchanged (names {at})"
-    root.move_latest({"generation": name, "seq": seq, "parent": parent, "content_digest": digest,
-                      "path": f"{GENERATIONS}/{name}"})
+    root.move_latest(
+        {
+            "generation": name,
+            "seq": seq,
+            "parent": parent,
+            "content_digest": digest,
+            "path": f"{GENERATIONS}/{name}",
+        }
+    )
     log.info("LATEST -> %s", name)
     return "moved"

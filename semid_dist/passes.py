@@ -40,6 +40,7 @@ How the passes use Ray Data, and why (measured on 1M x 768 on 2 cores, BENCHMARK
 Results do not depend on row order, sharding or the number of tasks: the sample is a hash of
 ItemIDs, every row is encoded on its own, and the driver sorts by ItemID.
 """
+
 from __future__ import annotations
 
 import logging
@@ -52,12 +53,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from semid_dist import blas, data as datalib
+from semid_dist import blas
+from semid_dist import data as datalib
 from semid_dist.errors import UserError, find_user_error
 from semid_dist.math import sampling
 from semid_dist.math.rows import take_rows_in_place
 
 log = logging.getLogger("semid_dist")
+
 
 @dataclass
 class ScanResult:
@@ -76,6 +79,7 @@ class EncodeResult:
 
 
 # --- running a block function over the catalog ----------------------------------------------
+
 
 def parallelism() -> int:
     """How many tasks to run at once: the cluster's CPUs; on a single machine at most its cores
@@ -123,6 +127,7 @@ def _result(error: Exception | None = None, **cols) -> pa.Table:
 
 def _guarded(fn: Callable, empty: dict) -> Callable:
     """fn(block, **kw) -> dict of one-row columns; a RowError becomes an error row."""
+
     def run(block: pa.Table, **kw) -> pa.Table:
         blas.match_task()  # numpy's BLAS threads as Ray allotted (semid_dist/blas.py)
         if "error" in block.column_names:  # an unreadable file (source.read_unit)
@@ -131,13 +136,19 @@ def _guarded(fn: Callable, empty: dict) -> Callable:
             return _result(**fn(block, **kw))
         except datalib.RowError as e:
             return _result(e, **empty)
+
     run.__name__ = fn.__name__
     run.__qualname__ = fn.__qualname__
     return run
 
 
-def catalog(info: datalib.InputInfo, endpoint_url: str, n_items: int, read_batch: int | None = None,
-            limit_cpus: bool = True):
+def catalog(
+    info: datalib.InputInfo,
+    endpoint_url: str,
+    n_items: int,
+    read_batch: int | None = None,
+    limit_cpus: bool = True,
+):
     """The first n_items rows of the catalog as a Ray Dataset (source.CatalogSource), in blocks
     of one read batch, whose passes run at most parallelism() tasks at once (unless
     limit_cpus is False). The settings go on this dataset's own DataContext (a copy made when
@@ -164,8 +175,17 @@ def catalog(info: datalib.InputInfo, endpoint_url: str, n_items: int, read_batch
     return ds
 
 
-def map_catalog(ds, fn: Callable, empty: dict, what: str, total: int, info: datalib.InputInfo,
-                endpoint_url: str, keep: Callable[[pa.Table], pa.Table] | None = None, **fn_kwargs) -> pa.Table:
+def map_catalog(
+    ds,
+    fn: Callable,
+    empty: dict,
+    what: str,
+    total: int,
+    info: datalib.InputInfo,
+    endpoint_url: str,
+    keep: Callable[[pa.Table], pa.Table] | None = None,
+    **fn_kwargs,
+) -> pa.Table:
     """fn over every block of ds (fused with the read), the result rows (or what keep makes of
     each batch of them) concatenated. The first bad row stops the pass with a one-line
     UserError that names its file."""
@@ -175,12 +195,24 @@ def map_catalog(ds, fn: Callable, empty: dict, what: str, total: int, info: data
 def map_blocks(ds, fn: Callable, empty: dict, **fn_kwargs):
     """ds.map_batches of fn (guarded) over every block, fused with the read: the same CPUs per
     task as the read tasks (catalog)."""
-    return ds.map_batches(_guarded(fn, empty), batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
-                          num_cpus=ds.context.get_config(TASK_CPUS, 1), fn_kwargs=fn_kwargs)
+    return ds.map_batches(
+        _guarded(fn, empty),
+        batch_format="pyarrow",
+        batch_size=None,
+        zero_copy_batch=True,
+        num_cpus=ds.context.get_config(TASK_CPUS, 1),
+        fn_kwargs=fn_kwargs,
+    )
 
 
-def collect(mapped, what: str, total: int, info: datalib.InputInfo, endpoint_url: str,
-            keep: Callable[[pa.Table], pa.Table] | None = None) -> pa.Table:
+def collect(
+    mapped,
+    what: str,
+    total: int,
+    info: datalib.InputInfo,
+    endpoint_url: str,
+    keep: Callable[[pa.Table], pa.Table] | None = None,
+) -> pa.Table:
     """The result rows of a pass, concatenated, with progress in the log; the first error row
     stops the pass with a one-line UserError that names its file. With keep, what it returns
     for each batch is kept instead: a batch is a view into Ray's object store, which holds the
@@ -227,25 +259,42 @@ def sq_norms(x_ND: np.ndarray) -> float:
 
 # --- pass 1: scan ----------------------------------------------------------------------------
 
-_EMPTY_SCAN = {"ids": _lists(np.zeros(0, np.int64), pa.int64()),
-               "sample_ids": _lists(np.zeros(0, np.int64), pa.int64()),
-               "sample": _lists(np.zeros(0, np.float32), pa.float32())}
+_EMPTY_SCAN = {
+    "ids": _lists(np.zeros(0, np.int64), pa.int64()),
+    "sample_ids": _lists(np.zeros(0, np.int64), pa.int64()),
+    "sample": _lists(np.zeros(0, np.float32), pa.float32()),
+}
 
 
 def _scan_block(block: pa.Table, dim: int, seed: int, fraction: float) -> dict:
     ids_N, x_ND = datalib.batch_to_arrays(block, dim)
     keep = datalib.hash_unit(ids_N, seed) < fraction
-    return {"ids": _lists(ids_N, pa.int64()), "sample_ids": _lists(ids_N[keep], pa.int64()),
-            "sample": _lists(x_ND[keep].ravel(), pa.float32())}
+    return {
+        "ids": _lists(ids_N, pa.int64()),
+        "sample_ids": _lists(ids_N[keep], pa.int64()),
+        "sample": _lists(x_ND[keep].ravel(), pa.float32()),
+    }
 
 
-def scan_pass(info: datalib.InputInfo, seed: int, sample_size: int, endpoint_url: str,
-              n_items: int) -> ScanResult:
+def scan_pass(
+    info: datalib.InputInfo, seed: int, sample_size: int, endpoint_url: str, n_items: int
+) -> ScanResult:
     """Pass 1 over the first n_items rows, in file order."""
     fraction = min(1.0, sample_size / max(n_items, 1))
     sink = _SampleSink(info.dim, n_items if fraction >= 1 else sampling.capacity(sample_size))
-    t = map_catalog(catalog(info, endpoint_url, n_items), _scan_block, _EMPTY_SCAN, "scan", n_items,
-                    info, endpoint_url, keep=sink.take, dim=info.dim, seed=seed, fraction=fraction)
+    t = map_catalog(
+        catalog(info, endpoint_url, n_items),
+        _scan_block,
+        _EMPTY_SCAN,
+        "scan",
+        n_items,
+        info,
+        endpoint_url,
+        keep=sink.take,
+        dim=info.dim,
+        seed=seed,
+        fraction=fraction,
+    )
     ids_N = flat(t, "ids").astype(np.int64, copy=False)
     sample_ids = flat(t, "sample_ids").astype(np.int64, copy=False)
     order = np.argsort(sample_ids, kind="stable")
@@ -269,12 +318,17 @@ class _SampleSink:
         arrays (views would keep the whole block alive)."""
         new = flat(b, "sample").reshape(-1, self.rows.shape[1])
         if self.n + len(new) > len(self.rows):  # past sampling.capacity: essentially never
-            self.rows = np.concatenate([self.rows[: self.n], np.empty((len(new) + self.n // 2, self.rows.shape[1]),
-                                                                      np.float32)])
-        self.rows[self.n: self.n + len(new)] = new
+            self.rows = np.concatenate(
+                [self.rows[: self.n], np.empty((len(new) + self.n // 2, self.rows.shape[1]), np.float32)]
+            )
+        self.rows[self.n : self.n + len(new)] = new
         self.n += len(new)
-        return pa.table({"ids": _lists(flat(b, "ids").copy(), pa.int64()),
-                         "sample_ids": _lists(flat(b, "sample_ids").copy(), pa.int64())})
+        return pa.table(
+            {
+                "ids": _lists(flat(b, "ids").copy(), pa.int64()),
+                "sample_ids": _lists(flat(b, "sample_ids").copy(), pa.int64()),
+            }
+        )
 
     def sorted(self, order: np.ndarray) -> np.ndarray:
         assert len(order) == self.n, (len(order), self.n)
@@ -296,6 +350,7 @@ def check_unique_ids(ids_N: np.ndarray, files: list[str], endpoint_url: str) -> 
 
 # --- pass 2: encode --------------------------------------------------------------------------
 
+
 def encoder_of(tokenizer):
     """What the tasks get: a kmeans tokenizer as its numpy codebooks (no torch in the workers,
     the same kernel as Tokenizer.encode on CPU), a tiger tokenizer as is."""
@@ -315,8 +370,12 @@ def encode_rows(encoder, x_ND: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def empty_encode(fingerprints: bool = False) -> dict:
     """The columns of an encode result row with no items (what an error row carries)."""
-    out = {"ids": _lists(np.zeros(0, np.int64), pa.int64()), "codes": _lists(np.zeros(0, np.int32), pa.int32()),
-           "sq_err": [0.0], "sq_norm": [0.0]}
+    out = {
+        "ids": _lists(np.zeros(0, np.int64), pa.int64()),
+        "codes": _lists(np.zeros(0, np.int32), pa.int32()),
+        "sq_err": [0.0],
+        "sq_norm": [0.0],
+    }
     if fingerprints:
         out["fp"] = _lists(np.zeros(0, np.uint64), pa.uint64())
     return out
@@ -327,8 +386,12 @@ def encode_block(block: pa.Table, dim: int, encoder, fingerprints: bool = False)
     the 64-bit fingerprint of every embedding (the nightly job's change detection)."""
     ids_N, x_ND = datalib.batch_to_arrays(block, dim)
     codes_NL, sq_err_N = encode_rows(encoder, x_ND)
-    out = {"ids": _lists(ids_N, pa.int64()), "codes": _lists(codes_NL.astype(np.int32).ravel(), pa.int32()),
-           "sq_err": [float(np.asarray(sq_err_N).sum(dtype=np.float64))], "sq_norm": [sq_norms(x_ND)]}
+    out = {
+        "ids": _lists(ids_N, pa.int64()),
+        "codes": _lists(codes_NL.astype(np.int32).ravel(), pa.int32()),
+        "sq_err": [float(np.asarray(sq_err_N).sum(dtype=np.float64))],
+        "sq_norm": [sq_norms(x_ND)],
+    }
     if fingerprints:
         from semid_dist.math.generations import embedding_fingerprints
 
@@ -341,21 +404,37 @@ def _encode_result(t: pa.Table, n_layers: int) -> EncodeResult:
     codes_NL = flat(t, "codes").astype(np.int64).reshape(-1, n_layers)
     order = np.argsort(ids_N, kind="stable")
     fp_N = flat(t, "fp").astype(np.uint64, copy=False)[order] if "fp" in t.column_names else None
-    return EncodeResult(ids_N=ids_N[order], codes_NL=codes_NL[order], sq_err_sum=total(t, "sq_err"),
-                        sq_norm_sum=total(t, "sq_norm"), fp_N=fp_N)
+    return EncodeResult(
+        ids_N=ids_N[order],
+        codes_NL=codes_NL[order],
+        sq_err_sum=total(t, "sq_err"),
+        sq_norm_sum=total(t, "sq_norm"),
+        fp_N=fp_N,
+    )
 
 
-def encode_pass(info: datalib.InputInfo, tokenizer, endpoint_url: str, n_items: int,
-                fingerprints: bool = False) -> EncodeResult:
+def encode_pass(
+    info: datalib.InputInfo, tokenizer, endpoint_url: str, n_items: int, fingerprints: bool = False
+) -> EncodeResult:
     """Pass 2 over the first n_items rows: codes of every item (and with fingerprints their
     embedding fingerprints), sorted by ItemID."""
-    t = map_catalog(catalog(info, endpoint_url, n_items), encode_block, empty_encode(fingerprints),
-                    "encode", n_items, info, endpoint_url, dim=info.dim, encoder=encoder_of(tokenizer),
-                    fingerprints=fingerprints)
+    t = map_catalog(
+        catalog(info, endpoint_url, n_items),
+        encode_block,
+        empty_encode(fingerprints),
+        "encode",
+        n_items,
+        info,
+        endpoint_url,
+        dim=info.dim,
+        encoder=encoder_of(tokenizer),
+        fingerprints=fingerprints,
+    )
     return _encode_result(t, tokenizer.n_layers)
 
 
 # --- encode on GPUs: an actor pool that holds the tokenizer on its device --------------------
+
 
 class _DeviceEncoder:
     """Ray Data actor for the encode pass on an accelerator: the tokenizer (kmeans codebooks or
@@ -385,26 +464,50 @@ def encode_device(cfg_device: str) -> tuple[str, int]:
     return "cpu", 0
 
 
-def encode_pass_on_devices(info: datalib.InputInfo, tokenizer, endpoint_url: str, n_items: int,
-                           device: str, actors: int, batch_size: int, fingerprints: bool = False
-                           ) -> EncodeResult:
+def encode_pass_on_devices(
+    info: datalib.InputInfo,
+    tokenizer,
+    endpoint_url: str,
+    n_items: int,
+    device: str,
+    actors: int,
+    batch_size: int,
+    fingerprints: bool = False,
+) -> EncodeResult:
     """The encode pass with `actors` actors (one GPU each when device is cuda) that hold the
     tokenizer on the device. Not fused with the read (actors cannot be): the read tasks' blocks
     reach the actors through the object store, which GPU nodes have room for."""
     ds = catalog(info, endpoint_url, n_items, limit_cpus=False)  # every CPU reads for the GPUs
-    mapped = ds.map_batches(_DeviceEncoder, batch_format="pyarrow", batch_size=batch_size,
-                            fn_constructor_kwargs={"tokenizer": tokenizer, "dim": info.dim, "device": device,
-                                                   "fingerprints": fingerprints},
-                            concurrency=actors, num_gpus=1 if device == "cuda" else 0)
+    mapped = ds.map_batches(
+        _DeviceEncoder,
+        batch_format="pyarrow",
+        batch_size=batch_size,
+        fn_constructor_kwargs={
+            "tokenizer": tokenizer,
+            "dim": info.dim,
+            "device": device,
+            "fingerprints": fingerprints,
+        },
+        concurrency=actors,
+        num_gpus=1 if device == "cuda" else 0,
+    )
     log.info("encode: %d actor(s) on %s, batches of %d", actors, device, batch_size)
     return _encode_result(collect(mapped, "encode", n_items, info, endpoint_url), tokenizer.n_layers)
 
 
-def encode_catalog(info: datalib.InputInfo, tokenizer, endpoint_url: str, n_items: int,
-                   where: tuple[str, int], batch_size: int, fingerprints: bool = False) -> EncodeResult:
+def encode_catalog(
+    info: datalib.InputInfo,
+    tokenizer,
+    endpoint_url: str,
+    n_items: int,
+    where: tuple[str, int],
+    batch_size: int,
+    fingerprints: bool = False,
+) -> EncodeResult:
     """The encode pass where encode_device() said: actors on the GPUs, else the fused CPU pass."""
     device, gpus = where
     if device == "cuda":
-        return encode_pass_on_devices(info, tokenizer, endpoint_url, n_items, device, gpus, batch_size,
-                                      fingerprints)
+        return encode_pass_on_devices(
+            info, tokenizer, endpoint_url, n_items, device, gpus, batch_size, fingerprints
+        )
     return encode_pass(info, tokenizer, endpoint_url, n_items, fingerprints)

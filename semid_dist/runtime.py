@@ -1,4 +1,5 @@
 """Process-level setup: logging (console + the seed's log file) and connecting to Ray."""
+
 from __future__ import annotations
 
 import logging
@@ -96,8 +97,9 @@ def ensure_ray(cfg: Config) -> None:
     """
     global _stop_at_end
     if cfg.log_level != "DEBUG":  # before ray.data is imported: it configures logging then
-        os.environ.setdefault("RAY_DATA_LOGGING_CONFIG",
-                              os.path.join(os.path.dirname(__file__), "ray_data_logging.yaml"))
+        os.environ.setdefault(
+            "RAY_DATA_LOGGING_CONFIG", os.path.join(os.path.dirname(__file__), "ray_data_logging.yaml")
+        )
     import ray
 
     if ray.is_initialized():

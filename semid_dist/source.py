@@ -18,6 +18,7 @@ file order), so no ``limit`` breaks the fusion.
 A file that cannot be read yields one block with a single ``error`` column instead of raising:
 Ray Data wraps a task's exception and the message naming the file would be lost.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,7 +28,8 @@ import pyarrow.parquet as pq
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
-from semid_dist import data as datalib, storage
+from semid_dist import data as datalib
+from semid_dist import storage
 
 READ_BATCH = 4096  # rows per block (12 MB of 768-d float32)
 READ_BUFFER = 4 << 20  # buffered column reads: pages decode as they stream in
@@ -44,6 +46,7 @@ class Piece:
 @dataclass(frozen=True)
 class Unit:
     """One read task: consecutive pieces, read in file order."""
+
     pieces: tuple[Piece, ...]
 
     @property
@@ -57,8 +60,9 @@ class Unit:
 
 def plan_pieces(info: datalib.InputInfo, n_items: int, endpoint_url: str = "") -> list[Piece]:
     """The first n_items rows in file order, as pieces: one per file, big files split by row group."""
-    rows_per_file = info.rows_per_file or [datalib.open_parquet(p, endpoint_url).metadata.num_rows
-                                           for p in info.files]
+    rows_per_file = info.rows_per_file or [
+        datalib.open_parquet(p, endpoint_url).metadata.num_rows for p in info.files
+    ]
     pieces, left = [], n_items
     for path, n in zip(info.files, rows_per_file):
         if left <= 0:
@@ -85,8 +89,9 @@ def plan_pieces(info: datalib.InputInfo, n_items: int, endpoint_url: str = "") -
     return pieces
 
 
-def plan_units(info: datalib.InputInfo, n_items: int, endpoint_url: str = "",
-               tasks: int | None = None) -> list[Unit]:
+def plan_units(
+    info: datalib.InputInfo, n_items: int, endpoint_url: str = "", tasks: int | None = None
+) -> list[Unit]:
     """The read tasks for the first n_items rows: the pieces (plan_pieces) packed in file order
     into about `tasks` units of similar row counts (a piece is never cut); without `tasks`, one
     unit per piece.
@@ -119,8 +124,12 @@ def read_unit(unit: Unit, fs, read_batch: int = READ_BATCH):
         try:
             source = fs.open_input_file(storage.strip_scheme(piece.path)) if fs is not None else piece.path
             pf = pq.ParquetFile(source, buffer_size=READ_BUFFER, pre_buffer=False)
-            batches = pf.iter_batches(batch_size=read_batch, row_groups=piece.row_groups,
-                                      columns=[datalib.ID_COL, datalib.EMB_COL], use_threads=False)
+            batches = pf.iter_batches(
+                batch_size=read_batch,
+                row_groups=piece.row_groups,
+                columns=[datalib.ID_COL, datalib.EMB_COL],
+                use_threads=False,
+            )
             left = piece.rows
             for batch in batches:
                 if left <= 0:
@@ -138,8 +147,14 @@ def read_unit(unit: Unit, fs, read_batch: int = READ_BATCH):
 class CatalogSource(Datasource):
     """The first n_items rows of the catalog's parquet files (see the module docstring)."""
 
-    def __init__(self, info: datalib.InputInfo, n_items: int, endpoint_url: str = "",
-                 read_batch: int = READ_BATCH, tasks: int | None = None):
+    def __init__(
+        self,
+        info: datalib.InputInfo,
+        n_items: int,
+        endpoint_url: str = "",
+        read_batch: int = READ_BATCH,
+        tasks: int | None = None,
+    ):
         super().__init__()
         self.units = plan_units(info, n_items, endpoint_url, tasks)
         self.read_batch = read_batch
@@ -149,11 +164,20 @@ class CatalogSource(Datasource):
     def estimate_inmemory_data_size(self) -> int:
         return sum(u.rows for u in self.units) * self.row_bytes
 
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
-                       data_context=None) -> list[ReadTask]:
+    def get_read_tasks(
+        self, parallelism: int, per_task_row_limit: int | None = None, data_context=None
+    ) -> list[ReadTask]:
         fs, read_batch = self.fs, self.read_batch
-        return [ReadTask(lambda unit=unit: read_unit(unit, fs, read_batch),
-                         BlockMetadata(num_rows=unit.rows, size_bytes=unit.rows * self.row_bytes,
-                                       exec_stats=None, input_files=unit.paths),
-                         per_task_row_limit=per_task_row_limit)
-                for unit in self.units]
+        return [
+            ReadTask(
+                lambda unit=unit: read_unit(unit, fs, read_batch),
+                BlockMetadata(
+                    num_rows=unit.rows,
+                    size_bytes=unit.rows * self.row_bytes,
+                    exec_stats=None,
+                    input_files=unit.paths,
+                ),
+                per_task_row_limit=per_task_row_limit,
+            )
+            for unit in self.units
+        ]

@@ -6,6 +6,7 @@ overridden (--s3_endpoint_url, else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL). Not
 a credential into a path, a message, a pickled filesystem or a result: filesystems are built
 without keys and resolve them from the environment in whichever process uses them.
 """
+
 from __future__ import annotations
 
 import json
@@ -70,7 +71,7 @@ def _quiet_orphaned_task_errors(loop) -> None:
 def strip_scheme(path: str) -> str:
     for prefix in ("s3://", "s3a://", "file://"):
         if path.startswith(prefix):
-            return path[len(prefix):]
+            return path[len(prefix) :]
     return path
 
 
@@ -113,15 +114,25 @@ def arrow_filesystem(path: str, endpoint_url: str = ""):
 def describe_s3_error(path: str, e: BaseException) -> UserError:
     """One line for an S3 failure (botocore/s3fs/pyarrow messages carry no credentials)."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if isinstance(e, PermissionError) or any(code in text for code in (
-            "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden",
-            "ACCESS_DENIED", "InvalidToken", "ExpiredToken")):
+    if isinstance(e, PermissionError) or any(
+        code in text
+        for code in (
+            "AccessDenied",
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "Forbidden",
+            "ACCESS_DENIED",
+            "InvalidToken",
+            "ExpiredToken",
+        )
+    ):
         return UserError(f"{path}: access denied by S3 (check the AWS credentials/profile): {text}")
     if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
         return UserError(f"{path}: S3 bucket '{bucket_of(path)}' does not exist")
     if "NoCredentialsError" in type(e).__name__ or "Unable to locate credentials" in text:
-        return UserError(f"{path}: no AWS credentials found (set AWS_ACCESS_KEY_ID/"
-                         "AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")
+        return UserError(
+            f"{path}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
+        )
     return UserError(f"{path}: S3 request failed: {text}")
 
 
@@ -162,8 +173,12 @@ def list_parquet_inputs(data_path: str, endpoint_url: str = "") -> list[str]:
         elif fs.exists(join(raw, SEED_FILE)):
             found = [join(raw, SEED_FILE)]
         else:
-            found = [p for p in fs.find(raw) if p.endswith(".parquet")
-                     and not any(part.startswith((".", "_")) for part in p[len(raw):].split("/"))]
+            found = [
+                p
+                for p in fs.find(raw)
+                if p.endswith(".parquet")
+                and not any(part.startswith((".", "_")) for part in p[len(raw) :].split("/"))
+            ]
             if not found:
                 raise UserError(f"{data_path}: no {SEED_FILE} and no *.parquet files in directory")
     except UserError:
@@ -262,8 +277,12 @@ class Publisher:
             else:
                 self.fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
                 os.replace(src, dst)
-        manifest = {"run_id": self.run_id, "files": sorted(self.files),
-                    "published_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(extra or {})}
+        manifest = {
+            "run_id": self.run_id,
+            "files": sorted(self.files),
+            "published_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **(extra or {}),
+        }
         with self.fs.open(marker, "w") as f:
             f.write(json.dumps(manifest, indent=2))
         self._remove_staging()
@@ -278,9 +297,11 @@ class Publisher:
                 self.fs.rm(self.staging, recursive=True)
         except Exception as e:  # best effort: the staging prefix is hidden and run-specific
             where = ("s3://" if self.s3 else "") + self.staging
-            log.warning("could not remove the staging area %s (%s); it is hidden from readers "
-                        "and can be deleted", where, str(e).strip().splitlines()[0] if str(e).strip()
-                        else type(e).__name__)
+            log.warning(
+                "could not remove the staging area %s (%s); it is hidden from readers and can be deleted",
+                where,
+                str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__,
+            )
 
 
 class _S3File:

@@ -7,6 +7,7 @@
 ``final_model.pt`` holds only tensors, numbers and strings, so it loads with
 ``torch.load(weights_only=True)``: opening a file someone hands you runs no code.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -23,8 +24,14 @@ FORMAT = "semid_dist/v1"
 class Tokenizer:
     """Residual-quantization tokenizer: kmeans codebooks, or a tiger RQ-VAE."""
 
-    def __init__(self, mode: str, config: dict[str, Any], codebooks_LKD: torch.Tensor | None = None,
-                 model: torch.nn.Module | None = None, model_args: dict | None = None):
+    def __init__(
+        self,
+        mode: str,
+        config: dict[str, Any],
+        codebooks_LKD: torch.Tensor | None = None,
+        model: torch.nn.Module | None = None,
+        model_args: dict | None = None,
+    ):
         self.mode = mode
         self.config = config
         self.codebooks_LKD = codebooks_LKD

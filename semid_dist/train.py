@@ -1,4 +1,5 @@
 """One run, top to bottom: inputs -> scan pass -> fit -> encode pass -> dedup -> export -> publish."""
+
 from __future__ import annotations
 
 import logging
@@ -9,11 +10,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from semid_dist import __version__, data as datalib, export, passes, storage
+from semid_dist import __version__, export, passes, storage
+from semid_dist import data as datalib
 from semid_dist.config import Config
 from semid_dist.errors import UserError
-from semid_dist.math.dedup import dedup_codes, row_groups
 from semid_dist.math import sampling
+from semid_dist.math.dedup import dedup_codes, row_groups
 from semid_dist.math.metrics import quality_report
 from semid_dist.runtime import close_logging, ensure_ray, setup_logging
 
@@ -71,8 +73,9 @@ def execute(cfg: Config, log_dir: str, fit: FitFn, scan_first: bool = True) -> d
     ep = cfg.s3_endpoint_url
     pub = None
     try:
-        log.info("semid_dist %s: mode=%s data=%s output=%s", __version__, cfg.mode, cfg.data_path,
-                 cfg.output_dir)
+        log.info(
+            "semid_dist %s: mode=%s data=%s output=%s", __version__, cfg.mode, cfg.data_path, cfg.output_dir
+        )
         log.info("config: %s", cfg.to_dict())
         files, info, n_items = inspect_stage(cfg, timer)
         if scan_first:
@@ -109,10 +112,14 @@ def execute(cfg: Config, log_dir: str, fit: FitFn, scan_first: bool = True) -> d
             "log_file": os.path.basename(log_path),
             "examples": example_items(enc.ids_N, sid_NM, cfg),
         }
-        log.info("collision rate before dedup %.3f%%, max bucket %d, codes used per level %s, "
-                 "relative reconstruction error %.4f", 100 * quality["collision_rate"],
-                 quality["max_bucket"], [lv["codes_used"] for lv in quality["levels"]],
-                 quality["relative_reconstruction_error"])
+        log.info(
+            "collision rate before dedup %.3f%%, max bucket %d, codes used per level %s, "
+            "relative reconstruction error %.4f",
+            100 * quality["collision_rate"],
+            quality["max_bucket"],
+            [lv["codes_used"] for lv in quality["levels"]],
+            quality["relative_reconstruction_error"],
+        )
         publish_run(pub, results, log_path, {"mode": cfg.mode, "items": n_items})
         results["output_dir"] = cfg.output_dir
         results["log_path"] = log_path
@@ -132,13 +139,22 @@ def inspect_stage(cfg: Config, timer: _Timer) -> tuple[list[str], datalib.InputI
         files = storage.list_parquet_inputs(cfg.data_path, cfg.s3_endpoint_url)
         info = datalib.inspect_inputs(files, cfg.s3_endpoint_url)
     n_items = min(info.num_rows, cfg.max_items or info.num_rows)
-    log.info("input: %d parquet file(s), %d rows, dim %d%s", len(files), info.num_rows, info.dim,
-             f" (using the first {n_items})" if n_items < info.num_rows else "")
+    log.info(
+        "input: %d parquet file(s), %d rows, dim %d%s",
+        len(files),
+        info.num_rows,
+        info.dim,
+        f" (using the first {n_items})" if n_items < info.num_rows else "",
+    )
     path, rows = info.largest_row_group
     if rows > datalib.SPLIT_ROWS and n_items > datalib.SPLIT_ROWS:
-        log.warning("%s: a row group of %d rows, which one task reads alone in every pass (a read "
-                    "task cannot split a row group); row groups of ~65,536 rows let several cores "
-                    "read it", path, rows)
+        log.warning(
+            "%s: a row group of %d rows, which one task reads alone in every pass (a read "
+            "task cannot split a row group); row groups of ~65,536 rows let several cores "
+            "read it",
+            path,
+            rows,
+        )
     return files, info, n_items
 
 
@@ -147,8 +163,11 @@ def connect(cfg: Config, info: datalib.InputInfo) -> tuple[tuple[str, int], Any]
     Dataset tiger training reads (None in kmeans mode: the catalog passes build their own)."""
     ensure_ray(cfg)
     where = passes.encode_device(cfg.device)
-    ds = (datalib.read_dataset(info, cfg.s3_endpoint_url, cfg.max_items, passes.read_tasks())
-          if cfg.mode == "tiger" else None)
+    ds = (
+        datalib.read_dataset(info, cfg.s3_endpoint_url, cfg.max_items, passes.read_tasks())
+        if cfg.mode == "tiger"
+        else None
+    )
     return where, ds
 
 
@@ -171,8 +190,10 @@ def sample_target(cfg: Config, dim: int) -> int:
     cap = int(cfg.kmeans_sample_gb * 1e9 // (4 * dim))
     floor = sampling.sample_floor(cfg.n_clusters)
     if cap < floor:
-        raise UserError(f"--kmeans_sample_gb {cfg.kmeans_sample_gb:g} holds {cap} rows of {dim} floats; "
-                        f"--n_clusters {cfg.n_clusters} needs a sample of at least {floor}")
+        raise UserError(
+            f"--kmeans_sample_gb {cfg.kmeans_sample_gb:g} holds {cap} rows of {dim} floats; "
+            f"--n_clusters {cfg.n_clusters} needs a sample of at least {floor}"
+        )
     return max(min(cfg.sample_per_centroid * cfg.n_clusters, cap), floor)
 
 
@@ -181,9 +202,14 @@ def scan_stage(cfg: Config, info: datalib.InputInfo, n_items: int, timer: _Timer
     twice."""
     target = sample_target(cfg, info.dim)
     if cfg.mode == "kmeans" and target < min(cfg.sample_per_centroid * cfg.n_clusters, n_items):
-        log.warning("kmeans: sample cut to %d rows (%.0f per centroid instead of %d) to stay within "
-                    "--kmeans_sample_gb %g; raise it for a larger sample", target,
-                    target / cfg.n_clusters, cfg.sample_per_centroid, cfg.kmeans_sample_gb)
+        log.warning(
+            "kmeans: sample cut to %d rows (%.0f per centroid instead of %d) to stay within "
+            "--kmeans_sample_gb %g; raise it for a larger sample",
+            target,
+            target / cfg.n_clusters,
+            cfg.sample_per_centroid,
+            cfg.kmeans_sample_gb,
+        )
     with timer.stage("scan"):
         scan = passes.scan_pass(info, cfg.seed, target, cfg.s3_endpoint_url, n_items)
         passes.check_unique_ids(scan.ids_N, info.files, cfg.s3_endpoint_url)
@@ -207,8 +233,14 @@ def example_items(ids_N: np.ndarray, sid_NM: np.ndarray, cfg: Config) -> list[di
     group_N = row_groups(sid_NM[:, :depth])[0]
     rows = np.flatnonzero(group_N == int(np.argmax(np.bincount(group_N))))[: cfg.examples]
     titles = _titles(cfg, ids_N[rows]) if cfg.item_titles else {}
-    return [{"ItemID": int(ids_N[r]), "semantic_id": sid_NM[r].tolist(),
-             **({"title": titles.get(int(ids_N[r]))} if titles else {})} for r in rows]
+    return [
+        {
+            "ItemID": int(ids_N[r]),
+            "semantic_id": sid_NM[r].tolist(),
+            **({"title": titles.get(int(ids_N[r]))} if titles else {}),
+        }
+        for r in rows
+    ]
 
 
 def _titles(cfg: Config, ids: np.ndarray) -> dict[int, str]:

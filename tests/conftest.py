@@ -1,4 +1,5 @@
 """Shared fixtures: ONE local Ray for the whole session (DESIGN.md §6), small real catalogs."""
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,9 @@ def ray_session():
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def make_catalog(n: int, dim: int, seed: int = 0, n_clusters: int = 16,
-                 first_id: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+def make_catalog(
+    n: int, dim: int, seed: int = 0, n_clusters: int = 16, first_id: int = 1000
+) -> tuple[np.ndarray, np.ndarray]:
     """Hierarchically clustered, unit-normalised embeddings (like real sentence embeddings)."""
     rng = np.random.default_rng(seed)
     top = rng.normal(size=(n_clusters, dim))
@@ -50,8 +52,9 @@ def make_catalog(n: int, dim: int, seed: int = 0, n_clusters: int = 16,
     return ids, x.astype(np.float32)
 
 
-def write_parquet(path: str, ids: np.ndarray, x: np.ndarray, list_type: str = "list",
-                  row_group_size: int = 65536) -> None:
+def write_parquet(
+    path: str, ids: np.ndarray, x: np.ndarray, list_type: str = "list", row_group_size: int = 65536
+) -> None:
     d = x.shape[1]
     flat = pa.array(x.ravel())
     if list_type == "fixed":
@@ -59,8 +62,7 @@ def write_parquet(path: str, ids: np.ndarray, x: np.ndarray, list_type: str = "l
     else:
         emb = pa.ListArray.from_arrays(pa.array(np.arange(0, x.size + 1, d, dtype=np.int32)), flat)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    pq.write_table(pa.table({"ItemID": pa.array(ids), "embedding": emb}), path,
-                   row_group_size=row_group_size)
+    pq.write_table(pa.table({"ItemID": pa.array(ids), "embedding": emb}), path, row_group_size=row_group_size)
 
 
 def write_shards(directory: str, ids: np.ndarray, x: np.ndarray, n_shards: int) -> list[str]:
@@ -91,7 +93,7 @@ def s3(tmp_path_factory):
     values, never printed. Subprocesses that start their own Ray should get
     ``s3.subprocess_env()`` (a Ray started before this fixture cannot see these variables).
     """
-    from s3server import S3Server, S3ServerError, _CONFLICTING_AWS_VARS, find_weed
+    from s3server import _CONFLICTING_AWS_VARS, S3Server, S3ServerError, find_weed
 
     try:
         find_weed()

@@ -290,8 +290,17 @@ class S3Server:
             json.dump(identities, fh)
 
         # admin first: it needs admin+10000 free too (see _GRPC_OFFSET)
-        names = ["admin", "master", "master.grpc", "volume", "volume.grpc",
-                 "filer", "filer.grpc", "s3", "s3.grpc"]
+        names = [
+            "admin",
+            "master",
+            "master.grpc",
+            "volume",
+            "volume.grpc",
+            "filer",
+            "filer.grpc",
+            "s3",
+            "s3.grpc",
+        ]
         self.ports = dict(zip(names, _pick_ports(len(names), paired=1)))
         p = self.ports
         self.command = [
@@ -326,10 +335,14 @@ class S3Server:
         ]
         self.endpoint_url = f"http://{self.host}:{p['s3']}"
 
-        env = {k: v for k, v in os.environ.items()
-               if k not in _WEED_ENV_FALLBACKS and not k.startswith("AWS_")}
-        use_pdeathsig = (self.die_with_parent and sys.platform.startswith("linux")
-                         and threading.current_thread() is threading.main_thread())
+        env = {
+            k: v for k, v in os.environ.items() if k not in _WEED_ENV_FALLBACKS and not k.startswith("AWS_")
+        }
+        use_pdeathsig = (
+            self.die_with_parent
+            and sys.platform.startswith("linux")
+            and threading.current_thread() is threading.main_thread()
+        )
         self._out_fh = open(self.dir / "weed.out", "wb")
         self._proc = subprocess.Popen(
             self.command,
@@ -422,8 +435,13 @@ class S3Server:
         p = self.ports
         if not p:
             return
-        named = {"master": p["master.grpc"], "volume": p["volume.grpc"], "filer": p["filer.grpc"],
-                 "s3": p["s3.grpc"], "admin": p["admin"] + _GRPC_OFFSET}
+        named = {
+            "master": p["master.grpc"],
+            "volume": p["volume.grpc"],
+            "filer": p["filer.grpc"],
+            "s3": p["s3.grpc"],
+            "admin": p["admin"] + _GRPC_OFFSET,
+        }
         for component, port in named.items():
             path = Path(f"/tmp/seaweedfs-{component}-grpc-{port}.sock")
             with contextlib.suppress(OSError):
@@ -481,8 +499,12 @@ class S3Server:
         import botocore.session
         from botocore.config import Config
 
-        cfg = dict(s3={"addressing_style": "path"}, retries={"max_attempts": 1, "mode": "standard"},
-                   connect_timeout=5, read_timeout=30)
+        cfg = dict(
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": 1, "mode": "standard"},
+            connect_timeout=5,
+            read_timeout=30,
+        )
         cfg.update(config)
         session = botocore.session.Session()
         return session.create_client(
@@ -572,12 +594,19 @@ def _write_env_file(path: Path, server: S3Server) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description="Run a throw-away SeaweedFS S3 server on 127.0.0.1.")
-    ap.add_argument("--env-file", required=True, type=Path,
-                    help="write `export AWS_...` lines here once S3 answers (mode 0600); "
-                         "removed again on exit")
+    ap.add_argument(
+        "--env-file",
+        required=True,
+        type=Path,
+        help="write `export AWS_...` lines here once S3 answers (mode 0600); removed again on exit",
+    )
     ap.add_argument("--bucket", default=DEFAULT_BUCKET, help="bucket to create (default %(default)s)")
-    ap.add_argument("--base-dir", type=Path, default=None,
-                    help="parent of the server's data/log dir (default: system temp dir)")
+    ap.add_argument(
+        "--base-dir",
+        type=Path,
+        default=None,
+        help="parent of the server's data/log dir (default: system temp dir)",
+    )
     ap.add_argument("--region", default=DEFAULT_REGION)
     ap.add_argument("--startup-timeout", type=float, default=30.0)
     ap.add_argument("--keep-dir", action="store_true", help="keep data/logs after exit")
@@ -588,8 +617,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         signal.signal(sig, lambda *_: stop_event.set())
 
     print(f"s3server: pid {os.getpid()}", flush=True)
-    server = S3Server(bucket=args.bucket or None, base_dir=args.base_dir, region=args.region,
-                      startup_timeout=args.startup_timeout, keep_dir=args.keep_dir)
+    server = S3Server(
+        bucket=args.bucket or None,
+        base_dir=args.base_dir,
+        region=args.region,
+        startup_timeout=args.startup_timeout,
+        keep_dir=args.keep_dir,
+    )
     try:
         server.start()
     except S3ServerError as exc:
@@ -598,13 +632,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     rc = 0
     try:
         _write_env_file(args.env_file, server)
-        print(f"s3server: ready in {server.startup_seconds:.2f}s: endpoint {server.endpoint_url} "
-              f"bucket {server.bucket} weed pid {server.pid} dir {server.dir}; "
-              f"env in {args.env_file}; stop with: kill -TERM {os.getpid()}", flush=True)
+        print(
+            f"s3server: ready in {server.startup_seconds:.2f}s: endpoint {server.endpoint_url} "
+            f"bucket {server.bucket} weed pid {server.pid} dir {server.dir}; "
+            f"env in {args.env_file}; stop with: kill -TERM {os.getpid()}",
+            flush=True,
+        )
         while not stop_event.wait(0.5):
             if not server.running:
-                print("s3server: weed exited unexpectedly\n" + server.log_tail(),
-                      file=sys.stderr, flush=True)
+                print("s3server: weed exited unexpectedly\n" + server.log_tail(), file=sys.stderr, flush=True)
                 rc = 1
                 break
     finally:

@@ -1,4 +1,5 @@
 """Every kind of bad input: one line naming the file (and ItemID), exit code 2, nothing published."""
+
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import make_catalog, write_parquet, write_shards
+from conftest import make_catalog, write_shards
 from semid_dist.cli import main
 
 
@@ -30,8 +31,23 @@ def _write(path, ids, emb_rows):
 
 def check_error(tmp_path, capsys, data, *expected, extra=()):
     out = tmp_path / "out"
-    code = main(["--data_path", str(data), "--output_dir", str(out), "--mode", "kmeans", "--n_layers", "2",
-                 "--n_clusters", "4", "--log_dir", str(tmp_path / "logs"), *extra])
+    code = main(
+        [
+            "--data_path",
+            str(data),
+            "--output_dir",
+            str(out),
+            "--mode",
+            "kmeans",
+            "--n_layers",
+            "2",
+            "--n_clusters",
+            "4",
+            "--log_dir",
+            str(tmp_path / "logs"),
+            *extra,
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     line = [l for l in err if l.startswith("semid: error:")]
@@ -40,7 +56,9 @@ def check_error(tmp_path, capsys, data, *expected, extra=()):
         assert text in line[0], line[0]
     assert "Traceback" not in "\n".join(err)
     published = os.listdir(out) if out.exists() else []
-    assert "semantic_id_mappings.json" not in published and not [p for p in published if p.startswith(".staging")]
+    assert "semantic_id_mappings.json" not in published and not [
+        p for p in published if p.startswith(".staging")
+    ]
     return line[0]
 
 
@@ -107,14 +125,30 @@ def test_invalid_flag_values(tmp_path, capsys, shards):
     d, _, _ = shards
     check_error(tmp_path, capsys, d, "--mode", extra=["--mode", "pq"])
     check_error(tmp_path, capsys, d, "--n_layers", ">= 1", extra=["--n_layers", "0"])
-    check_error(tmp_path, capsys, d, "--kmeans_full_dim_levels", ">= 0", extra=["--kmeans_full_dim_levels", "-1"])
+    check_error(
+        tmp_path, capsys, d, "--kmeans_full_dim_levels", ">= 0", extra=["--kmeans_full_dim_levels", "-1"]
+    )
 
 
 def test_subprocess_exit_code_and_single_line(tmp_path):
     """The installed entry point: non-zero exit, one line on stderr, no traceback."""
-    proc = subprocess.run([sys.executable, "-m", "semid_dist", "train", "--data_path", str(tmp_path / "missing"),
-                           "--output_dir", str(tmp_path / "out"), "--log_dir", str(tmp_path / "logs")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "semid_dist",
+            "train",
+            "--data_path",
+            str(tmp_path / "missing"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--log_dir",
+            str(tmp_path / "logs"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     lines = [l for l in proc.stderr.splitlines() if l.strip() and " - INFO - " not in l]
     assert lines == [f"semid: error: {tmp_path / 'missing'}: path does not exist"]

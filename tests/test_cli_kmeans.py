@@ -1,4 +1,5 @@
 """End to end through the CLI (in-process, on the session's Ray): outputs, determinism, publishing."""
+
 import json
 import os
 import shutil
@@ -39,7 +40,9 @@ def test_end_to_end_outputs(ray_session, small_catalog, tmp_path, capsys):
     assert all(len(v) == 4 and all(0 <= c < 16 for c in v[:3]) for v in sids)
 
     table = pq.read_table(os.path.join(out, "semantic_id_mappings.parquet"))
-    from_parquet = dict(zip(table.column("ItemID").to_pylist(), map(tuple, table.column("semantic_id").to_pylist())))
+    from_parquet = dict(
+        zip(table.column("ItemID").to_pylist(), map(tuple, table.column("semantic_id").to_pylist()))
+    )
     assert from_parquet == {int(k): tuple(v) for k, v in mapping.items()}
 
     [index_file] = [p for p in os.listdir(out) if p.endswith(".index.json")]
@@ -129,8 +132,10 @@ def test_the_cli_leaves_a_ray_it_did_not_start_running(ray_session, small_catalo
 def test_config_file_and_flag_precedence(ray_session, small_catalog, tmp_path):
     data, _, _ = small_catalog
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(f"data_path: {data}\noutput_dir: {tmp_path / 'o'}\nmode: kmeans\nn_layers: 2\n"
-                   "n_clusters: 8\nmax_iters: 5\n")
+    cfg.write_text(
+        f"data_path: {data}\noutput_dir: {tmp_path / 'o'}\nmode: kmeans\nn_layers: 2\n"
+        "n_clusters: 8\nmax_iters: 5\n"
+    )
     assert main(["--config", str(cfg), "--n_clusters", "12", "--log_dir", str(tmp_path / "l")]) == 0
     results = json.load(open(tmp_path / "o" / "training_results.json"))
     assert results["config"]["n_layers"] == 2 and results["config"]["n_clusters"] == 12
@@ -140,8 +145,10 @@ def test_failed_run_keeps_earlier_results(ray_session, small_catalog, tmp_path, 
     data, _, _ = small_catalog
     out = str(tmp_path / "out")
     assert run_cli(data, out) == 0
-    before = {p: open(os.path.join(out, p), "rb").read() for p in
-              ("semantic_id_mappings.json", "final_model.pt", "_SUCCESS")}
+    before = {
+        p: open(os.path.join(out, p), "rb").read()
+        for p in ("semantic_id_mappings.json", "final_model.pt", "_SUCCESS")
+    }
     bad = tmp_path / "bad"
     shutil.copytree(data, bad)
     ids, x = np.array([1, 2, 3]), np.ones((3, 32), np.float32)

@@ -76,8 +76,19 @@ DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 PORT_NAME = re.compile(r"(?=.*[a-z])[a-z0-9]([-a-z0-9]*[a-z0-9])?")  # IANA_SVC_NAME
 QUANTITY = re.compile(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?")
 QUANTITY_FACTOR = {
-    None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
-    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+    None: 1,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "E": 10**18,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
 }
 
 
@@ -400,9 +411,9 @@ def test_ray_up_shape():
     assert mounts["~/.ray/auth_token"] == "~/.ray/auth_token"
     package_mount = next(remote for remote, local in mounts.items() if local == ".")
     package = package_mount.replace("~", "$HOME", 1) + "[gpu]"
-    assert any(
-        cmd.startswith("pip install") and f'"{package}"' in cmd for cmd in config["setup_commands"]
-    ), config["setup_commands"]
+    assert any(cmd.startswith("pip install") and f'"{package}"' in cmd for cmd in config["setup_commands"]), (
+        config["setup_commands"]
+    )
     assert "gpu" in _pyproject()["project"].get("optional-dependencies", {})
 
 
@@ -460,9 +471,7 @@ def test_gpu_workers_autoscale(name):
     for group in groups:
         resources = _ray_container(group)["resources"]
         assert int(resources["limits"]["nvidia.com/gpu"]) == 1, group["groupName"]
-        assert resources.get("requests", {}).get("nvidia.com/gpu", 1) == resources["limits"][
-            "nvidia.com/gpu"
-        ]
+        assert resources.get("requests", {}).get("nvidia.com/gpu", 1) == resources["limits"]["nvidia.com/gpu"]
         lo, n, hi = group["minReplicas"], group.get("replicas", 0), group["maxReplicas"]
         assert 0 <= lo <= n <= hi and lo < hi, f"{group['groupName']}: replicas {lo}/{n}/{hi}"
 
@@ -498,9 +507,7 @@ def test_dev_shm_holds_the_object_store(name):
 
 def _env_entries(doc: dict) -> Iterator[tuple[str, dict]]:
     for where, template in _pod_templates(doc):
-        for container in template["spec"].get("containers", []) + template["spec"].get(
-            "initContainers", []
-        ):
+        for container in template["spec"].get("containers", []) + template["spec"].get("initContainers", []):
             for env in container.get("env", []):
                 yield f"{where} {container['name']}", env
     for env in _cluster_spec(doc).get("autoscalerOptions", {}).get("env", []):
@@ -604,9 +611,7 @@ def test_rayjob_runtime_env_and_entrypoint():
 
     # pip == pyproject's dependencies + the gpu extra, minus Ray (the image has the pinned one).
     wanted = {canonicalize_name(r.name): r for r in _runtime_requirements()}
-    got = {
-        canonicalize_name(r.name): r for r in map(Requirement, runtime_env["pip"]["packages"])
-    }
+    got = {canonicalize_name(r.name): r for r in map(Requirement, runtime_env["pip"]["packages"])}
     assert "ray" not in got, "the image provides Ray; reinstalling it could change the version"
     assert sorted(got) == sorted(wanted), "runtimeEnvYAML pip names differ from pyproject"
     for name, req in got.items():

@@ -1,4 +1,5 @@
 """`semid encode`: apply an existing tokenizer to a catalog (in-process, on the session's Ray)."""
+
 import json
 import os
 
@@ -38,8 +39,21 @@ def test_encode_reproduces_the_training_run(trained, small_catalog, capsys):
     out = str(root / "encoded")
     model = os.path.join(train_out, "final_model.pt")
     # Flags that contradict the tokenizer lose: the run describes the tokenizer it applied.
-    assert cli("encode", data, out, "--tokenizer", model, "--mode", "tiger", "--n_layers", "2",
-               log_dir=str(root / "logs")) == 0
+    assert (
+        cli(
+            "encode",
+            data,
+            out,
+            "--tokenizer",
+            model,
+            "--mode",
+            "tiger",
+            "--n_layers",
+            "2",
+            log_dir=str(root / "logs"),
+        )
+        == 0
+    )
     assert "kmeans: 600 items -> 3 levels x 16 codes" in capsys.readouterr().out
 
     # Same tokenizer, same catalog: the same IDs, dedup codes included.
@@ -113,8 +127,12 @@ def test_unreadable_tokenizer(what, small_catalog, tmp_path, capsys):
     out = str(tmp_path / "out")
     rc = cli("encode", small_catalog[0], out, "--tokenizer", str(path), log_dir=str(tmp_path / "logs"))
     err = _failed_without_output(rc, capsys, out, str(path))
-    expected = {"missing": "does not exist", "directory": "directory", "garbage": "not a loadable",
-                "foreign": "not a semid_dist tokenizer"}[what]
+    expected = {
+        "missing": "does not exist",
+        "directory": "directory",
+        "garbage": "not a loadable",
+        "foreign": "not a semid_dist tokenizer",
+    }[what]
     assert expected in err
 
 

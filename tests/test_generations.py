@@ -1,4 +1,5 @@
 """ID assignment across generations (math/generations.py) against a slow, obvious reference."""
+
 import hashlib
 
 import numpy as np
@@ -8,16 +9,21 @@ from semid_dist.config import CHANGED_POLICIES
 from semid_dist.math import generations as gen
 from semid_dist.math.dedup import dedup_codes
 
-
 # --- the slow reference: dicts, sets and loops, straight from the rules in the docstring ------
+
 
 def reference_assign(prev, retired, ids, fps, codes, tok, seq, policy):
     L = codes.shape[1]
-    prev_d = {int(i): (int(f), tuple(map(int, s)), int(t)) for i, f, s, t in
-              zip(prev.ids, prev.fp, prev.sid, prev.tok)}
-    rows = [dict(id=int(i), fp=int(f), sid=tuple(map(int, s)), tok=int(t), seq=int(q), reason=int(r))
-            for i, f, s, t, q, r in zip(retired.ids, retired.fp, retired.sid, retired.tok, retired.seq,
-                                        retired.reason)]
+    prev_d = {
+        int(i): (int(f), tuple(map(int, s)), int(t))
+        for i, f, s, t in zip(prev.ids, prev.fp, prev.sid, prev.tok)
+    }
+    rows = [
+        dict(id=int(i), fp=int(f), sid=tuple(map(int, s)), tok=int(t), seq=int(q), reason=int(r))
+        for i, f, s, t, q, r in zip(
+            retired.ids, retired.fp, retired.sid, retired.tok, retired.seq, retired.reason
+        )
+    ]
     used = {s for _, s, _ in prev_d.values()} | {r["sid"] for r in rows}
     out, status, fresh, taken_back, retire = {}, {}, [], set(), []
     tonight = {int(i): (int(f), tuple(map(int, c))) for i, f, c in zip(ids, fps, codes)}
@@ -54,11 +60,15 @@ def reference_assign(prev, retired, ids, fps, codes, tok, seq, policy):
 
 
 def as_dicts(a):
-    out = {int(i): (tuple(map(int, s)), int(t)) for i, s, t in zip(a.mapping.ids, a.mapping.sid, a.mapping.tok)}
+    out = {
+        int(i): (tuple(map(int, s)), int(t)) for i, s, t in zip(a.mapping.ids, a.mapping.sid, a.mapping.tok)
+    }
     status = dict(zip(map(int, a.mapping.ids), map(int, a.status_N)))
     r = a.retired
-    rows = [dict(id=int(i), fp=int(f), sid=tuple(map(int, s)), tok=int(t), seq=int(q), reason=int(x))
-            for i, f, s, t, q, x in zip(r.ids, r.fp, r.sid, r.tok, r.seq, r.reason)]
+    rows = [
+        dict(id=int(i), fp=int(f), sid=tuple(map(int, s)), tok=int(t), seq=int(q), reason=int(x))
+        for i, f, s, t, q, x in zip(r.ids, r.fp, r.sid, r.tok, r.seq, r.reason)
+    ]
     return out, status, rows
 
 
@@ -100,12 +110,20 @@ def test_assign_matches_reference_over_random_histories(policy):
 
 def test_counts_and_statuses():
     L = 2
-    prev = gen.IdTable(ids=np.array([1, 2, 3, 4, 5]), fp=np.array([10, 20, 30, 40, 50], np.uint64),
-                       sid=np.array([[0, 0, 0], [0, 0, 1], [1, 1, 0], [2, 2, 0], [3, 3, 0]]),
-                       tok=np.full(5, 9, np.uint64))
-    retired = gen.RetiredTable(ids=np.array([7, 8]), fp=np.array([70, 80], np.uint64),
-                               sid=np.array([[0, 0, 2], [1, 1, 1]]), tok=np.array([9, 9], np.uint64),
-                               seq=np.array([1, 1]), reason=np.array([gen.REMOVED, gen.REMOVED], np.int8))
+    prev = gen.IdTable(
+        ids=np.array([1, 2, 3, 4, 5]),
+        fp=np.array([10, 20, 30, 40, 50], np.uint64),
+        sid=np.array([[0, 0, 0], [0, 0, 1], [1, 1, 0], [2, 2, 0], [3, 3, 0]]),
+        tok=np.full(5, 9, np.uint64),
+    )
+    retired = gen.RetiredTable(
+        ids=np.array([7, 8]),
+        fp=np.array([70, 80], np.uint64),
+        sid=np.array([[0, 0, 2], [1, 1, 1]]),
+        tok=np.array([9, 9], np.uint64),
+        seq=np.array([1, 1]),
+        reason=np.array([gen.REMOVED, gen.REMOVED], np.int8),
+    )
     ids = np.array([1, 2, 3, 5, 6, 7, 8])
     fps = np.array([10, 21, 31, 50, 60, 70, 81], np.uint64)
     codes = np.array([[5, 5], [0, 0], [2, 2], [4, 4], [0, 0], [9, 9], [1, 1]])
@@ -117,13 +135,36 @@ def test_counts_and_statuses():
     # fresh: 3 (changed, codes moved) and 6, 8 (new); (0,0,*) holds 0, 1 and 2 -> 6 gets 3;
     # (1,1,*) holds 0 (item 3's old ID, retired tonight) and 1 (retired) -> 8 gets 2
     assert sid[3] == (2, 2, 1) and sid[6] == (0, 0, 3) and sid[8] == (1, 1, 2)
-    assert list(a.status_N) == [gen.STABLE, gen.KEPT, gen.FRESH, gen.STABLE, gen.FRESH, gen.RECLAIMED, gen.FRESH]
-    assert a.counts == {"items": 7, "stable": 2, "new": 3, "changed": 2, "removed": 1, "changed_kept_id": 1,
-                        "reclaimed": 1, "fresh_ids": 3, "retired_tonight": 2, "retired_total": 3,
-                        "max_dedup_code": 3}
-    retired_now = {tuple(s): (int(i), int(r)) for s, i, r in zip(a.retired.sid.tolist(), a.retired.ids,
-                                                                a.retired.reason)}
-    assert retired_now == {(1, 1, 0): (3, gen.CHANGED), (2, 2, 0): (4, gen.REMOVED), (1, 1, 1): (8, gen.REMOVED)}
+    assert list(a.status_N) == [
+        gen.STABLE,
+        gen.KEPT,
+        gen.FRESH,
+        gen.STABLE,
+        gen.FRESH,
+        gen.RECLAIMED,
+        gen.FRESH,
+    ]
+    assert a.counts == {
+        "items": 7,
+        "stable": 2,
+        "new": 3,
+        "changed": 2,
+        "removed": 1,
+        "changed_kept_id": 1,
+        "reclaimed": 1,
+        "fresh_ids": 3,
+        "retired_tonight": 2,
+        "retired_total": 3,
+        "max_dedup_code": 3,
+    }
+    retired_now = {
+        tuple(s): (int(i), int(r)) for s, i, r in zip(a.retired.sid.tolist(), a.retired.ids, a.retired.reason)
+    }
+    assert retired_now == {
+        (1, 1, 0): (3, gen.CHANGED),
+        (2, 2, 0): (4, gen.REMOVED),
+        (1, 1, 1): (8, gen.REMOVED),
+    }
 
     b = gen.assign(prev, retired, ids, fps, codes, 9, seq=2, policy="reassign")
     assert dict(zip(b.mapping.ids.tolist(), map(tuple, b.mapping.sid.tolist())))[2] != (0, 0, 1)
@@ -136,8 +177,9 @@ def test_first_night_is_plain_dedup():
     rng = np.random.default_rng(1)
     ids = np.sort(rng.choice(10_000, 3000, replace=False)).astype(np.int64)
     codes = rng.integers(0, 6, size=(3000, 3))
-    a = gen.assign(gen.IdTable.empty(4), gen.RetiredTable.empty(4), ids, np.arange(3000, dtype=np.uint64),
-                   codes, 1, 1)
+    a = gen.assign(
+        gen.IdTable.empty(4), gen.RetiredTable.empty(4), ids, np.arange(3000, dtype=np.uint64), codes, 1, 1
+    )
     assert np.array_equal(a.mapping.sid[:, 3], dedup_codes(ids, codes))
     assert a.counts["new"] == a.counts["fresh_ids"] == 3000 and len(a.retired) == 0
 
@@ -163,7 +205,10 @@ def test_fingerprints_exact_float32_bytes():
     rng = np.random.default_rng(3)
     x = rng.normal(size=(100, 24)).astype(np.float32)
     fp = gen.embedding_fingerprints(x)
-    want = [int.from_bytes(hashlib.blake2b(r.astype("<f4").tobytes(), digest_size=8).digest(), "little") for r in x]
+    want = [
+        int.from_bytes(hashlib.blake2b(r.astype("<f4").tobytes(), digest_size=8).digest(), "little")
+        for r in x
+    ]
     assert fp.dtype == np.uint64 and fp.tolist() == want
     assert np.array_equal(gen.embedding_fingerprints(x[37:64]), fp[37:64])  # batching does not matter
     assert np.array_equal(gen.embedding_fingerprints(x.astype(np.float64)), fp)  # float64 in: rounded first
@@ -176,5 +221,13 @@ def test_fingerprints_exact_float32_bytes():
 def test_policy_names_agree_with_config_and_are_checked():
     assert tuple(CHANGED_POLICIES) == gen.POLICIES
     with pytest.raises(ValueError, match="policy"):
-        gen.assign(gen.IdTable.empty(2), gen.RetiredTable.empty(2), np.zeros(0, np.int64),
-                   np.zeros(0, np.uint64), np.zeros((0, 1), np.int64), 1, 1, policy="whatever")
+        gen.assign(
+            gen.IdTable.empty(2),
+            gen.RetiredTable.empty(2),
+            np.zeros(0, np.int64),
+            np.zeros(0, np.uint64),
+            np.zeros((0, 1), np.int64),
+            1,
+            1,
+            policy="whatever",
+        )

@@ -1,5 +1,6 @@
 """GPU checks, run by `make bench-gpu` (bench/gpu.sh) on a machine with an NVIDIA GPU; skipped
 where torch sees none (CI and the 2-core development machines)."""
+
 import json
 import os
 
@@ -9,8 +10,7 @@ import torch
 
 from conftest import make_catalog, write_shards
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def test_residual_encode_on_the_gpu_matches_the_cpu_kernel():
@@ -33,8 +33,18 @@ def test_tiger_trains_on_the_gpu_with_nccl(ray_session, tmp_path):
     data = str(tmp_path / "data")
     write_shards(data, ids, x, 2)
     out = str(tmp_path / "out")
-    cfg = Config(data_path=data, output_dir=out, mode="tiger", epochs=3, batch_size=256, n_layers=2,
-                 n_embed=16, latent_dim=8, device="auto", num_workers=1)
+    cfg = Config(
+        data_path=data,
+        output_dir=out,
+        mode="tiger",
+        epochs=3,
+        batch_size=256,
+        n_layers=2,
+        n_embed=16,
+        latent_dim=8,
+        device="auto",
+        num_workers=1,
+    )
     results = train.run(cfg, log_dir=str(tmp_path / "logs"))
     assert results["training"]["backend"] == "nccl" and results["training"]["device"] == "cuda"
     with open(os.path.join(out, "training_results.json")) as f:

@@ -1,4 +1,5 @@
 """The math layer against slow, obvious numpy references."""
+
 import numpy as np
 import pytest
 import torch
@@ -82,9 +83,9 @@ def test_residual_codebooks_reduce_error_level_by_level():
     errs = []
     for level in range(1, 4):
         _, resid = residual_encode(x, books[:level])
-        errs.append(float((resid ** 2).sum()))
+        errs.append(float((resid**2).sum()))
     assert errs[0] > errs[1] > errs[2]
-    assert errs[0] < float((x ** 2).sum())
+    assert errs[0] < float((x**2).sum())
 
 
 def test_full_dim_levels_fit_the_top_levels_in_full_dimension():
@@ -96,14 +97,21 @@ def test_full_dim_levels_fit_the_top_levels_in_full_dimension():
     k = 8
     mixed = fit_residual_codebooks(x.clone(), 2, k, 10, seed=5, full_dim_levels=1)
     default = fit_residual_codebooks(x.clone(), 2, k, 10, seed=5)
-    level0 = fit_kmeans(x.clone(), k, 10, torch.Generator().manual_seed(5), progressive=False,
-                        seed_points=km.SEED_PER_CENTROID * k)
+    level0 = fit_kmeans(
+        x.clone(),
+        k,
+        10,
+        torch.Generator().manual_seed(5),
+        progressive=False,
+        seed_points=km.SEED_PER_CENTROID * k,
+    )
     assert torch.equal(mixed[0], level0)
     assert not torch.equal(mixed[0], default[0])
     # the no-progressive switch still means plain k-means everywhere
     plain = fit_residual_codebooks(x.clone(), 2, k, 10, seed=5, progressive=False, full_dim_levels=1)
-    assert torch.equal(plain[0], fit_kmeans(x.clone(), k, 10, torch.Generator().manual_seed(5),
-                                            progressive=False))
+    assert torch.equal(
+        plain[0], fit_kmeans(x.clone(), k, 10, torch.Generator().manual_seed(5), progressive=False)
+    )
 
 
 def test_fit_with_assignments_in_torch_matches_the_numpy_fit(monkeypatch):
@@ -126,7 +134,7 @@ def test_fit_with_assignments_in_torch_matches_the_numpy_fit(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     _, r_ref = residual_encode(x, ref)
     _, r_dev = residual_encode(x, dev)
-    assert float((r_dev ** 2).sum()) == pytest.approx(float((r_ref ** 2).sum()), rel=1e-4)
+    assert float((r_dev**2).sum()) == pytest.approx(float((r_ref**2).sum()), rel=1e-4)
 
 
 def _dedup_reference(ids, codes):
@@ -139,8 +147,12 @@ def _dedup_reference(ids, codes):
 
 # Codes as they come (small, non-negative: sorted through one packed int64 key), and two kinds
 # of rows the packed key cannot hold (negative values, value ranges past 2**63: a lexsort).
-ROWS = {"codes": lambda r: r, "uint64": lambda r: r.astype(np.uint64), "negative": lambda r: r - 2,
-        "huge": lambda r: r * 2**40}
+ROWS = {
+    "codes": lambda r: r,
+    "uint64": lambda r: r.astype(np.uint64),
+    "negative": lambda r: r - 2,
+    "huge": lambda r: r * 2**40,
+}
 
 
 @pytest.mark.parametrize("kind", ROWS)

@@ -1,18 +1,20 @@
 """The sample the scan pass keeps for the fit: its size (train.sample_target), the floor that
 keeps it from coming out smaller than a codebook, the memory cap, and no sample for tiger."""
+
 import glob
 import json
 import os
 
 import numpy as np
 import pytest
+from test_cli_kmeans import run_cli
 
 from conftest import make_catalog, write_parquet
-from semid_dist import data as datalib, train
+from semid_dist import data as datalib
+from semid_dist import train
 from semid_dist.config import Config
 from semid_dist.errors import UserError
 from semid_dist.math import sampling
-from test_cli_kmeans import run_cli
 
 
 def cfg(**kw) -> Config:
@@ -23,7 +25,11 @@ def test_sample_target_per_centroid_floor_and_cap():
     assert train.sample_target(cfg(n_clusters=256), 768) == 256 * 256
     assert train.sample_target(cfg(mode="tiger", n_embed=256), 768) == 0  # tiger trains on every item
     # --sample_per_centroid 1 aims above the codebook size, not at it
-    assert train.sample_target(cfg(n_clusters=256, sample_per_centroid=1), 768) == sampling.sample_floor(256) > 256
+    assert (
+        train.sample_target(cfg(n_clusters=256, sample_per_centroid=1), 768)
+        == sampling.sample_floor(256)
+        > 256
+    )
     # 256 x 8,192 rows of 768 floats would be 6.4 GB: cut to what 1 GB holds
     assert train.sample_target(cfg(n_clusters=8192), 768) == int(1e9 // (4 * 768))
     assert train.sample_target(cfg(n_clusters=8192, kmeans_sample_gb=8), 768) == 256 * 8192
@@ -51,7 +57,9 @@ def _results(out):
     return json.load(open(os.path.join(out, "training_results.json")))
 
 
-def test_sample_per_centroid_1_fits_where_the_sample_used_to_come_out_short(ray_session, small_catalog, tmp_path):
+def test_sample_per_centroid_1_fits_where_the_sample_used_to_come_out_short(
+    ray_session, small_catalog, tmp_path
+):
     data, ids, _ = small_catalog
     # a seed for which a sample aimed at exactly 16 rows keeps fewer (the fit could not start)
     seed = next(s for s in range(100) if (datalib.hash_unit(ids, s) < 16 / len(ids)).sum() < 16)
@@ -72,7 +80,9 @@ def test_a_short_sample_is_a_one_line_error(ray_session, tmp_path, capsys):
     out = str(tmp_path / "out")
     assert run_cli(data, out, "--sample_per_centroid", "1") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].endswith("the k-means sample kept 10 rows, fewer than --n_clusters 16: raise --sample_per_centroid")
+    assert err[-1].endswith(
+        "the k-means sample kept 10 rows, fewer than --n_clusters 16: raise --sample_per_centroid"
+    )
     assert not os.path.exists(os.path.join(out, "_SUCCESS"))
 
 

@@ -1,5 +1,6 @@
 """The numpy encode kernel (what the catalog's encode pass runs) against a float64 reference,
 and the property the pipeline relies on: a row's code never depends on its chunk."""
+
 import numpy as np
 import pytest
 import torch
@@ -33,7 +34,7 @@ def test_residual_encode_np_matches_reference_and_torch_api():
         r -= b[want]
     np.testing.assert_allclose(resid, r, atol=1e-5)
     _, sq = residual_encode_np(x, books, out_resid=False)
-    np.testing.assert_allclose(sq, (r ** 2).sum(1), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(sq, (r**2).sum(1), rtol=1e-4, atol=1e-6)
     t_codes, t_resid = residual_encode(torch.from_numpy(x), list(torch.from_numpy(books)))
     assert np.array_equal(t_codes.numpy(), codes) and np.array_equal(t_resid.numpy(), resid)
 
@@ -48,5 +49,5 @@ def test_codes_do_not_depend_on_the_chunk(shape):
         codes, sq = residual_encode_np(x, books, chunk=chunk, out_resid=False)
         assert np.array_equal(codes, whole) and np.array_equal(sq, whole_sq), chunk
     for i in (0, 5, 2999):
-        one, _ = residual_encode_np(x[i:i + 1], books)
+        one, _ = residual_encode_np(x[i : i + 1], books)
         assert np.array_equal(one[0], whole[i])

@@ -1,5 +1,6 @@
 """Nightly generations end to end (real Ray, real parquet, local dirs): stable IDs over nights
 with additions, removals and changed embeddings; re-runs; crashes before LATEST moves."""
+
 import json
 import os
 import runpy
@@ -35,9 +36,19 @@ def catalogs(tmp_path_factory):
     back = removed[:5]
     more_ids, more_x = make_catalog(10, D, seed=7, first_id=2_000_000)
     ids3, x3 = np.r_[ids2, ids1[back], more_ids], np.r_[x2, x1[back], more_x]
-    out = {"ids1": ids1, "x1": x1, "ids2": ids2, "x2": x2, "ids3": ids3, "x3": x3,
-           "removed": ids1[removed], "changed": ids1[perm[20:30]], "new": new_ids, "back": ids1[back],
-           "more": more_ids}
+    out = {
+        "ids1": ids1,
+        "x1": x1,
+        "ids2": ids2,
+        "x2": x2,
+        "ids3": ids3,
+        "x3": x3,
+        "removed": ids1[removed],
+        "changed": ids1[perm[20:30]],
+        "new": new_ids,
+        "back": ids1[back],
+        "more": more_ids,
+    }
     for night, (ids, x) in {1: (ids1, x1), 2: (ids2, x2), 3: (ids3, x3)}.items():
         out[f"data{night}"] = str(base / f"night{night}")
         write_shards(out[f"data{night}"], ids, x, 2 + night % 2)
@@ -45,8 +56,19 @@ def catalogs(tmp_path_factory):
 
 
 def argv(data, root, name, tmp_path, *extra):
-    return ["nightly", "--data_path", data, "--output_dir", root, "--generation", name,
-            "--log_dir", str(tmp_path / "logs"), *ARGS, *extra]
+    return [
+        "nightly",
+        "--data_path",
+        data,
+        "--output_dir",
+        root,
+        "--generation",
+        name,
+        "--log_dir",
+        str(tmp_path / "logs"),
+        *ARGS,
+        *extra,
+    ]
 
 
 def run(data, root, name, tmp_path, *extra) -> dict:
@@ -92,8 +114,21 @@ def test_two_nights_rerun_and_retrain(ray_session, catalogs, tmp_path, capsys):
     g1 = mapping(root, "2024-06-01")
     assert set(g1) == set(c["ids1"].tolist())
     train_out = str(tmp_path / "train")
-    assert main(["train", "--data_path", c["data1"], "--output_dir", train_out, "--log_dir",
-                 str(tmp_path / "logs"), *ARGS]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data_path",
+                c["data1"],
+                "--output_dir",
+                train_out,
+                "--log_dir",
+                str(tmp_path / "logs"),
+                *ARGS,
+            ]
+        )
+        == 0
+    )
     with open(os.path.join(train_out, "semantic_id_mappings.json")) as f:
         assert {int(k): tuple(v) for k, v in json.load(f).items()} == g1
     assert retired(root, "2024-06-01") == {}
@@ -112,20 +147,37 @@ def test_two_nights_rerun_and_retrain(ray_session, catalogs, tmp_path, capsys):
     fresh = {g2[i] for i in new | (changed - kept)}
     assert len(fresh) == len(new | (changed - kept)) and not fresh & set(g1.values())
     assert len(set(g2.values())) == len(g2)
-    assert r2["counts"] == {"items": 310, "stable": 270, "new": 30, "changed": 10, "removed": 20,
-                            "changed_kept_id": len(kept), "reclaimed": 0, "fresh_ids": 40 - len(kept),
-                            "retired_tonight": 30 - len(kept), "retired_total": 30 - len(kept),
-                            "max_dedup_code": max(s[-1] for s in g2.values())}
-    assert retired(root, "2024-06-02") == {**{g1[i]: (i, "removed") for i in removed},
-                                           **{g1[i]: (i, "changed") for i in changed - kept}}
+    assert r2["counts"] == {
+        "items": 310,
+        "stable": 270,
+        "new": 30,
+        "changed": 10,
+        "removed": 20,
+        "changed_kept_id": len(kept),
+        "reclaimed": 0,
+        "fresh_ids": 40 - len(kept),
+        "retired_tonight": 30 - len(kept),
+        "retired_total": 30 - len(kept),
+        "max_dedup_code": max(s[-1] for s in g2.values()),
+    }
+    assert retired(root, "2024-06-02") == {
+        **{g1[i]: (i, "removed") for i in removed},
+        **{g1[i]: (i, "changed") for i in changed - kept},
+    }
     saved = json.load(open(os.path.join(gen_dir(root, "2024-06-02"), "training_results.json")))
     assert saved["counts"] == r2["counts"] and 0 <= saved["metrics"]["collision_rate"] < 1
     assert saved["generation"]["parent"] == "2024-06-01" and saved["generation"]["seq"] == 2
-    assert open(os.path.join(gen_dir(root, "2024-06-02"), "final_model.pt"), "rb").read() == \
-        open(os.path.join(gen_dir(root, "2024-06-01"), "final_model.pt"), "rb").read()
-    assert latest(root) == {"generation": "2024-06-02", "seq": 2, "parent": "2024-06-01",
-                            "content_digest": r2["generation"]["content_digest"],
-                            "path": "generations/2024-06-02"}
+    assert (
+        open(os.path.join(gen_dir(root, "2024-06-02"), "final_model.pt"), "rb").read()
+        == open(os.path.join(gen_dir(root, "2024-06-01"), "final_model.pt"), "rb").read()
+    )
+    assert latest(root) == {
+        "generation": "2024-06-02",
+        "seq": 2,
+        "parent": "2024-06-01",
+        "content_digest": r2["generation"]["content_digest"],
+        "path": "generations/2024-06-02",
+    }
     assert r2["generation"]["latest"] == "moved"
 
     # re-running night 2 (same items, other row order and sharding) verifies and rewrites
@@ -144,12 +196,15 @@ def test_two_nights_rerun_and_retrain(ray_session, catalogs, tmp_path, capsys):
     # night 3 through the ray-job entrypoint, with a retrained tokenizer: stable IDs still hold,
     # items back with their old embedding reclaim their old ID, fresh IDs avoid live and retired
     sys_argv = sys.argv
-    sys.argv = ["jobs/nightly.py", *argv(c["data3"], root, "2024-06-03", tmp_path, "--retrain",
-                                         "--seed", "9")[1:]]
+    sys.argv = [
+        "jobs/nightly.py",
+        *argv(c["data3"], root, "2024-06-03", tmp_path, "--retrain", "--seed", "9")[1:],
+    ]
     try:
         with pytest.raises(SystemExit) as done:
-            runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "jobs", "nightly.py"),
-                           run_name="__main__")
+            runpy.run_path(
+                os.path.join(os.path.dirname(__file__), "..", "jobs", "nightly.py"), run_name="__main__"
+            )
     finally:
         sys.argv = sys_argv
     assert done.value.code == 0

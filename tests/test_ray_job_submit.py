@@ -10,6 +10,7 @@ sends the token from the same two variables. The head is stopped by its PID (SIG
 blocking `ray start`, which then stops every process it started; anything left of its process
 tree is killed by PID) - never `ray stop`, which would kill every Ray on the host.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,11 +56,14 @@ def test_runtime_env_file_matches_pyproject():
     RuntimeEnv(**env)  # Ray's own validation
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         project = tomllib.load(f)["project"]
-    wanted = {canonicalize_name(Requirement(r).name): str(Requirement(r).specifier)
-              for r in project["dependencies"] + project["optional-dependencies"]["gpu"]}
+    wanted = {
+        canonicalize_name(Requirement(r).name): str(Requirement(r).specifier)
+        for r in project["dependencies"] + project["optional-dependencies"]["gpu"]
+    }
     wanted.pop("ray")
-    got = {canonicalize_name(Requirement(r).name): str(Requirement(r).specifier)
-           for r in env["pip"]["packages"]}
+    got = {
+        canonicalize_name(Requirement(r).name): str(Requirement(r).specifier) for r in env["pip"]["packages"]
+    }
     assert got == wanted
     for must in (".git/", ".venv/", "output/", "logs/"):
         assert must in env["excludes"], must
@@ -100,15 +104,34 @@ class RayHead:
         self.dashboard = f"http://127.0.0.1:{dash}"
         self.log = open(os.path.join(tmp, "ray-start.out"), "w")
         self.proc = subprocess.Popen(
-            [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-             f"--temp-dir={tmp}/ray", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
-             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-             f"--runtime-env-agent-port={rt_agent}", f"--metrics-export-port={metrics}",
-             f"--node-manager-port={nm}", f"--object-manager-port={om}", "--num-cpus=4",
-             "--disable-usage-stats", "--include-log-monitor=false"],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
+            [
+                RAY,
+                "start",
+                "--head",
+                "--block",
+                "--node-ip-address=127.0.0.1",
+                f"--port={gcs}",
+                f"--temp-dir={tmp}/ray",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dash}",
+                f"--ray-client-server-port={client}",
+                f"--dashboard-agent-listen-port={agent}",
+                f"--dashboard-agent-grpc-port={agent_grpc}",
+                f"--runtime-env-agent-port={rt_agent}",
+                f"--metrics-export-port={metrics}",
+                f"--node-manager-port={nm}",
+                f"--object-manager-port={om}",
+                "--num-cpus=4",
+                "--disable-usage-stats",
+                "--include-log-monitor=false",
+            ],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     def wait_ready(self, token: str, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
@@ -170,12 +193,16 @@ def test_ray_job_submit_kmeans_on_s3(s3):
         env = s3.subprocess_env()  # the node's S3 credentials, as a Secret would set them
         for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
             env.pop(k, None)
-        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_path,
-                   RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0",
-                   # on SIGTERM, stop at once instead of draining the node for 30 s first
-                   RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
-                   # the entrypoint's `python` is the node's Python (an image's): here, this venv's
-                   PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""))
+        env.update(
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN_PATH=token_path,
+            RAY_USAGE_STATS_ENABLED="0",
+            RAY_ENABLE_UV_RUN_RUNTIME_ENV="0",
+            # on SIGTERM, stop at once instead of draining the node for 30 s first
+            RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+            # the entrypoint's `python` is the node's Python (an image's): here, this venv's
+            PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),
+        )
 
         t0 = time.monotonic()
         head = RayHead(env, tmp)
@@ -191,11 +218,35 @@ def test_ray_job_submit_kmeans_on_s3(s3):
             runtime_env = {k: v for k, v in _runtime_env().items() if k != "pip"}
             out = "s3://semid-test/jobs/kmeans/"
             submission_id = f"semid-test-{os.getpid()}-{int(time.time())}"
-            cmd = [RAY, "job", "submit", "--address", head.dashboard, "--working-dir", ".",
-                   "--runtime-env-json", json.dumps(runtime_env), "--submission-id", submission_id,
-                   "--", "python", "-m", "jobs.train", "--data_path", "s3://semid-test/jobs/catalog/",
-                   "--output_dir", out, "--mode", "kmeans", "--n_layers", "2", "--n_clusters", "8",
-                   "--max_iters", "5"]
+            cmd = [
+                RAY,
+                "job",
+                "submit",
+                "--address",
+                head.dashboard,
+                "--working-dir",
+                ".",
+                "--runtime-env-json",
+                json.dumps(runtime_env),
+                "--submission-id",
+                submission_id,
+                "--",
+                "python",
+                "-m",
+                "jobs.train",
+                "--data_path",
+                "s3://semid-test/jobs/catalog/",
+                "--output_dir",
+                out,
+                "--mode",
+                "kmeans",
+                "--n_layers",
+                "2",
+                "--n_clusters",
+                "8",
+                "--max_iters",
+                "5",
+            ]
             t1 = time.monotonic()
             job = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
             t_job = time.monotonic() - t1
@@ -215,8 +266,12 @@ def test_ray_job_submit_kmeans_on_s3(s3):
         fs.invalidate_cache()
         root = out.replace("s3://", "")
         manifest = json.loads(fs.cat_file(root + "_SUCCESS"))
-        assert {"semantic_id_mappings.json", "semantic_id_mappings.parquet", "final_model.pt",
-                "training_results.json"} <= set(manifest["files"])
+        assert {
+            "semantic_id_mappings.json",
+            "semantic_id_mappings.parquet",
+            "final_model.pt",
+            "training_results.json",
+        } <= set(manifest["files"])
         mapping = json.loads(fs.cat_file(root + "semantic_id_mappings.json"))
         assert sorted(map(int, mapping)) == sorted(ids.tolist())
         assert len({tuple(v) for v in mapping.values()}) == len(mapping)

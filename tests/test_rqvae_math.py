@@ -1,4 +1,5 @@
 """Unit tests for the pure-math RQ-VAE (semid_dist/math/rqvae.py): tiny dims, CPU, seconds."""
+
 from __future__ import annotations
 
 import copy
@@ -296,8 +297,7 @@ def test_gumbel_runs_and_gives_gradient():
 def test_tiny_training_reduces_recon_and_uses_codes():
     torch.manual_seed(10)
     x = clusters()
-    model = RQVAE(16, 4, n_layers=2, n_embed=8, hidden_dims=(64, 32), decay=0.9,
-                  dead_code_threshold=0.5)
+    model = RQVAE(16, 4, n_layers=2, n_embed=8, hidden_dims=(64, 32), decay=0.9, dead_code_threshold=0.5)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -317,7 +317,7 @@ def test_tiny_training_reduces_recon_and_uses_codes():
     with torch.no_grad():
         final = model(x).recon.item()
     assert final < 0.1 * first, (first, final)
-    rel = final / (x ** 2).sum(1).mean().item()
+    rel = final / (x**2).sum(1).mean().item()
     assert rel < 0.05, rel
     codes = model.encode(x)
     for l in range(2):

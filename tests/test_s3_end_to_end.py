@@ -13,6 +13,7 @@ in a run whose server disappears while the outputs are being written, and no cre
 output object, log or console line. (Encode-only's successful publish is tested locally in
 test_encode_only.py; publishing to S3 by the kmeans, tiger and `ray job submit` runs.)
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -39,8 +40,14 @@ BUCKET = "semid-test"
 CATALOG = f"s3://{BUCKET}/catalogs/small/"
 KMEANS_OUT = f"s3://{BUCKET}/runs/kmeans/"
 KMEANS = ["--mode", "kmeans", "--n_layers", "3", "--n_clusters", "16", "--max_iters", "10"]
-OUTPUTS = {"semantic_id_mappings.json", "semantic_id_mappings.parquet", "small.index.json",
-           "final_model.pt", "training_results.json", "_SUCCESS"}
+OUTPUTS = {
+    "semantic_id_mappings.json",
+    "semantic_id_mappings.parquet",
+    "small.index.json",
+    "final_model.pt",
+    "training_results.json",
+    "_SUCCESS",
+}
 
 try:  # tiger is optional for this file: its S3 test runs when the package imports
     from semid_dist.tiger import trainer as _tiger_trainer  # noqa: F401
@@ -60,26 +67,43 @@ def product_env(s3, tmp: str) -> dict:
     fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(os.urandom(32).hex())
-    env.update(RAY_TMPDIR=tmp, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token,
-               RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0",
-               PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update(
+        RAY_TMPDIR=tmp,
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=token,
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_ENABLE_UV_RUN_RUNTIME_ENV="0",
+        PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+    )
     return env
 
 
 class Run:
     """One `python -m semid_dist ...` subprocess with a private Ray; keeps its console output."""
 
-    def __init__(self, s3, argv: list[str], env_extra: dict | None = None, code: str | None = None,
-                 timeout: float = 240):
+    def __init__(
+        self,
+        s3,
+        argv: list[str],
+        env_extra: dict | None = None,
+        code: str | None = None,
+        timeout: float = 240,
+    ):
         self.tmp = tempfile.mkdtemp(prefix="semid-s3-", dir="/tmp")  # short: Ray's unix sockets
         self.log_dir = os.path.join(self.tmp, "logs")
         env = product_env(s3, self.tmp)
         env.update(env_extra or {})
         head = ["-c", code] if code else ["-m", "semid_dist"]
         # own process group: on a timeout the run and the Ray it started are killed together
-        proc = subprocess.Popen([sys.executable, *head, *argv, "--log_dir", self.log_dir], cwd=ROOT,
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, *head, *argv, "--log_dir", self.log_dir],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         try:
             self.stdout, self.stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -114,9 +138,10 @@ def visible(fs, prefix: str) -> dict[str, bytes]:
     '.': .staging-<run id>/, .ray_train/), by name relative to prefix."""
     root = prefix.replace("s3://", "").rstrip("/")
     fs.invalidate_cache()
-    names = (p[len(root) + 1:] for p in fs.find(root))
-    return {n: fs.cat_file(f"{root}/{n}") for n in names
-            if n and not n.startswith(".") and not n.endswith("/")}  # "x/": a folder marker
+    names = (p[len(root) + 1 :] for p in fs.find(root))
+    return {
+        n: fs.cat_file(f"{root}/{n}") for n in names if n and not n.startswith(".") and not n.endswith("/")
+    }  # "x/": a folder marker
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +193,9 @@ def test_kmeans_reads_shards_and_publishes_to_s3(s3, s3_catalog, kmeans_run):
     assert len({tuple(v) for v in mapping.values()}) == len(mapping)
     with fs.open(KMEANS_OUT.replace("s3://", "") + "semantic_id_mappings.parquet", "rb") as f:
         table = pq.read_table(f)
-    assert dict(zip(table.column("ItemID").to_pylist(), map(list, table.column("semantic_id").to_pylist()))) \
-        == {int(k): v for k, v in mapping.items()}
+    assert dict(
+        zip(table.column("ItemID").to_pylist(), map(list, table.column("semantic_id").to_pylist()))
+    ) == {int(k): v for k, v in mapping.items()}
     from semid_dist import load_tokenizer
 
     # The Python API reads the model from S3; the explicit endpoint wins over the environment's.
@@ -187,9 +213,33 @@ def test_kmeans_reads_shards_and_publishes_to_s3(s3, s3_catalog, kmeans_run):
 @pytest.mark.skipif(bool(TIGER_MISSING), reason=TIGER_MISSING)
 def test_tiger_checkpoints_and_outputs_on_s3(s3, s3_catalog, runs):
     out = f"s3://{BUCKET}/runs/tiger/"
-    run = Run(s3, ["train", "--data_path", CATALOG, "--output_dir", out, "--mode", "tiger",
-                   "--n_layers", "2", "--n_embed", "8", "--latent_dim", "4", "--batch_size", "64",
-                   "--epochs", "2", "--save_every", "1", "--patience", "0"], timeout=300)
+    run = Run(
+        s3,
+        [
+            "train",
+            "--data_path",
+            CATALOG,
+            "--output_dir",
+            out,
+            "--mode",
+            "tiger",
+            "--n_layers",
+            "2",
+            "--n_embed",
+            "8",
+            "--latent_dim",
+            "4",
+            "--batch_size",
+            "64",
+            "--epochs",
+            "2",
+            "--save_every",
+            "1",
+            "--patience",
+            "0",
+        ],
+        timeout=300,
+    )
     runs.append(run)
     assert run.rc == 0, run.stderr[-3000:]
     fs = fs_for(s3)
@@ -225,8 +275,10 @@ def assert_one_line_error(rc, stderr, *needles) -> str:
 def test_wrong_credentials(s3, s3_catalog, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret-" + "x" * 24)
     out = f"s3://{BUCKET}/runs/wrong-credentials/"
-    rc, stderr = in_process(["train", "--data_path", CATALOG, "--output_dir", out, *KMEANS,
-                             "--log_dir", str(tmp_path / "logs")], capsys)
+    rc, stderr = in_process(
+        ["train", "--data_path", CATALOG, "--output_dir", out, *KMEANS, "--log_dir", str(tmp_path / "logs")],
+        capsys,
+    )
     assert_one_line_error(rc, stderr, CATALOG, "access denied by S3")
     assert s3.secret_key not in stderr and "not-the-secret" not in stderr
     assert not fs_for(s3).exists(out.replace("s3://", ""))
@@ -236,8 +288,19 @@ def test_wrong_credentials(s3, s3_catalog, tmp_path, monkeypatch, capsys):
 def test_missing_bucket(s3, s3_catalog, side, tmp_path, capsys):
     missing = "s3://no-such-bucket-semid/prefix/"
     paths = {"data_path": CATALOG, "output_dir": f"s3://{BUCKET}/runs/unused/", side: missing}
-    rc, stderr = in_process(["train", "--data_path", paths["data_path"], "--output_dir",
-                             paths["output_dir"], *KMEANS, "--log_dir", str(tmp_path / "logs")], capsys)
+    rc, stderr = in_process(
+        [
+            "train",
+            "--data_path",
+            paths["data_path"],
+            "--output_dir",
+            paths["output_dir"],
+            *KMEANS,
+            "--log_dir",
+            str(tmp_path / "logs"),
+        ],
+        capsys,
+    )
     assert_one_line_error(rc, stderr, missing, "S3 bucket 'no-such-bucket-semid' does not exist")
     fs = fs_for(s3)
     assert "no-such-bucket-semid" not in fs.ls("")  # never created behind the user's back
@@ -282,15 +345,16 @@ def test_an_orphaned_s3_io_error_prints_no_traceback(caplog):
         ours.setLevel(level)
     loud = [r for r in caplog.records + debug_records if r.levelno >= logging.WARNING]
     assert not loud, [r.getMessage() for r in loud]
-    assert any("Cannot write to closing transport" in r.getMessage() for r in debug_records), \
-        [r.getMessage() for r in debug_records]
+    assert any("Cannot write to closing transport" in r.getMessage() for r in debug_records), [
+        r.getMessage() for r in debug_records
+    ]
 
 
 # Runs `python -m semid_dist ARGS` with S3 reached through a TCP proxy that this process owns;
 # the proxy dies (connections reset, port closed: the server is gone) at the HOOK: when the run
 # starts to stage final_model.pt (after the mappings were staged, before anything is
 # published), or when the encode pass starts.
-VANISHING_S3 = r'''
+VANISHING_S3 = r"""
 import os, socket, sys, threading
 from semid_dist import export
 from semid_dist.cli import main
@@ -352,8 +416,10 @@ host, port = os.environ["S3_UPSTREAM"].rsplit(":", 1)
 proxy = Proxy((host, int(port)))
 HOOK
 sys.exit(main(sys.argv[1:] + ["--s3_endpoint_url", f"http://127.0.0.1:{proxy.port}"]))
-'''
-VANISH_WHEN_STAGING_THE_MODEL = VANISHING_S3.replace("HOOK", '''
+"""
+VANISH_WHEN_STAGING_THE_MODEL = VANISHING_S3.replace(
+    "HOOK",
+    """
 write_torch = export.write_torch
 
 def vanishing_write_torch(*args, **kwargs):
@@ -362,9 +428,12 @@ def vanishing_write_torch(*args, **kwargs):
     return write_torch(*args, **kwargs)
 
 export.write_torch = vanishing_write_torch
-''')
+""",
+)
 # ... or when the encode pass starts: every read task then finds the server gone.
-VANISH_WHEN_ENCODING = VANISHING_S3.replace("HOOK", '''
+VANISH_WHEN_ENCODING = VANISHING_S3.replace(
+    "HOOK",
+    """
 from semid_dist import passes
 map_catalog = passes.map_catalog
 
@@ -375,7 +444,8 @@ def vanishing_map(ds, fn, empty, what, *args, **kwargs):
     return map_catalog(ds, fn, empty, what, *args, **kwargs)
 
 passes.map_catalog = vanishing_map
-''')
+""",
+)
 
 
 @pytest.mark.slow
@@ -388,10 +458,20 @@ def test_server_disappearing_mid_run_publishes_nothing(s3, kmeans_run, runs):
     fs = fs_for(s3)
     before = visible(fs, KMEANS_OUT)
     assert "_SUCCESS" in before
-    run = Run(s3, ["encode", "--data_path", CATALOG, "--output_dir", KMEANS_OUT,
-                   "--tokenizer", KMEANS_OUT + "final_model.pt"], code=VANISH_WHEN_STAGING_THE_MODEL,
-              env_extra={"S3_UPSTREAM": f"127.0.0.1:{s3.ports['s3']}",
-                         "AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
+    run = Run(
+        s3,
+        [
+            "encode",
+            "--data_path",
+            CATALOG,
+            "--output_dir",
+            KMEANS_OUT,
+            "--tokenizer",
+            KMEANS_OUT + "final_model.pt",
+        ],
+        code=VANISH_WHEN_STAGING_THE_MODEL,
+        env_extra={"S3_UPSTREAM": f"127.0.0.1:{s3.ports['s3']}", "AWS_ENDPOINT_URL": "http://127.0.0.1:9"},
+    )
     runs.append(run)
     assert "applying kmeans tokenizer " + KMEANS_OUT + "final_model.pt" in run.stderr, run.stderr[-3000:]
     assert "stage encode: " in run.stderr, run.stderr[-3000:]  # every row read through the flag
@@ -413,8 +493,12 @@ def test_server_disappearing_during_a_data_pass(s3, s3_catalog, runs):
     and nothing is published."""
     out = f"s3://{BUCKET}/runs/outage-in-encode/"
     t0 = time.monotonic()
-    run = Run(s3, ["train", "--data_path", CATALOG, "--output_dir", out, *KMEANS],
-              code=VANISH_WHEN_ENCODING, env_extra={"S3_UPSTREAM": f"127.0.0.1:{s3.ports['s3']}"})
+    run = Run(
+        s3,
+        ["train", "--data_path", CATALOG, "--output_dir", out, *KMEANS],
+        code=VANISH_WHEN_ENCODING,
+        env_extra={"S3_UPSTREAM": f"127.0.0.1:{s3.ports['s3']}"},
+    )
     took = time.monotonic() - t0
     runs.append(run)
     assert "stage scan: " in run.stderr and "stage fit: " in run.stderr, run.stderr[-3000:]

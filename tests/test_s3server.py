@@ -111,8 +111,7 @@ def test_subprocess_env_is_enough_for_s3fs(server):
     )
     env = server.subprocess_env({"PATH": os.environ.get("PATH", ""), "AWS_PROFILE": "nope"})
     assert "AWS_PROFILE" not in env
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout == "hi"
 
@@ -123,12 +122,17 @@ def test_wrong_credentials_are_denied(server):
 
     obj = f"{server.bucket}/denied/x.bin"
     server.filesystem().pipe(obj, b"secret data")
-    wrong_secret = s3fs.S3FileSystem(key=server.access_key, secret="not-the-secret",
-                                     endpoint_url=server.endpoint_url, skip_instance_cache=True)
+    wrong_secret = s3fs.S3FileSystem(
+        key=server.access_key,
+        secret="not-the-secret",
+        endpoint_url=server.endpoint_url,
+        skip_instance_cache=True,
+    )
     with pytest.raises(PermissionError):
         wrong_secret.cat(obj)
-    wrong_key = s3fs.S3FileSystem(key="AKNOSUCHKEY", secret="x",
-                                  endpoint_url=server.endpoint_url, skip_instance_cache=True)
+    wrong_key = s3fs.S3FileSystem(
+        key="AKNOSUCHKEY", secret="x", endpoint_url=server.endpoint_url, skip_instance_cache=True
+    )
     with pytest.raises(PermissionError):
         wrong_key.ls(server.bucket)
 
@@ -137,15 +141,22 @@ def test_wrong_credentials_are_denied(server):
     from botocore.config import Config
 
     anon = botocore.session.Session().create_client(
-        "s3", endpoint_url=server.endpoint_url, region_name=server.region,
-        config=Config(signature_version=UNSIGNED))
+        "s3",
+        endpoint_url=server.endpoint_url,
+        region_name=server.region,
+        config=Config(signature_version=UNSIGNED),
+    )
     with pytest.raises(ClientError) as info:
         anon.get_object(Bucket=server.bucket, Key="denied/x.bin")
     assert info.value.response["Error"]["Code"] == "AccessDenied"
 
-    native = pafs.S3FileSystem(access_key="AKNOSUCHKEY", secret_key="x",
-                               endpoint_override=server.endpoint_url.split("://", 1)[1],
-                               scheme="http", region=server.region)
+    native = pafs.S3FileSystem(
+        access_key="AKNOSUCHKEY",
+        secret_key="x",
+        endpoint_override=server.endpoint_url.split("://", 1)[1],
+        scheme="http",
+        region=server.region,
+    )
     with pytest.raises(OSError, match="ACCESS_DENIED"):
         native.get_file_info(obj)
 
@@ -192,9 +203,21 @@ def test_failed_start_reports_log_tail(tmp_path):
 def test_script_mode_env_file_and_sigterm(tmp_path):
     env_file = tmp_path / "s3.env"
     proc = subprocess.Popen(
-        [sys.executable, str(HERE / "s3server.py"), "--env-file", str(env_file),
-         "--bucket", "scripted", "--base-dir", str(tmp_path / "run")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        [
+            sys.executable,
+            str(HERE / "s3server.py"),
+            "--env-file",
+            str(env_file),
+            "--bucket",
+            "scripted",
+            "--base-dir",
+            str(tmp_path / "run"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while not env_file.exists():
@@ -205,10 +228,15 @@ def test_script_mode_env_file_and_sigterm(tmp_path):
         values = {}
         for line in env_file.read_text().splitlines():
             assert line.startswith("export ")
-            key, _, val = line[len("export "):].partition("=")
+            key, _, val = line[len("export ") :].partition("=")
             values[key] = val.strip("'")
-        for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                    "AWS_DEFAULT_REGION", "AWS_REGION"):
+        for key in (
+            "AWS_ENDPOINT_URL",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_DEFAULT_REGION",
+            "AWS_REGION",
+        ):
             assert values[key]
         assert values["S3SERVER_PID"] == str(proc.pid)
         weed_pid = int(values["S3SERVER_WEED_PID"])
@@ -216,8 +244,9 @@ def test_script_mode_env_file_and_sigterm(tmp_path):
 
         check = "import s3fs; print(s3fs.S3FileSystem().ls(''))"
         env = {"PATH": os.environ.get("PATH", ""), **{k: v for k, v in values.items()}}
-        out = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True,
-                             text=True, timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=60
+        )
         assert out.returncode == 0, out.stderr[-2000:]
         assert "scripted" in out.stdout
 

@@ -1,10 +1,12 @@
 """The catalog passes' Ray Data source: read units, --max_items, fusion with the pass's map,
 and that the passes' results do not depend on how the files are cut into read tasks."""
+
 import numpy as np
 import pytest
 
 from conftest import make_catalog, write_parquet
-from semid_dist import data as datalib, passes, source
+from semid_dist import data as datalib
+from semid_dist import passes, source
 
 
 @pytest.fixture
@@ -38,7 +40,7 @@ def test_plan_units_packs_consecutive_pieces_into_about_the_tasks_asked(tmp_path
     files, start = [], 0
     for i, n in enumerate(sizes):
         files.append(str(tmp_path / f"part-{i:02d}.parquet"))
-        write_parquet(files[-1], ids[start:start + n], x[start:start + n])
+        write_parquet(files[-1], ids[start : start + n], x[start : start + n])
         start += n
     info = datalib.inspect_inputs(files)
     units = source.plan_units(info, info.num_rows, tasks=4)
@@ -58,7 +60,7 @@ def test_a_packed_unit_names_the_file_it_cannot_read(tmp_path):
     ids, x = make_catalog(300, 8, seed=3)
     paths = [str(tmp_path / f"part-{i}.parquet") for i in range(3)]
     for i, p in enumerate(paths):
-        write_parquet(p, ids[100 * i: 100 * (i + 1)], x[100 * i: 100 * (i + 1)])
+        write_parquet(p, ids[100 * i : 100 * (i + 1)], x[100 * i : 100 * (i + 1)])
     info = datalib.inspect_inputs(paths)
     (unit,) = source.plan_units(info, info.num_rows, tasks=1)
     assert unit.paths == paths
@@ -87,8 +89,18 @@ def test_passes_fuse_the_read_and_do_not_depend_on_the_cut(ray_session, row_grou
     for tasks, blocks in ((None, 5 * 4 + 5), (2, None)):  # 64-row blocks: five 200-row pieces, one 300
         monkeypatch.setattr(passes, "read_tasks", lambda: tasks)
         fine = passes.catalog(info, "", info.num_rows, read_batch=64)
-        t = passes.map_catalog(fine, passes._scan_block, passes._EMPTY_SCAN, "scan", info.num_rows, info, "",
-                               dim=info.dim, seed=3, fraction=400 / 1300)
+        t = passes.map_catalog(
+            fine,
+            passes._scan_block,
+            passes._EMPTY_SCAN,
+            "scan",
+            info.num_rows,
+            info,
+            "",
+            dim=info.dim,
+            seed=3,
+            fraction=400 / 1300,
+        )
         if blocks is not None:
             assert t.num_rows == blocks  # one result row per block
         again = passes.flat(t, "sample_ids")
@@ -110,11 +122,21 @@ def test_sample_sink_copies_each_batch_out_and_sorts_in_place():
     per_row = [3, 0, 5, 1, 0, 4, 2]  # sampled rows per result row (block)
     vals = [rng.normal(size=(n, 6)).astype(np.float32) for n in per_row]
     sids = np.split(rng.permutation(1000)[: sum(per_row)].astype(np.int64), np.cumsum(per_row)[:-1])
-    rows = [pa.table({"ids": passes._lists(np.arange(10 * i, 10 * i + 10), pa.int64()),
-                      "sample_ids": passes._lists(sids[i], pa.int64()),
-                      "sample": passes._lists(vals[i].ravel(), pa.float32())}) for i in range(len(per_row))]
-    batches = [pa.concat_tables([rows[0], rows[0], rows[1], rows[2]]).slice(1), rows[3],
-               pa.concat_tables(rows[4:]).combine_chunks()]
+    rows = [
+        pa.table(
+            {
+                "ids": passes._lists(np.arange(10 * i, 10 * i + 10), pa.int64()),
+                "sample_ids": passes._lists(sids[i], pa.int64()),
+                "sample": passes._lists(vals[i].ravel(), pa.float32()),
+            }
+        )
+        for i in range(len(per_row))
+    ]
+    batches = [
+        pa.concat_tables([rows[0], rows[0], rows[1], rows[2]]).slice(1),
+        rows[3],
+        pa.concat_tables(rows[4:]).combine_chunks(),
+    ]
     sink = passes._SampleSink(6, capacity=4)
     kept = [sink.take(b) for b in batches]
     t = pa.concat_tables(kept)
@@ -124,8 +146,15 @@ def test_sample_sink_copies_each_batch_out_and_sorts_in_place():
     assert np.array_equal(sink.sorted(order), np.concatenate(vals)[order])
 
     def spans(table):
-        return [(buf.address, buf.address + buf.size) for col in table.columns for chunk in col.chunks
-                for arr in (chunk, chunk.values) for buf in arr.buffers() if buf is not None and buf.size]
+        return [
+            (buf.address, buf.address + buf.size)
+            for col in table.columns
+            for chunk in col.chunks
+            for arr in (chunk, chunk.values)
+            for buf in arr.buffers()
+            if buf is not None and buf.size
+        ]
+
     for k, b in zip(kept, batches):
         assert not any(lo < b_hi and b_lo < hi for lo, hi in spans(k) for b_lo, b_hi in spans(b))
 
@@ -152,6 +181,7 @@ def test_inspect_reads_one_row_not_the_whole_row_group(tmp_path):
     def rchar() -> int:
         with open("/proc/self/io") as f:
             return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
     before = rchar()
     info = datalib.inspect_inputs([path])
     read = rchar() - before
@@ -190,13 +220,19 @@ def test_a_lone_read_task_gets_the_spare_cpus_and_stays_fused(ray_session, tmp_p
     assert ds.context.get_config(passes.TASK_CPUS) == passes.parallelism()
 
     def threads(block):
-        return {"ids": passes._lists(block.column("ItemID").to_numpy(), pa.int64()),
-                "omp": [int(os.environ["OMP_NUM_THREADS"])]}
-    mapped = passes.map_blocks(ds, threads, {"ids": passes._lists(np.zeros(0, np.int64), pa.int64()), "omp": [0]})
+        return {
+            "ids": passes._lists(block.column("ItemID").to_numpy(), pa.int64()),
+            "omp": [int(os.environ["OMP_NUM_THREADS"])],
+        }
+
+    mapped = passes.map_blocks(
+        ds, threads, {"ids": passes._lists(np.zeros(0, np.int64), pa.int64()), "omp": [0]}
+    )
     out = mapped.materialize()
     assert "ReadCatalogSource->MapBatches" in out.stats()
     t = out.to_arrow_refs()
     import ray
+
     t = pa.concat_tables(ray.get(t))
     assert set(t.column("omp").to_pylist()) == {passes.parallelism()}
     assert np.array_equal(np.sort(passes.flat(t, "ids")), np.sort(ids))
@@ -229,8 +265,9 @@ def test_encode_on_device_actors_gives_the_codes_of_the_fused_pass(ray_session, 
     assert passes.encode_device("auto") == ("cpu", 0)  # no GPU in this Ray
     # the nightly job's pass (with embedding fingerprints) on the same actors
     fused_fp = passes.encode_pass(info, tok, "", info.num_rows, fingerprints=True)
-    actors_fp = passes.encode_pass_on_devices(info, tok, "", info.num_rows, "cpu", 2, batch_size=300,
-                                              fingerprints=True)
+    actors_fp = passes.encode_pass_on_devices(
+        info, tok, "", info.num_rows, "cpu", 2, batch_size=300, fingerprints=True
+    )
     assert fused_fp.fp_N is not None and np.array_equal(actors_fp.fp_N, fused_fp.fp_N)
     assert len(np.unique(fused_fp.fp_N)) == len(ids)
     assert np.array_equal(actors_fp.codes_NL, fused.codes_NL)
@@ -243,6 +280,7 @@ def test_pass_tasks_run_as_many_blas_threads_as_ray_gave_them(ray_session, row_g
 
     if blas.threads() is None:
         pytest.skip("numpy does not use OpenBLAS here")
+
     def blas_threads_block(block, dim):  # nested: shipped by value (workers cannot import tests)
         import os
 
@@ -250,12 +288,23 @@ def test_pass_tasks_run_as_many_blas_threads_as_ray_gave_them(ray_session, row_g
 
         from semid_dist import blas
 
-        return {"ids": pa.array([block.column("ItemID").to_pylist()], pa.list_(pa.int64())),
-                "threads": [blas.threads() or 0], "omp": [int(os.environ["OMP_NUM_THREADS"])]}
+        return {
+            "ids": pa.array([block.column("ItemID").to_pylist()], pa.list_(pa.int64())),
+            "threads": [blas.threads() or 0],
+            "omp": [int(os.environ["OMP_NUM_THREADS"])],
+        }
 
     info, _, _ = row_grouped
-    t = passes.map_catalog(passes.catalog(info, "", info.num_rows), blas_threads_block,
-                           {"ids": [[]], "threads": [0], "omp": [0]}, "blas", info.num_rows, info, "", dim=info.dim)
+    t = passes.map_catalog(
+        passes.catalog(info, "", info.num_rows),
+        blas_threads_block,
+        {"ids": [[]], "threads": [0], "omp": [0]},
+        "blas",
+        info.num_rows,
+        info,
+        "",
+        dim=info.dim,
+    )
     assert t.num_rows >= 2
     assert t.column("threads").to_pylist() == t.column("omp").to_pylist() == [1] * t.num_rows
 

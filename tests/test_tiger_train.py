@@ -10,6 +10,7 @@ One uninterrupted 2-worker run is the reference for every other run in this file
     output, and ends with the same codebooks.
 Tiny catalog and model; five Ray Train runs in all.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,8 @@ import pytest
 import torch
 
 from conftest import make_catalog, write_shards
-from semid_dist import cli, data as datalib, load_tokenizer, storage
+from semid_dist import cli, load_tokenizer, storage
+from semid_dist import data as datalib
 from semid_dist.config import Config
 from semid_dist.tiger import trainer
 
@@ -42,12 +44,23 @@ def catalog(tmp_path_factory):
 
 
 def tiny_cfg(root: str, **kw) -> Config:
-    base = dict(data_path=os.path.join(root, "data"), output_dir=os.path.join(root, "out"),
-                mode="tiger", n_layers=2, n_embed=8, latent_dim=4, batch_size=64, epochs=3,
-                learning_rate=3e-3, save_every=1, patience=0, val_fraction=0.1,
-                dead_code_threshold=3.0,  # ~8 rows per code per batch: some restarts happen
-                eval_every=2,  # epoch 1 evaluates the validation split only, epochs 2 and 3 all items
-                num_workers=2)
+    base = dict(
+        data_path=os.path.join(root, "data"),
+        output_dir=os.path.join(root, "out"),
+        mode="tiger",
+        n_layers=2,
+        n_embed=8,
+        latent_dim=4,
+        batch_size=64,
+        epochs=3,
+        learning_rate=3e-3,
+        save_every=1,
+        patience=0,
+        val_fraction=0.1,
+        dead_code_threshold=3.0,  # ~8 rows per code per batch: some restarts happen
+        eval_every=2,  # epoch 1 evaluates the validation split only, epochs 2 and 3 all items
+        num_workers=2,
+    )
     base.update(kw)
     return Config(**base).validated()
 
@@ -69,8 +82,7 @@ def reference(ray_session, catalog, tmp_path_factory):
     return result, trace
 
 
-def test_ranks_bit_identical_every_step_and_match_one_worker(ray_session, catalog, reference,
-                                                             tmp_path):
+def test_ranks_bit_identical_every_step_and_match_one_worker(ray_session, catalog, reference, tmp_path):
     two, trace = reference
     r0, r1 = read_trace(os.path.join(trace, "rank0.jsonl")), read_trace(os.path.join(trace, "rank1.jsonl"))
     assert len(r0) == two.loop.step > 3 * 5
@@ -116,9 +128,23 @@ def test_worker_failure_restarts_from_last_checkpoint(ray_session, catalog, refe
 
 def cli_args(cfg: Config, log_dir: str) -> list[str]:
     args = ["train", "--log_dir", log_dir]
-    for name in ("data_path", "output_dir", "mode", "n_layers", "n_embed", "latent_dim", "batch_size",
-                 "epochs", "learning_rate", "save_every", "patience", "val_fraction",
-                 "dead_code_threshold", "eval_every", "num_workers"):
+    for name in (
+        "data_path",
+        "output_dir",
+        "mode",
+        "n_layers",
+        "n_embed",
+        "latent_dim",
+        "batch_size",
+        "epochs",
+        "learning_rate",
+        "save_every",
+        "patience",
+        "val_fraction",
+        "dead_code_threshold",
+        "eval_every",
+        "num_workers",
+    ):
         args += [f"--{name}", str(getattr(cfg, name))]
     return args
 
@@ -138,16 +164,26 @@ def test_cli_failure_then_resume_publishes_everything(ray_session, catalog, refe
 
     assert cli.main(args + ["--resume"]) == 0
     capsys.readouterr()
-    for name in ("_SUCCESS", "final_model.pt", "semantic_id_mappings.json", "semantic_id_mappings.parquet",
-                 "training_results.json", "training_curves.png", "code_usage.png",
-                 "checkpoint_epoch_1.pt", "checkpoint_epoch_2.pt", "checkpoint_epoch_3.pt"):
+    for name in (
+        "_SUCCESS",
+        "final_model.pt",
+        "semantic_id_mappings.json",
+        "semantic_id_mappings.parquet",
+        "training_results.json",
+        "training_curves.png",
+        "code_usage.png",
+        "checkpoint_epoch_1.pt",
+        "checkpoint_epoch_2.pt",
+        "checkpoint_epoch_3.pt",
+    ):
         assert (out / name).is_file(), name
     for png in ("training_curves.png", "code_usage.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
     payload = torch.load(out / "final_model.pt", weights_only=True)
-    torch.testing.assert_close(payload["state_dict"]["codebooks_LKH"], two.model.codebooks_LKH,
-                               rtol=1e-5, atol=1e-6)  # resumed == uninterrupted
+    torch.testing.assert_close(
+        payload["state_dict"]["codebooks_LKH"], two.model.codebooks_LKH, rtol=1e-5, atol=1e-6
+    )  # resumed == uninterrupted
     tok = load_tokenizer(str(out / "final_model.pt"))
     mapping = json.loads((out / "semantic_id_mappings.json").read_text())
     ids, x = make_catalog(N_ITEMS, DIM, seed=5, n_clusters=8)
@@ -176,8 +212,18 @@ def test_gumbel_codebooks_by_gradient_stay_identical_across_ranks(ray_session, c
     though each rank draws its own Gumbel noise; the temperature decays per epoch."""
     trace = str(tmp_path / "trace")
     os.makedirs(trace)
-    result = run(tiny_cfg(catalog, use_ema=False, gumbel=True, epochs=2, gumbel_temperature=1.0,
-                          gumbel_temperature_min=0.2, output_dir=str(tmp_path / "out")), trace_dir=trace)
+    result = run(
+        tiny_cfg(
+            catalog,
+            use_ema=False,
+            gumbel=True,
+            epochs=2,
+            gumbel_temperature=1.0,
+            gumbel_temperature_min=0.2,
+            output_dir=str(tmp_path / "out"),
+        ),
+        trace_dir=trace,
+    )
     r0, r1 = read_trace(os.path.join(trace, "rank0.jsonl")), read_trace(os.path.join(trace, "rank1.jsonl"))
     assert len(r0) == result.loop.step > 2 * 5
     assert r0 == r1

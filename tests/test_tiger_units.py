@@ -1,5 +1,6 @@
 """TIGER mode pieces that need no Ray: global batches, the epoch loop at world 1, plots, run names,
 checkpoint payloads. Seconds in total."""
+
 from __future__ import annotations
 
 import io
@@ -18,8 +19,17 @@ from semid_dist.tokenizer import Tokenizer
 
 
 def small_cfg(**kw) -> Config:
-    base = dict(data_path="x", output_dir="y", n_layers=2, n_embed=4, latent_dim=3, batch_size=50,
-                patience=0, epochs=2, val_fraction=0.1)
+    base = dict(
+        data_path="x",
+        output_dir="y",
+        n_layers=2,
+        n_embed=4,
+        latent_dim=3,
+        batch_size=50,
+        patience=0,
+        epochs=2,
+        val_fraction=0.1,
+    )
     base.update(kw)
     return Config(**base).validated()
 
@@ -59,11 +69,15 @@ def test_rank_data_rearranges_a_consumed_array_in_place_and_leaves_others_alone(
     assert np.array_equal(x, keep)  # not consume: the caller's array is untouched
     mine = x.copy()
     consumed = steps.RankData.build(ids, mine, cfg, Collectives(), torch.device("cpu"), consume=True)
-    assert torch.equal(copied.x_train_TD, consumed.x_train_TD) and torch.equal(copied.x_val_VD, consumed.x_val_VD)
+    assert torch.equal(copied.x_train_TD, consumed.x_train_TD) and torch.equal(
+        copied.x_val_VD, consumed.x_val_VD
+    )
     assert np.shares_memory(consumed.x_train_TD.numpy(), mine)  # rearranged where it was
     row = {int(i): keep[k] for k, i in enumerate(ids)}
-    assert all(np.array_equal(consumed.x_train_TD[j].numpy(), row[int(i)])
-               for j, i in enumerate(consumed.ids_train_T))
+    assert all(
+        np.array_equal(consumed.x_train_TD[j].numpy(), row[int(i)])
+        for j, i in enumerate(consumed.ids_train_T)
+    )
 
 
 def test_read_cpus_leave_one_core_per_train_worker(ray_session):
@@ -95,9 +109,12 @@ def test_read_shard_grows_past_the_expected_size(ray_session):
     from semid_dist.tiger.worker import read_shard
 
     ids, x = make_catalog(1000, 5, seed=4, n_clusters=2)
-    tables = [pa.table({"ItemID": ids[a:a + 300], "embedding": pa.array(list(x[a:a + 300]),
-                                                                        pa.list_(pa.float32()))})
-              for a in range(0, 1000, 300)]
+    tables = [
+        pa.table(
+            {"ItemID": ids[a : a + 300], "embedding": pa.array(list(x[a : a + 300]), pa.list_(pa.float32()))}
+        )
+        for a in range(0, 1000, 300)
+    ]
     for expect in (0, 7, 1000, 5000):
         got_ids, got_x = read_shard(ray_session.data.from_arrow(tables).iterator(), 5, expect)
         order = np.argsort(got_ids)
@@ -116,20 +133,38 @@ def test_read_shard_takes_blocks_of_many_chunks(ray_session):
     ids, x = make_catalog(1000, 5, seed=5, n_clusters=2)
 
     def block(a: int, b: int, x_ND: np.ndarray) -> pa.Table:  # chunks of 64 rows, like read batches
-        return pa.concat_tables([pa.table({"ItemID": ids[c:min(c + 64, b)], "embedding": pa.array(
-            list(x_ND[c:min(c + 64, b)]), pa.list_(pa.float32()))}) for c in range(a, b, 64)])
+        return pa.concat_tables(
+            [
+                pa.table(
+                    {
+                        "ItemID": ids[c : min(c + 64, b)],
+                        "embedding": pa.array(list(x_ND[c : min(c + 64, b)]), pa.list_(pa.float32())),
+                    }
+                )
+                for c in range(a, b, 64)
+            ]
+        )
 
     blocks = [block(a, min(a + 400, 1000), x) for a in range(0, 1000, 400)]
     ds = ray_session.data.from_arrow(blocks)
-    assert max(b.column("embedding").num_chunks for b in ds.iter_batches(batch_format="pyarrow",
-                                                                         batch_size=None)) > 1
+    assert (
+        max(
+            b.column("embedding").num_chunks for b in ds.iter_batches(batch_format="pyarrow", batch_size=None)
+        )
+        > 1
+    )
     got_ids, got_x = read_shard(ds.iterator(), 5, 1000)
     assert np.array_equal(got_ids, ids) and np.array_equal(got_x, x)
     bad = x.copy()
     bad[700, 2] = np.nan  # block 1, chunk 4
     with pytest.raises(RowError, match=f"ItemID {ids[700]}: embedding contains NaN"):
-        read_shard(ray_session.data.from_arrow([block(a, min(a + 400, 1000), bad)
-                                                for a in range(0, 1000, 400)]).iterator(), 5, 1000)
+        read_shard(
+            ray_session.data.from_arrow(
+                [block(a, min(a + 400, 1000), bad) for a in range(0, 1000, 400)]
+            ).iterator(),
+            5,
+            1000,
+        )
 
 
 def test_evaluate_errors_match_float64_over_every_row(monkeypatch):
@@ -191,14 +226,15 @@ def test_global_batches_do_not_depend_on_sharding():
     ids = np.random.default_rng(0).permutation(10_000)[:997].astype(np.int64) + 5
     nb = batches.num_batches(997, 64)
     whole = batches.epoch_batch_index(ids, 42, 3, nb)
-    halves = np.concatenate([batches.epoch_batch_index(ids[:400], 42, 3, nb),
-                             batches.epoch_batch_index(ids[400:], 42, 3, nb)])
+    halves = np.concatenate(
+        [batches.epoch_batch_index(ids[:400], 42, 3, nb), batches.epoch_batch_index(ids[400:], 42, 3, nb)]
+    )
     assert np.array_equal(whole, halves)
     assert not np.array_equal(whole, batches.epoch_batch_index(ids, 42, 4, nb))  # reshuffled
     order, off = batches.group_rows(whole, nb)
     assert off[-1] == 997 and np.all(np.diff(off) >= 0)
     for j in range(nb):
-        rows = order[off[j]:off[j + 1]]
+        rows = order[off[j] : off[j + 1]]
         assert np.all(whole[rows] == j) and np.all(np.diff(rows) > 0)  # input order kept
     sizes = np.diff(off)
     assert sizes.min() > 0.5 * 64 and sizes.max() < 1.5 * 64
@@ -214,8 +250,9 @@ def test_epoch_loop_at_world_one():
     assert steps.init_codebooks(model, data, cfg, comm) and model.is_initialized
     assert not steps.init_codebooks(model, data, cfg, comm)  # done once
     seen = []
-    metrics, step = steps.train_epoch(model, model, opt, data, 0, 0, cfg, comm, restart_every=2,
-                                      before_step=seen.append)
+    metrics, step = steps.train_epoch(
+        model, model, opt, data, 0, 0, cfg, comm, restart_every=2, before_step=seen.append
+    )
     assert step == len(seen) == data.n_batches and seen == list(range(step))
     ev, usage = steps.evaluate(model, data, comm)
     assert usage.shape == (2, 4) and usage.sum() == 2 * 200
@@ -237,8 +274,7 @@ def test_init_weights_keep_latent_scale():
 
 
 def test_gumbel_mode_trains_with_decaying_temperature():
-    cfg = small_cfg(use_ema=False, gumbel=True, gumbel_temperature=1.0, gumbel_temperature_min=0.1,
-                    epochs=3)
+    cfg = small_cfg(use_ema=False, gumbel=True, gumbel_temperature=1.0, gumbel_temperature_min=0.1, epochs=3)
     assert [round(steps.temperature(cfg, e), 4) for e in range(3)] == [1.0, 0.3162, 0.1]
     comm, data, model = build(cfg)
     assert "codebooks_LKH" in dict(model.named_parameters())
@@ -254,7 +290,8 @@ def test_gumbel_mode_trains_with_decaying_temperature():
 def test_run_name_ignores_how_long_and_where():
     a = small_cfg(mode="tiger")
     assert trainer.run_name(a, 16, 100) == trainer.run_name(
-        a.replace(epochs=50, num_workers=4, patience=3, resume=True, max_failures=2), 16, 100)
+        a.replace(epochs=50, num_workers=4, patience=3, resume=True, max_failures=2), 16, 100
+    )
     assert trainer.run_name(a, 16, 100) != trainer.run_name(a.replace(learning_rate=0.1), 16, 100)
     assert trainer.run_name(a, 16, 100) != trainer.run_name(a, 16, 101)
     assert trainer.storage_root(a).endswith("/y/.ray_train")
@@ -283,9 +320,21 @@ def test_checkpoint_round_trip_and_seed_payload(tmp_path):
 
 
 def test_plots_are_png():
-    hist = [{"epoch": e, "loss": 1.0 / e, "recon": 0.8 / e, "commit": 0.2 / e, "codebook": 0.0,
-             "rel_recon": 0.5 / e, "val_rel_recon": 0.55 / e, "codes_used": [4, 3],
-             "perplexity": [3.5, 2.5], "dup_rate": 0.1 / e} for e in range(1, 4)]
+    hist = [
+        {
+            "epoch": e,
+            "loss": 1.0 / e,
+            "recon": 0.8 / e,
+            "commit": 0.2 / e,
+            "codebook": 0.0,
+            "rel_recon": 0.5 / e,
+            "val_rel_recon": 0.55 / e,
+            "codes_used": [4, 3],
+            "perplexity": [3.5, 2.5],
+            "dup_rate": 0.1 / e,
+        }
+        for e in range(1, 4)
+    ]
     for png in (plots.training_curves(hist), plots.code_usage(np.array([[5, 3, 0, 1], [2, 2, 2, 3]]))):
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 

@@ -1,4 +1,5 @@
 """The Python API on its own: a tokenizer object, its file, and safe loading."""
+
 import pickle
 
 import numpy as np

@@ -4,6 +4,7 @@ Within a group of items sharing the same L-tuple, items are ranked by ItemID: th
 gets 0, the next 1, ... The result depends only on (ItemID, codes) pairs, never on row order
 or on how the catalog was sharded across workers.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,7 +40,7 @@ def packed_key(rows_NM: np.ndarray) -> np.ndarray | None:
     if rows_NM.dtype.kind == "i" and int(rows_NM.min()) < 0:
         return None
     spans = [int(v) + 1 for v in rows_NM.max(axis=0)]
-    if math.prod(spans) >= 2 ** 63:
+    if math.prod(spans) >= 2**63:
         return None
     key_N = np.zeros(rows_NM.shape[0], np.int64)
     for j, span in enumerate(spans):

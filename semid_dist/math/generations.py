@@ -29,6 +29,7 @@ exact comparison, no tolerance. A tolerance would need the old embeddings (N x D
 bytes per item, and is not transitive; the ``keep_if_same_codes`` policy is the tolerance that
 matters for IDs: small changes that do not change the codes do not change the ID.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -57,8 +58,9 @@ def embedding_fingerprints(x_ND: np.ndarray) -> np.ndarray:
         return np.zeros(0, np.uint64)
     row_bytes = x.shape[1] * 4
     buf = memoryview(x).cast("B")
-    digests = b"".join(hashlib.blake2b(buf[i * row_bytes:(i + 1) * row_bytes], digest_size=8).digest()
-                       for i in range(n))
+    digests = b"".join(
+        hashlib.blake2b(buf[i * row_bytes : (i + 1) * row_bytes], digest_size=8).digest() for i in range(n)
+    )
     return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
 
 
@@ -73,8 +75,12 @@ class IdTable:
 
     @classmethod
     def empty(cls, width: int) -> "IdTable":
-        return cls(np.zeros(0, np.int64), np.zeros(0, np.uint64), np.zeros((0, width), np.int64),
-                   np.zeros(0, np.uint64))
+        return cls(
+            np.zeros(0, np.int64),
+            np.zeros(0, np.uint64),
+            np.zeros((0, width), np.int64),
+            np.zeros(0, np.uint64),
+        )
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -93,15 +99,22 @@ class RetiredTable:
 
     @classmethod
     def empty(cls, width: int) -> "RetiredTable":
-        return cls(np.zeros(0, np.int64), np.zeros(0, np.uint64), np.zeros((0, width), np.int64),
-                   np.zeros(0, np.uint64), np.zeros(0, np.int64), np.zeros(0, np.int8))
+        return cls(
+            np.zeros(0, np.int64),
+            np.zeros(0, np.uint64),
+            np.zeros((0, width), np.int64),
+            np.zeros(0, np.uint64),
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int8),
+        )
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
 
     def take(self, idx: np.ndarray) -> "RetiredTable":
-        return RetiredTable(self.ids[idx], self.fp[idx], self.sid[idx], self.tok[idx], self.seq[idx],
-                            self.reason[idx])
+        return RetiredTable(
+            self.ids[idx], self.fp[idx], self.sid[idx], self.tok[idx], self.seq[idx], self.reason[idx]
+        )
 
 
 @dataclass
@@ -113,8 +126,12 @@ class Assignment:
 
 
 def _concat_retired(parts: list[RetiredTable]) -> RetiredTable:
-    return RetiredTable(*(np.concatenate([getattr(p, f) for p in parts]) for f in
-                          ("ids", "fp", "sid", "tok", "seq", "reason")))
+    return RetiredTable(
+        *(
+            np.concatenate([getattr(p, f) for p in parts])
+            for f in ("ids", "fp", "sid", "tok", "seq", "reason")
+        )
+    )
 
 
 def fresh_dedup_codes(codes_FL: np.ndarray, used_UM: np.ndarray) -> np.ndarray:
@@ -152,9 +169,11 @@ def fresh_dedup_codes(codes_FL: np.ndarray, used_UM: np.ndarray) -> np.ndarray:
     m_u = d_u - idx_in_group
     assert (m_u >= 0).all(), "negative dedup code in history"
     base = int(max(m_u.max(), r_F.max())) + 1
-    assert (int(group.max()) + 1) * base < 2 ** 62, "too many IDs for the int64 search key"
+    assert (int(group.max()) + 1) * base < 2**62, "too many IDs for the int64 search key"
     key_u = g_u * base + m_u  # sorted: by group, then m (non-decreasing within a group)
-    below = np.searchsorted(key_u, g_F * base + r_F, side="right") - np.searchsorted(key_u, g_F * base, side="left")
+    below = np.searchsorted(key_u, g_F * base + r_F, side="right") - np.searchsorted(
+        key_u, g_F * base, side="left"
+    )
     return r_F + below
 
 
@@ -179,8 +198,16 @@ def _reclaim(ids_Q: np.ndarray, fp_Q: np.ndarray, retired: RetiredTable) -> np.n
     return out
 
 
-def assign(prev: IdTable, retired: RetiredTable, ids_N: np.ndarray, fp_N: np.ndarray,
-           codes_NL: np.ndarray, tok: int, seq: int, policy: str = "keep_if_same_codes") -> Assignment:
+def assign(
+    prev: IdTable,
+    retired: RetiredTable,
+    ids_N: np.ndarray,
+    fp_N: np.ndarray,
+    codes_NL: np.ndarray,
+    tok: int,
+    seq: int,
+    policy: str = "keep_if_same_codes",
+) -> Assignment:
     """Tonight's semantic IDs (rules in the module docstring). ids_N sorted, unique."""
     if policy not in POLICIES:
         raise ValueError(f"changed-item policy {policy!r}: choose one of {', '.join(POLICIES)}")
@@ -227,15 +254,22 @@ def assign(prev: IdTable, retired: RetiredTable, ids_N: np.ndarray, fp_N: np.nda
     moved_P[pos[changed & ~kept]] = True
     retire_P = np.flatnonzero(gone_P | moved_P)
     reason = np.where(gone_P[retire_P], REMOVED, CHANGED).astype(np.int8)
-    newly = RetiredTable(prev.ids[retire_P], prev.fp[retire_P], prev.sid[retire_P], prev.tok[retire_P],
-                         np.full(retire_P.size, seq, np.int64), reason)
+    newly = RetiredTable(
+        prev.ids[retire_P],
+        prev.fp[retire_P],
+        prev.sid[retire_P],
+        prev.tok[retire_P],
+        np.full(retire_P.size, seq, np.int64),
+        reason,
+    )
     survivors = np.setdiff1d(np.arange(len(retired)), rec_rows)
     all_retired = _concat_retired([retired.take(survivors), newly])
     all_retired = all_retired.take(lex_order(all_retired.sid))
 
     mapping = IdTable(ids_N, fp_N, sid_NM, tok_N)
-    assert row_groups(np.concatenate([sid_NM, all_retired.sid]))[1].all(), \
+    assert row_groups(np.concatenate([sid_NM, all_retired.sid]))[1].all(), (
         "an ID is held twice (two items, or an item and the retired list)"
+    )
     counts = {
         "items": n,
         "stable": int(stable.sum()),

@@ -23,6 +23,7 @@ full dimension): about the same collision rate and a lower reconstruction error 
 (seeds 42/1/2/3: 0.78/0.85/0.68/0.78%, 0.212-0.213) and Wikidata films (0.69%, 0.280); the fit
 on the 65k-point sample of the 1M benchmark went from 145 s to 5.6 s (BENCHMARKS.md).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,8 +56,9 @@ def _torch_single_thread():
         torch.set_num_threads(n)
 
 
-def kmeans_plus_plus(x_ND: torch.Tensor, k: int, generator: torch.Generator,
-                     trials: int | None = None) -> torch.Tensor:
+def kmeans_plus_plus(
+    x_ND: torch.Tensor, k: int, generator: torch.Generator, trials: int | None = None
+) -> torch.Tensor:
     """Greedy k-means++ seeding (Arthur & Vassilvitskii 2007): each step draws `trials`
     candidates with probability ~ D(x)^2 and keeps the one that lowers the potential most.
     Plain k-means++ (one candidate) sometimes drops two seeds into one blob; the greedy
@@ -77,8 +79,9 @@ def kmeans_plus_plus(x_ND: torch.Tensor, k: int, generator: torch.Generator,
         if total <= 0:  # fewer distinct points than k: any row will do
             cand = torch.randint(n, (trials,), generator=generator)
         else:
-            cand = torch.multinomial(torch.from_numpy(d2_N / total), trials, replacement=True,
-                                     generator=generator)
+            cand = torch.multinomial(
+                torch.from_numpy(d2_N / total), trials, replacement=True, generator=generator
+            )
         # new potential for each candidate: sum_x min(d2(x), ||x - cand||^2). The distances as
         # one small GEMM, in place (torch.cdist computes them pairwise, 5-10x slower here).
         c = cand.numpy()
@@ -105,11 +108,13 @@ def _nearest_for(x_ND: np.ndarray, device: str | None):
     def on_device(c_KD: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         idx_N, d2_N = nearest_code(x_dev, torch.from_numpy(c_KD).to(device))
         return idx_N.cpu().numpy(), d2_N.cpu().numpy()
+
     return on_device
 
 
-def lloyd(x_ND: torch.Tensor, centers_KD: torch.Tensor, iters: int, tol: float = 0.0,
-          device: str | None = None) -> torch.Tensor:
+def lloyd(
+    x_ND: torch.Tensor, centers_KD: torch.Tensor, iters: int, tol: float = 0.0, device: str | None = None
+) -> torch.Tensor:
     """Lloyd iterations. An empty cluster is re-seeded at the point currently worst served,
     so all k codes stay in use (empty codes would be wasted ID space). With tol > 0, stop once
     an iteration lowers the objective by less than tol (relative). device: where the
@@ -120,8 +125,9 @@ def lloyd(x_ND: torch.Tensor, centers_KD: torch.Tensor, iters: int, tol: float =
         return torch.from_numpy(_lloyd_np(x, c, iters, tol, device)[0])
 
 
-def _lloyd_np(x_ND: np.ndarray, c_KD: np.ndarray, iters: int, tol: float = 0.0,
-              device: str | None = None) -> tuple[np.ndarray, int]:
+def _lloyd_np(
+    x_ND: np.ndarray, c_KD: np.ndarray, iters: int, tol: float = 0.0, device: str | None = None
+) -> tuple[np.ndarray, int]:
     """lloyd() on float32 numpy arrays (c_KD is updated in place); returns (centers, iterations)."""
     k = c_KD.shape[0]
     x_t = torch.from_numpy(x_ND)
@@ -174,9 +180,16 @@ def fit_kmeans(
         return _fit_kmeans(x_ND, k, iters, generator, progressive, stage_iters, seed_points, device)
 
 
-def _fit_kmeans(x_ND: torch.Tensor, k: int, iters: int, generator: torch.Generator,
-                progressive: bool, stage_iters: int, seed_points: int | None = None,
-                device: str | None = None) -> torch.Tensor:
+def _fit_kmeans(
+    x_ND: torch.Tensor,
+    k: int,
+    iters: int,
+    generator: torch.Generator,
+    progressive: bool,
+    stage_iters: int,
+    seed_points: int | None = None,
+    device: str | None = None,
+) -> torch.Tensor:
     n, d = x_ND.shape
     if not progressive:
         m = n if seed_points is None else max(k, min(n, seed_points))
@@ -243,20 +256,31 @@ def fit_residual_codebooks(
     slightly from a CPU fit)."""
     generator = torch.Generator().manual_seed(seed)
     x = x_ND.detach().cpu().numpy()
-    resid_ND = x if in_place and x.dtype == np.float32 and x.flags.c_contiguous and x.flags.writeable \
+    resid_ND = (
+        x
+        if in_place and x.dtype == np.float32 and x.flags.c_contiguous and x.flags.writeable
         else np.array(x, dtype=np.float32, order="C", copy=True)
+    )
     codebooks = []
     for level in range(n_levels):
         if progressive and level < full_dim_levels:
-            cb_KD = fit_kmeans(torch.from_numpy(resid_ND), k, iters, generator, progressive=False,
-                               seed_points=SEED_PER_CENTROID * k, device=device)
+            cb_KD = fit_kmeans(
+                torch.from_numpy(resid_ND),
+                k,
+                iters,
+                generator,
+                progressive=False,
+                seed_points=SEED_PER_CENTROID * k,
+                device=device,
+            )
         else:
-            cb_KD = fit_kmeans(torch.from_numpy(resid_ND), k, iters, generator, progressive=progressive,
-                               device=device)
+            cb_KD = fit_kmeans(
+                torch.from_numpy(resid_ND), k, iters, generator, progressive=progressive, device=device
+            )
         cb = cb_KD.numpy()
         idx_N, _ = _nearest_for(resid_ND, device)(cb)
         for s in range(0, len(idx_N), 4096):  # in cache-sized chunks: no N x D temporary
-            np.subtract(resid_ND[s: s + 4096], cb[idx_N[s: s + 4096]], out=resid_ND[s: s + 4096])
+            np.subtract(resid_ND[s : s + 4096], cb[idx_N[s : s + 4096]], out=resid_ND[s : s + 4096])
         codebooks.append(cb_KD)
         if on_level is not None:
             on_level(level, cb_KD, torch.from_numpy(idx_N))

@@ -1,4 +1,5 @@
 """Quality metrics, computed the same way for every mode (DESIGN.md section 4)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,12 +28,14 @@ def level_stats(codes_NL: np.ndarray, n_codes: int) -> list[dict]:
         counts = np.bincount(codes_NL[:, level], minlength=n_codes)
         p = counts[counts > 0] / n
         used = int((counts > 0).sum())
-        out.append({
-            "level": level,
-            "codes_used": used,
-            "dead_codes": int(n_codes - used),
-            "perplexity": float(np.exp(-(p * np.log(p)).sum())) if used else 0.0,
-        })
+        out.append(
+            {
+                "level": level,
+                "codes_used": used,
+                "dead_codes": int(n_codes - used),
+                "perplexity": float(np.exp(-(p * np.log(p)).sum())) if used else 0.0,
+            }
+        )
     return out
 
 
@@ -41,8 +44,7 @@ def relative_reconstruction_error(sq_err_sum: float, sq_norm_sum: float) -> floa
     return float(sq_err_sum / sq_norm_sum) if sq_norm_sum > 0 else 0.0
 
 
-def quality_report(codes_NL: np.ndarray, n_codes: int, sq_err_sum: float,
-                   sq_norm_sum: float) -> dict:
+def quality_report(codes_NL: np.ndarray, n_codes: int, sq_err_sum: float, sq_norm_sum: float) -> dict:
     return {
         **collision_stats(codes_NL),
         "levels": level_stats(codes_NL, n_codes),

@@ -9,12 +9,14 @@ the catalog's encode pass runs (in Ray workers that never import torch), so the 
 (Tokenizer.encode) reproduces the published codes bit for bit, and numpy's sgemm was the
 faster of the two on the 2-core AMD machines (nearest_np.py).
 """
+
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from semid_dist.math.nearest_np import CHUNK as NP_CHUNK, residual_encode_np
+from semid_dist.math.nearest_np import CHUNK as NP_CHUNK
+from semid_dist.math.nearest_np import residual_encode_np
 
 # 16k+ rows per chunk keeps the GEMM efficient; the distance block is chunk x K floats.
 DEFAULT_CHUNK = 32768
@@ -49,8 +51,11 @@ def residual_encode(
 
     Level l picks the codeword nearest to the residual left by levels < l.
     """
-    on_cpu = [t for t in [x_ND, *codebooks] if t.device.type == "cpu" and t.dtype == torch.float32
-              and not t.requires_grad]
+    on_cpu = [
+        t
+        for t in [x_ND, *codebooks]
+        if t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad
+    ]
     if len(on_cpu) == len(codebooks) + 1 and codebooks:
         books_LKD = np.stack([cb.numpy() for cb in codebooks])
         codes, resid = residual_encode_np(x_ND.numpy(), books_LKD, chunk=min(chunk, NP_CHUNK))
@@ -69,8 +74,9 @@ def residual_encode(
 
 def residual_decode(codes_NL: torch.Tensor, codebooks: list[torch.Tensor]) -> torch.Tensor:
     """Sum of the selected codewords over levels: the reconstruction of residual_encode."""
-    out = torch.zeros(codes_NL.shape[0], codebooks[0].shape[1], dtype=codebooks[0].dtype,
-                      device=codebooks[0].device)
+    out = torch.zeros(
+        codes_NL.shape[0], codebooks[0].shape[1], dtype=codebooks[0].dtype, device=codebooks[0].device
+    )
     for level, cb_KD in enumerate(codebooks):
         out += cb_KD[codes_NL[:, level]]
     return out

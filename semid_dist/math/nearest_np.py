@@ -15,6 +15,7 @@ to share a chunk (the tail of a shard, or Tokenizer.encode on one item). Short c
 therefore zero-padded to MIN_ROWS rows (and M x N x K above 2e6), so every row goes through
 the same blocked kernel; measured bit-identical to the same rows inside a 4,096-row product.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -37,8 +38,9 @@ def _gemm_rows(x_BD: np.ndarray, cb_KD: np.ndarray) -> np.ndarray:
     return (padded @ cb_KD.T)[:b]
 
 
-def _nearest_chunk(x_BD: np.ndarray, cb_KD: np.ndarray, c_norm_K: np.ndarray, with_dist: bool = True
-                   ) -> tuple[np.ndarray, np.ndarray | None]:
+def _nearest_chunk(
+    x_BD: np.ndarray, cb_KD: np.ndarray, c_norm_K: np.ndarray, with_dist: bool = True
+) -> tuple[np.ndarray, np.ndarray | None]:
     # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; ||x||^2 is constant per row for the argmin.
     d_BK = _gemm_rows(x_BD, cb_KD)
     d_BK *= -2.0
@@ -51,8 +53,9 @@ def _nearest_chunk(x_BD: np.ndarray, cb_KD: np.ndarray, c_norm_K: np.ndarray, wi
     return idx_B, np.maximum(best_B + x_norm_B, 0.0)
 
 
-def nearest_code_np(x_ND: np.ndarray, codebook_KD: np.ndarray, chunk: int = CHUNK
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def nearest_code_np(
+    x_ND: np.ndarray, codebook_KD: np.ndarray, chunk: int = CHUNK
+) -> tuple[np.ndarray, np.ndarray]:
     """Index (int64) of the nearest codeword for every row, and that squared distance."""
     assert x_ND.ndim == 2 and codebook_KD.ndim == 2 and x_ND.shape[1] == codebook_KD.shape[1]
     n = x_ND.shape[0]
@@ -60,12 +63,15 @@ def nearest_code_np(x_ND: np.ndarray, codebook_KD: np.ndarray, chunk: int = CHUN
     dist_N = np.empty(n, x_ND.dtype)
     c_norm_K = np.einsum("kd,kd->k", codebook_KD, codebook_KD)
     for s in range(0, n, chunk):
-        idx_N[s: s + chunk], dist_N[s: s + chunk] = _nearest_chunk(x_ND[s: s + chunk], codebook_KD, c_norm_K)
+        idx_N[s : s + chunk], dist_N[s : s + chunk] = _nearest_chunk(
+            x_ND[s : s + chunk], codebook_KD, c_norm_K
+        )
     return idx_N, dist_N
 
 
-def residual_encode_np(x_ND: np.ndarray, codebooks_LKD, chunk: int = CHUNK, out_resid: bool = True
-                       ) -> tuple[np.ndarray, np.ndarray]:
+def residual_encode_np(
+    x_ND: np.ndarray, codebooks_LKD, chunk: int = CHUNK, out_resid: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Greedy residual quantization: codes (N, L) int64, and the final residual (N, D) if
     out_resid else its squared norm per row (N,) (float32 per row; sum it in float64)."""
     n = x_ND.shape[0]
@@ -74,14 +80,14 @@ def residual_encode_np(x_ND: np.ndarray, codebooks_LKD, chunk: int = CHUNK, out_
     codes_NL = np.empty((n, n_levels), np.int64)
     resid = np.empty_like(x_ND) if out_resid else np.empty(n, np.float32)
     for s in range(0, n, chunk):
-        r_BD = x_ND[s: s + chunk]
+        r_BD = x_ND[s : s + chunk]
         for level, cb_KD in enumerate(codebooks_LKD):
             idx_B, _ = _nearest_chunk(r_BD, cb_KD, c_norms[level], with_dist=False)
-            codes_NL[s: s + chunk, level] = idx_B
+            codes_NL[s : s + chunk, level] = idx_B
             # the first subtraction makes the chunk's own copy; later ones work in place
             r_BD = r_BD - cb_KD[idx_B] if level == 0 else np.subtract(r_BD, cb_KD[idx_B], out=r_BD)
         if out_resid:
-            resid[s: s + chunk] = r_BD
+            resid[s : s + chunk] = r_BD
         else:  # per row in float32 (a few hundred terms), summed in float64 by the caller
-            resid[s: s + chunk] = np.einsum("bd,bd->b", r_BD, r_BD)
+            resid[s : s + chunk] = np.einsum("bd,bd->b", r_BD, r_BD)
     return codes_NL, resid

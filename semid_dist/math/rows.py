@@ -4,6 +4,7 @@ Fresh memory is slow to fault in on the VMs we measured (BENCHMARKS.md): a secon
 for a 1M x 768 shard, or a second copy of the k-means sample, costs seconds and doubles the
 peak. These walk the permutation's cycles instead, with one spare row.
 """
+
 from __future__ import annotations
 
 import numpy as np

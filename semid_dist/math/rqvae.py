@@ -16,6 +16,7 @@ summed across ranks *before* the EMA division (issue 3), so that every replica c
 identical codebook by construction; hiding the update in forward would make each rank drift
 on its own shard, and DDP's buffer broadcast would only mask that (DESIGN.md section 6).
 """
+
 from __future__ import annotations
 
 from typing import Callable, NamedTuple, Optional, Sequence
@@ -104,10 +105,13 @@ class RQVAE(nn.Module):
     ) -> None:
         super().__init__()
         if gumbel and use_ema:
-            raise ValueError("gumbel=True needs use_ema=False: Gumbel-softmax learns codebooks "
-                             "by gradient")
-        for name, value in (("input_dim", input_dim), ("latent_dim", latent_dim),
-                            ("n_layers", n_layers), ("n_embed", n_embed)):
+            raise ValueError("gumbel=True needs use_ema=False: Gumbel-softmax learns codebooks by gradient")
+        for name, value in (
+            ("input_dim", input_dim),
+            ("latent_dim", latent_dim),
+            ("n_layers", n_layers),
+            ("n_embed", n_embed),
+        ):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if not 0.0 <= decay < 1.0:
@@ -124,7 +128,7 @@ class RQVAE(nn.Module):
         self.decoder = _mlp([latent_dim, *reversed(self.hidden_dims), input_dim])
 
         # Placeholder codebooks until init_codebooks_kmeans; all levels stacked in one tensor.
-        codebooks_LKH = torch.randn(n_layers, n_embed, latent_dim) / latent_dim ** 0.5
+        codebooks_LKH = torch.randn(n_layers, n_embed, latent_dim) / latent_dim**0.5
         if use_ema:
             # A buffer, not a parameter: updated outside autograd, and never touched by the
             # optimizer (DESIGN.md section 6).
@@ -163,8 +167,7 @@ class RQVAE(nn.Module):
             if use_gumbel:
                 # Logits from distances to a detached residual: the encoder is trained by the
                 # straight-through path below, the codebook by the soft (hard-forward) sample.
-                d_BK = ((r_BH * r_BH).sum(1, keepdim=True) - 2 * r_BH @ cb_KH.T
-                        + (cb_KH * cb_KH).sum(1))
+                d_BK = (r_BH * r_BH).sum(1, keepdim=True) - 2 * r_BH @ cb_KH.T + (cb_KH * cb_KH).sum(1)
                 w_BK = F.gumbel_softmax(-d_BK, tau=self.temperature, hard=True)
                 idx_B = w_BK.argmax(1)
                 q_BH = w_BK @ cb_KH
@@ -194,17 +197,24 @@ class RQVAE(nn.Module):
         stats_LKC = None
         if self.training:
             with torch.no_grad():
-                stats_LKC = torch.zeros(n_lvl, k, 1 + self.latent_dim, dtype=torch.float32,
-                                        device=z_BH.device)
+                stats_LKC = torch.zeros(
+                    n_lvl, k, 1 + self.latent_dim, dtype=torch.float32, device=z_BH.device
+                )
                 r32_LBH = residuals_LBH.float()
                 ones_B = torch.ones(b, dtype=torch.float32, device=z_BH.device)
                 for lvl in range(n_lvl):
                     stats_LKC[lvl, :, 0].index_add_(0, codes_BL[:, lvl], ones_B)
                     stats_LKC[lvl, :, 1:].index_add_(0, codes_BL[:, lvl], r32_LBH[lvl])
         return RQVAEOutput(
-            x_hat_BD=x_hat_BD, codes_BL=codes_BL, z_BH=z_BH, zq_BH=zq_BH,
-            loss=recon + commit + codebook_loss, recon=recon, commit=commit,
-            codebook=codebook_loss, stats_LKC=stats_LKC,
+            x_hat_BD=x_hat_BD,
+            codes_BL=codes_BL,
+            z_BH=z_BH,
+            zq_BH=zq_BH,
+            loss=recon + commit + codebook_loss,
+            recon=recon,
+            commit=commit,
+            codebook=codebook_loss,
+            stats_LKC=stats_LKC,
             residuals_LBH=residuals_LBH if self.training else None,
         )
 
@@ -224,8 +234,14 @@ class RQVAE(nn.Module):
             self.ema_count_LK.mul_(self.decay).add_(stats_LKC[..., 0], alpha=1.0 - self.decay)
             return
         for lvl in range(self.n_layers):
-            step = ema_step(self.ema_count_LK[lvl], self.ema_sum_LKH[lvl], stats_LKC[lvl, :, 0],
-                            stats_LKC[lvl, :, 1:], self.decay, self.eps)
+            step = ema_step(
+                self.ema_count_LK[lvl],
+                self.ema_sum_LKH[lvl],
+                stats_LKC[lvl, :, 0],
+                stats_LKC[lvl, :, 1:],
+                self.decay,
+                self.eps,
+            )
             self.ema_count_LK[lvl] = step.count_K
             self.ema_sum_LKH[lvl] = step.sum_KD
             self.codebooks_LKH[lvl] = step.codebook_KD.to(self.codebooks_LKH.dtype)
@@ -317,8 +333,7 @@ class RQVAE(nn.Module):
         self.eval()
         try:
             codebooks = list(self.codebooks_LKH.detach())
-            codes_NL = torch.empty(x_ND.shape[0], self.n_layers, dtype=torch.long,
-                                   device=x_ND.device)
+            codes_NL = torch.empty(x_ND.shape[0], self.n_layers, dtype=torch.long, device=x_ND.device)
             for start in range(0, x_ND.shape[0], chunk):
                 z_BH = self.encoder(x_ND[start : start + chunk])
                 codes_NL[start : start + chunk], _ = residual_encode(z_BH, codebooks, chunk=chunk)

@@ -3,6 +3,7 @@
 The scan pass keeps the rows whose ItemID hashes below target / N (data.hash_unit): a binomial
 count around the target, with a standard deviation below sqrt(target). Two bounds follow.
 """
+
 from __future__ import annotations
 
 import math

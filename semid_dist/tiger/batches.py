@@ -12,6 +12,7 @@ batch j is simply its own rows whose batch index is j, so:
 Batch sizes are binomial around n / n_batches (hash buckets, not exact slices): exact slices
 would need every rank to see every key, buckets need nothing but a count per bucket.
 """
+
 from __future__ import annotations
 
 import math

@@ -6,6 +6,7 @@ early-stopping state). Only tensors, numbers, strings, lists and dicts, so it lo
 ``torch.load(weights_only=True)``. Batch order, Gumbel noise and restart draws are functions of
 (seed, epoch), so nothing else is needed to continue exactly where the run stopped.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,16 +35,25 @@ class LoopState:
         return asdict(self)
 
 
-def save(directory: str, model: torch.nn.Module, opt: torch.optim.Optimizer, state: LoopState,
-         model_args: dict, config: dict) -> str:
+def save(
+    directory: str,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    state: LoopState,
+    model_args: dict,
+    config: dict,
+) -> str:
     path = os.path.join(directory, STATE_FILE)
-    torch.save({
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "optimizer": opt.state_dict(),
-        "loop": state.to_dict(),
-        "model_args": model_args,
-        "config": config,
-    }, path)
+    torch.save(
+        {
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": opt.state_dict(),
+            "loop": state.to_dict(),
+            "model_args": model_args,
+            "config": config,
+        },
+        path,
+    )
     return path
 
 
@@ -60,7 +70,11 @@ def seed_payload(saved: dict[str, Any]) -> dict[str, Any]:
     plus the epoch and its metrics. The optimizer state stays in the Ray Train checkpoint."""
     loop = saved["loop"]
     return {
-        "format": FORMAT, "mode": "tiger", "config": saved["config"],
-        "model_args": saved["model_args"], "state_dict": saved["model"],
-        "epoch": loop["epoch"], "metrics": loop["history"][-1] if loop["history"] else {},
+        "format": FORMAT,
+        "mode": "tiger",
+        "config": saved["config"],
+        "model_args": saved["model_args"],
+        "state_dict": saved["model"],
+        "epoch": loop["epoch"],
+        "metrics": loop["history"][-1] if loop["history"] else {},
     }

@@ -3,6 +3,7 @@
 With one process (or no process group) every operation is the identity, so the training code
 has a single path for 1 and N workers.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """PNG plots a user looks at after a TIGER run: training curves and per-level code usage."""
+
 from __future__ import annotations
 
 import io

@@ -12,6 +12,7 @@ one worker over the same global batches (issue 3):
    dead-code restarts and the k-means init draw from data gathered from every rank and sorted
    by ItemID, so they pick the same vectors whatever the sharding, and rank 0 broadcasts them.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,9 +40,15 @@ HIDDEN_DIMS = (512, 256, 128)  # the seed's encoder: input -> 512 -> 256 -> 128 
 def model_args(cfg: Config, input_dim: int) -> dict:
     """RQVAE constructor arguments (plain types: they are saved in final_model.pt)."""
     return {
-        "input_dim": int(input_dim), "latent_dim": cfg.latent_dim, "n_layers": cfg.n_layers,
-        "n_embed": cfg.n_embed, "hidden_dims": list(HIDDEN_DIMS), "use_ema": cfg.use_ema,
-        "decay": cfg.ema_decay, "beta": cfg.beta, "dead_code_threshold": cfg.dead_code_threshold,
+        "input_dim": int(input_dim),
+        "latent_dim": cfg.latent_dim,
+        "n_layers": cfg.n_layers,
+        "n_embed": cfg.n_embed,
+        "hidden_dims": list(HIDDEN_DIMS),
+        "use_ema": cfg.use_ema,
+        "decay": cfg.ema_decay,
+        "beta": cfg.beta,
+        "dead_code_threshold": cfg.dead_code_threshold,
         "gumbel": cfg.gumbel,
     }
 
@@ -78,8 +85,15 @@ class RankData:
     n_batches: int
 
     @classmethod
-    def build(cls, ids_N: np.ndarray, x_ND: np.ndarray, cfg: Config, comm: Collectives,
-              device: torch.device, consume: bool = False) -> "RankData":
+    def build(
+        cls,
+        ids_N: np.ndarray,
+        x_ND: np.ndarray,
+        cfg: Config,
+        comm: Collectives,
+        device: torch.device,
+        consume: bool = False,
+    ) -> "RankData":
         """ids_N and the rows as read, in any order (row i of x_ND is item ids_N[i]). The rows
         are rearranged (train rows sorted by ItemID, then validation rows sorted by ItemID) in
         x_ND itself when consume is True (the caller gives the array up), else in a copy."""
@@ -88,20 +102,28 @@ class RankData:
         order = np.argsort(ids_N, kind="stable")
         ids_sorted = ids_N[order]
         val_sorted = batches.validation_mask(ids_sorted, cfg.seed, cfg.val_fraction)
-        n_train, n_val = (int(v) for v in comm.sum_numbers([float((~val_sorted).sum()),
-                                                             float(val_sorted.sum())]))
+        n_train, n_val = (
+            int(v) for v in comm.sum_numbers([float((~val_sorted).sum()), float(val_sorted.sum())])
+        )
         if n_train < cfg.n_embed:
-            raise ValueError(f"n_embed={cfg.n_embed} codes need at least as many training items, "
-                             f"got {n_train} (val_fraction={cfg.val_fraction})")
+            raise ValueError(
+                f"n_embed={cfg.n_embed} codes need at least as many training items, "
+                f"got {n_train} (val_fraction={cfg.val_fraction})"
+            )
         t_here = int((~val_sorted).sum())
         # Row p of the result is row src[p] of the input. In place: a second 1M x 768 array
         # would be 3 GB of fresh memory, slow to fault in on the VMs we measured (BENCHMARKS.md).
         take_rows_in_place(rows_ND, np.concatenate([order[~val_sorted], order[val_sorted]]))
         rows = torch.from_numpy(rows_ND)
-        return cls(ids_train_T=ids_sorted[~val_sorted], x_train_TD=rows[:t_here].to(device),
-                   ids_val_V=ids_sorted[val_sorted], x_val_VD=rows[t_here:].to(device),
-                   n_train=n_train, n_val=n_val,
-                   n_batches=batches.num_batches(n_train, cfg.batch_size))
+        return cls(
+            ids_train_T=ids_sorted[~val_sorted],
+            x_train_TD=rows[:t_here].to(device),
+            ids_val_V=ids_sorted[val_sorted],
+            x_val_VD=rows[t_here:].to(device),
+            n_train=n_train,
+            n_val=n_val,
+            n_batches=batches.num_batches(n_train, cfg.batch_size),
+        )
 
 
 def _global_rows_by_id(ids_B: np.ndarray, rows_BC: torch.Tensor, comm: Collectives) -> torch.Tensor:
@@ -143,9 +165,19 @@ def init_codebooks(model: RQVAE, data: RankData, cfg: Config, comm: Collectives)
 StepHook = Optional[Callable[[int], None]]
 
 
-def train_epoch(net: torch.nn.Module, model: RQVAE, opt: torch.optim.Optimizer, data: RankData,
-                epoch: int, step: int, cfg: Config, comm: Collectives, restart_every: int,
-                before_step: StepHook = None, after_step: StepHook = None) -> tuple[dict, int]:
+def train_epoch(
+    net: torch.nn.Module,
+    model: RQVAE,
+    opt: torch.optim.Optimizer,
+    data: RankData,
+    epoch: int,
+    step: int,
+    cfg: Config,
+    comm: Collectives,
+    restart_every: int,
+    before_step: StepHook = None,
+    after_step: StepHook = None,
+) -> tuple[dict, int]:
     """One pass over the training rows in global batches; returns (metrics, next global step).
 
     ``net`` is the DDP wrapper (or the model itself at world 1); the EMA update, dead-code
@@ -186,12 +218,19 @@ def train_epoch(net: torch.nn.Module, model: RQVAE, opt: torch.optim.Optimizer, 
         if hi == lo:
             stats_LKC.zero_()
         model.ema_update(stats_LKC, all_reduce=comm.sum_)
-        if restart_every and (step + 1) % restart_every == 0 and model.dead_code_threshold > 0 \
-                and bool((model.ema_count_LK < model.dead_code_threshold).any()):
+        if (
+            restart_every
+            and (step + 1) % restart_every == 0
+            and model.dead_code_threshold > 0
+            and bool((model.ema_count_LK < model.dead_code_threshold).any())
+        ):
             # Same decision on every rank: the EMA counts were all-reduced, so are identical.
             n_real = hi - lo
-            resid_BLH = out.residuals_LBH[:, :n_real].transpose(0, 1).reshape(
-                n_real, model.n_layers * model.latent_dim)
+            resid_BLH = (
+                out.residuals_LBH[:, :n_real]
+                .transpose(0, 1)
+                .reshape(n_real, model.n_layers * model.latent_dim)
+            )
             glob = _global_rows_by_id(data.ids_train_T[order_T[lo:hi]], resid_BLH.contiguous(), comm)
             resid_LBH = glob.reshape(glob.shape[0], model.n_layers, model.latent_dim).transpose(0, 1)
             n_dead = model.restart_dead_codes(resid_LBH, restart_gen, broadcast=comm.broadcast0_)
@@ -203,8 +242,13 @@ def train_epoch(net: torch.nn.Module, model: RQVAE, opt: torch.optim.Optimizer, 
         step += 1
     comm.sum_(sums)
     loss, recon, commit, codebook = (v / max(data.n_train, 1) for v in sums.tolist())
-    return {"loss": loss, "recon": recon, "commit": commit, "codebook": codebook,
-            "restarted": restarted_L}, step
+    return {
+        "loss": loss,
+        "recon": recon,
+        "commit": commit,
+        "codebook": codebook,
+        "restarted": restarted_L,
+    }, step
 
 
 def _sum_of_squares(x_ND: torch.Tensor) -> torch.Tensor:
@@ -227,8 +271,9 @@ def catalog_eval_due(epochs_done: int, cfg: Config) -> bool:
 
 
 @torch.no_grad()
-def evaluate(model: RQVAE, data: RankData, comm: Collectives, catalog: bool = True
-             ) -> tuple[dict, np.ndarray | None]:
+def evaluate(
+    model: RQVAE, data: RankData, comm: Collectives, catalog: bool = True
+) -> tuple[dict, np.ndarray | None]:
     """Encode items as the exported tokenizer will (greedy nearest codes, no noise) and return
     the validation reconstruction (what early stopping watches) and, with catalog=True, the
     relative reconstruction error, collision rate and per-level usage over all items, plus the
@@ -245,7 +290,7 @@ def evaluate(model: RQVAE, data: RankData, comm: Collectives, catalog: bool = Tr
     splits = ((data.x_train_TD, False), (data.x_val_VD, True)) if catalog else ((data.x_val_VD, True),)
     for x_ND, is_val in splits:
         for lo in range(0, x_ND.shape[0], EVAL_CHUNK):
-            x = x_ND[lo: lo + EVAL_CHUNK]
+            x = x_ND[lo : lo + EVAL_CHUNK]
             c_NL = model.encode(x, chunk=EVAL_CHUNK)
             err = _sum_of_squares(model.decode_codes(c_NL).sub_(x))
             norm = _sum_of_squares(x)
@@ -264,16 +309,18 @@ def evaluate(model: RQVAE, data: RankData, comm: Collectives, catalog: bool = Tr
     }
     if not catalog:
         return {**metrics, **dict.fromkeys(CATALOG_METRICS)}, None
-    local = torch.cat(codes) if codes else torch.zeros(0, model.n_layers, dtype=torch.int32,
-                                                       device=sums.device)
+    local = (
+        torch.cat(codes) if codes else torch.zeros(0, model.n_layers, dtype=torch.int32, device=sums.device)
+    )
     codes_NL = comm.gather_rows(local).cpu().numpy().astype(np.int64)
     levels = level_stats(codes_NL, model.n_embed)
-    usage_LK = np.stack([np.bincount(codes_NL[:, l], minlength=model.n_embed)
-                         for l in range(model.n_layers)])
-    metrics.update({
-        "rel_recon": err / norm if norm > 0 else 0.0,
-        "dup_rate": collision_stats(codes_NL)["collision_rate"],
-        "codes_used": [lv["codes_used"] for lv in levels],
-        "perplexity": [round(lv["perplexity"], 2) for lv in levels],
-    })
+    usage_LK = np.stack([np.bincount(codes_NL[:, l], minlength=model.n_embed) for l in range(model.n_layers)])
+    metrics.update(
+        {
+            "rel_recon": err / norm if norm > 0 else 0.0,
+            "dup_rate": collision_stats(codes_NL)["collision_rate"],
+            "codes_used": [lv["codes_used"] for lv in levels],
+            "perplexity": [round(lv["perplexity"], 2) for lv in levels],
+        }
+    )
     return metrics, usage_LK

@@ -8,6 +8,7 @@ changes what is trained but not how long or on how many workers. So ``--resume``
 with more ``--epochs`` or another ``--num_workers``) finds the run, and Ray Train hands its
 latest checkpoint to the workers; a run without ``--resume`` clears that folder first.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,14 +35,46 @@ log = logging.getLogger("semid_dist")
 
 # Fields that define what a run trains (and so its checkpoint folder). Left out on purpose:
 # epochs, patience, save_every, num_workers, cpus_per_worker, device, max_failures, resume.
-RUN_FIELDS = ("data_path", "max_items", "n_layers", "n_embed", "latent_dim", "batch_size",
-              "learning_rate", "use_ema", "beta", "ema_decay", "dead_code_threshold", "gumbel",
-              "gumbel_temperature", "gumbel_temperature_min", "val_fraction", "seed", "max_iters",
-              "kmeans_progressive")
-HYPERPARAMETERS = ("epochs", "batch_size", "learning_rate", "n_layers", "n_embed", "latent_dim",
-                   "use_ema", "beta", "ema_decay", "dead_code_threshold", "gumbel",
-                   "gumbel_temperature", "gumbel_temperature_min", "patience", "val_fraction", "seed",
-                   "max_iters", "num_workers")
+RUN_FIELDS = (
+    "data_path",
+    "max_items",
+    "n_layers",
+    "n_embed",
+    "latent_dim",
+    "batch_size",
+    "learning_rate",
+    "use_ema",
+    "beta",
+    "ema_decay",
+    "dead_code_threshold",
+    "gumbel",
+    "gumbel_temperature",
+    "gumbel_temperature_min",
+    "val_fraction",
+    "seed",
+    "max_iters",
+    "kmeans_progressive",
+)
+HYPERPARAMETERS = (
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "n_layers",
+    "n_embed",
+    "latent_dim",
+    "use_ema",
+    "beta",
+    "ema_decay",
+    "dead_code_threshold",
+    "gumbel",
+    "gumbel_temperature",
+    "gumbel_temperature_min",
+    "patience",
+    "val_fraction",
+    "seed",
+    "max_iters",
+    "num_workers",
+)
 
 
 class TigerTrainingError(RuntimeError):
@@ -62,12 +95,16 @@ def fit(cfg: Config, ds, info, scan, n_items: int, pub: storage.Publisher) -> tu
     """Train (train.py's hook for --mode tiger); write checkpoint_epoch_*.pt and plots."""
     n_train = int((~batches.validation_mask(scan.ids_N, cfg.seed, cfg.val_fraction)).sum())
     if n_train < cfg.n_embed:
-        raise UserError(f"--n_embed {cfg.n_embed} is larger than the number of training items "
-                        f"({n_train} after holding out --val_fraction {cfg.val_fraction})")
+        raise UserError(
+            f"--n_embed {cfg.n_embed} is larger than the number of training items "
+            f"({n_train} after holding out --val_fraction {cfg.val_fraction})"
+        )
     run = train(cfg, ds, info.dim, n_items)
     for epoch, ckpt in run.checkpoints:
         with ckpt.as_directory() as d:
-            export.write_torch(pub, f"checkpoint_epoch_{epoch}.pt", checkpoint.seed_payload(checkpoint.load(d)))
+            export.write_torch(
+                pub, f"checkpoint_epoch_{epoch}.pt", checkpoint.seed_payload(checkpoint.load(d))
+            )
     if run.loop.history:
         with pub.open(plots.CURVES, "wb") as f:
             f.write(plots.training_curves(run.loop.history))
@@ -105,12 +142,23 @@ def train(cfg: Config, ds, input_dim: int, n_items: int, trace_dir: str | None =
     arch = RQVAE(**args)
     log.info("tiger: model (%d parameters):\n%s", sum(p.numel() for p in arch.parameters()), arch)
     progress = Queue(actor_options={"num_cpus": 0})
-    loop_cfg = {"config": cfg.to_dict(), "model_args": args, "use_gpu": use_gpu,
-                "run_dir": run_dir, "progress": progress, "trace_dir": trace_dir,
-                "expect_rows": -(-n_items // max(cfg.num_workers, 1))}  # a shard's size, about
+    loop_cfg = {
+        "config": cfg.to_dict(),
+        "model_args": args,
+        "use_gpu": use_gpu,
+        "run_dir": run_dir,
+        "progress": progress,
+        "trace_dir": trace_dir,
+        "expect_rows": -(-n_items // max(cfg.num_workers, 1)),
+    }  # a shard's size, about
     trainer = _torch_trainer(cfg, loop_cfg, name, root, ds)
-    log.info("tiger: Ray Train, %d worker(s) on %s (%s), run %s", cfg.num_workers, device,
-             "nccl" if use_gpu else "gloo", run_dir)
+    log.info(
+        "tiger: Ray Train, %d worker(s) on %s (%s), run %s",
+        cfg.num_workers,
+        device,
+        "nccl" if use_gpu else "gloo",
+        run_dir,
+    )
     try:
         with _ProgressLog(progress):
             result = trainer.fit()
@@ -125,8 +173,9 @@ def train(cfg: Config, ds, input_dim: int, n_items: int, trace_dir: str | None =
     model = RQVAE(**saved["model_args"])
     model.load_state_dict(saved["model"])
     loop = checkpoint.loop_state(saved)
-    by_epoch = sorted(((int(m.get("epoch", 0)), c) for c, m in (result.best_checkpoints or [])),
-                      key=lambda ec: ec[0])
+    by_epoch = sorted(
+        ((int(m.get("epoch", 0)), c) for c, m in (result.best_checkpoints or [])), key=lambda ec: ec[0]
+    )
     ckpts = list({e: c for e, c in by_epoch if e > 0}.items())  # one per epoch (a re-report wins)
     info = {
         "trainer": "ray.train.torch.TorchTrainer (DDP)",
@@ -146,8 +195,14 @@ def train(cfg: Config, ds, input_dim: int, n_items: int, trace_dir: str | None =
         "restart_every_steps": RESTART_EVERY,
         "history": loop.history,
     }
-    return TrainRun(model=model, model_args=saved["model_args"], loop=loop, checkpoints=ckpts,
-                    run_dir=run_dir, fit_info=info)
+    return TrainRun(
+        model=model,
+        model_args=saved["model_args"],
+        loop=loop,
+        checkpoints=ckpts,
+        run_dir=run_dir,
+        fit_info=info,
+    )
 
 
 def _torch_trainer(cfg: Config, loop_cfg: dict, name: str, root: str, ds):
@@ -159,8 +214,9 @@ def _torch_trainer(cfg: Config, loop_cfg: dict, name: str, root: str, ds):
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_cfg,
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage.strip_scheme(root) if is_s3 else root,
@@ -192,11 +248,16 @@ def _use_gpu(cfg: Config) -> bool:
         return False
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if cfg.device == "cuda" and gpus < cfg.num_workers:
-        raise UserError(f"--device cuda with --num_workers {cfg.num_workers}: the Ray cluster has "
-                        f"{gpus} GPU(s); each worker needs one")
+        raise UserError(
+            f"--device cuda with --num_workers {cfg.num_workers}: the Ray cluster has "
+            f"{gpus} GPU(s); each worker needs one"
+        )
     if cfg.device == "auto" and 0 < gpus < cfg.num_workers:
-        log.warning("tiger: %d GPU(s) for %d workers; training on CPU (lower --num_workers to use "
-                    "the GPUs)", gpus, cfg.num_workers)
+        log.warning(
+            "tiger: %d GPU(s) for %d workers; training on CPU (lower --num_workers to use the GPUs)",
+            gpus,
+            cfg.num_workers,
+        )
     return gpus >= cfg.num_workers
 
 
@@ -210,8 +271,9 @@ def _prepare_run_dir(cfg: Config, run_dir: str) -> None:
         else:
             log.warning("tiger: --resume: no earlier run in %s; starting from scratch", run_dir)
     elif exists:
-        log.info("tiger: starting afresh; removing the earlier run in %s (use --resume to continue it)",
-                 run_dir)
+        log.info(
+            "tiger: starting afresh; removing the earlier run in %s (use --resume to continue it)", run_dir
+        )
         fs.rm(path, recursive=True)
 
 
@@ -228,7 +290,8 @@ def _training_failed(e: Exception, cfg: Config, run_dir: str) -> Exception:
         what = _first_line(e)
     return TigerTrainingError(
         f"tiger training failed ({what}) after {cfg.max_failures} restart(s) allowed by "
-        f"--max_failures; checkpoints are kept in {run_dir}: rerun with --resume to continue")
+        f"--max_failures; checkpoints are kept in {run_dir}: rerun with --resume to continue"
+    )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -304,16 +367,40 @@ class _ProgressLog:
     def _log(r: dict) -> None:
         if "intake" in r:  # rank 0 has its rows in memory; the epochs start
             i = r["intake"]
-            log.info("tiger: %d rows in the workers' memory (%d on rank 0 of %d), read in %.1f s",
-                     i["rows"], i["rank_rows"], i["workers"], i["seconds"])
+            log.info(
+                "tiger: %d rows in the workers' memory (%d on rank 0 of %d), read in %.1f s",
+                i["rows"],
+                i["rank_rows"],
+                i["workers"],
+                i["seconds"],
+            )
             return
-        val = "" if r.get("val_recon") is None else \
-            f" | val recon {r['val_recon']:.4f} (rel {r['val_rel_recon']:.4f})"
+        val = (
+            ""
+            if r.get("val_recon") is None
+            else f" | val recon {r['val_recon']:.4f} (rel {r['val_rel_recon']:.4f})"
+        )
         temp = "" if r.get("temperature") is None else f" | tau {r['temperature']:.3f}"
-        catalog = "" if r.get("rel_recon") is None else \
-            (f" | rel recon {r['rel_recon']:.4f} | codes used {r['codes_used']} ppl "
-             f"{[round(p) for p in r['perplexity']]} | dup {100 * r['dup_rate']:.2f}%")
-        log.info("epoch %d/%d: loss %.4f recon %.4f commit %.4f%s%s | restarts %s | lr %.2g%s | %.1f s%s",
-                 r["epoch"], r["epochs"], r["loss"], r["recon"], r["commit"], val, catalog,
-                 r["restarted"], r["lr"], temp, r["time_s"],
-                 " (early stop)" if r.get("stopped_early") else "")
+        catalog = (
+            ""
+            if r.get("rel_recon") is None
+            else (
+                f" | rel recon {r['rel_recon']:.4f} | codes used {r['codes_used']} ppl "
+                f"{[round(p) for p in r['perplexity']]} | dup {100 * r['dup_rate']:.2f}%"
+            )
+        )
+        log.info(
+            "epoch %d/%d: loss %.4f recon %.4f commit %.4f%s%s | restarts %s | lr %.2g%s | %.1f s%s",
+            r["epoch"],
+            r["epochs"],
+            r["loss"],
+            r["recon"],
+            r["commit"],
+            val,
+            catalog,
+            r["restarted"],
+            r["lr"],
+            temp,
+            r["time_s"],
+            " (early stop)" if r.get("stopped_early") else "",
+        )

@@ -10,6 +10,7 @@ Why the shard is kept in memory rather than streamed every epoch: an RQ-VAE trai
 of epochs over a catalog that fits in the workers' memory (1M x 768 float32 is 3 GB in all);
 re-running the parquet read for every epoch would cost more than the epoch itself.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,7 +23,8 @@ import time
 import numpy as np
 import torch
 
-from semid_dist import data as datalib, storage
+from semid_dist import data as datalib
+from semid_dist import storage
 from semid_dist.config import Config
 from semid_dist.math.rqvae import RQVAE
 from semid_dist.tiger import checkpoint, steps
@@ -49,15 +51,26 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
 
     # 1. This rank's rows, streamed once through Ray Data; the epochs then run from memory.
     t_read = time.perf_counter()
-    ids_N, x_ND = read_shard(ray.train.get_dataset_shard("train"), loop_cfg["model_args"]["input_dim"],
-                             loop_cfg.get("expect_rows", 0))
+    ids_N, x_ND = read_shard(
+        ray.train.get_dataset_shard("train"),
+        loop_cfg["model_args"]["input_dim"],
+        loop_cfg.get("expect_rows", 0),
+    )
     data = steps.RankData.build(ids_N, x_ND, cfg, comm, device, consume=True)
     del ids_N, x_ND
     read_s = time.perf_counter() - t_read
     if rank == 0:
-        _progress(loop_cfg.get("progress"), {"intake": {
-            "rows": data.n_train + data.n_val, "rank_rows": len(data.ids_train_T) + len(data.ids_val_V),
-            "workers": world, "seconds": round(read_s, 3)}})
+        _progress(
+            loop_cfg.get("progress"),
+            {
+                "intake": {
+                    "rows": data.n_train + data.n_val,
+                    "rank_rows": len(data.ids_train_T) + len(data.ids_val_V),
+                    "workers": world,
+                    "seconds": round(read_s, 3),
+                }
+            },
+        )
 
     # 2. Model, optimizer and loop state, from the latest checkpoint when there is one.
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -91,13 +104,29 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         t0 = time.perf_counter()
         model.temperature = steps.temperature(cfg, epoch) if cfg.gumbel else 1.0
         train_m, state.step = steps.train_epoch(
-            net, model, opt, data, epoch, state.step, cfg, comm, RESTART_EVERY,
-            before_step=hooks.before_step, after_step=hooks.after_step)
+            net,
+            model,
+            opt,
+            data,
+            epoch,
+            state.step,
+            cfg,
+            comm,
+            RESTART_EVERY,
+            before_step=hooks.before_step,
+            after_step=hooks.after_step,
+        )
         eval_m, usage_LK = evaluate_epoch(model, data, comm, cfg, state, epoch + 1)
-        record = {"epoch": epoch + 1, "step": state.step, **train_m, **eval_m,
-                  "lr": opt.param_groups[0]["lr"],
-                  "temperature": model.temperature if cfg.gumbel else None,
-                  "time_s": round(time.perf_counter() - t0, 3), **startup}
+        record = {
+            "epoch": epoch + 1,
+            "step": state.step,
+            **train_m,
+            **eval_m,
+            "lr": opt.param_groups[0]["lr"],
+            "temperature": model.temperature if cfg.gumbel else None,
+            "time_s": round(time.perf_counter() - t0, 3),
+            **startup,
+        }
         startup = {}
         state.epoch = epoch + 1
         if usage_LK is not None:
@@ -105,8 +134,10 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         state.history.append(record)
         hooks.end_epoch()
         if rank == 0:
-            _progress(loop_cfg.get("progress"), {**record, "epochs": cfg.epochs,
-                                                 "stopped_early": state.stopped_early})
+            _progress(
+                loop_cfg.get("progress"),
+                {**record, "epochs": cfg.epochs, "stopped_early": state.stopped_early},
+            )
         last = state.stopped_early or state.epoch == cfg.epochs
         if state.epoch % cfg.save_every == 0 or last:
             _report(model, opt, state, loop_cfg, rank)
@@ -120,9 +151,11 @@ def _ddp(model: RQVAE, device: torch.device) -> torch.nn.Module:
     by the all-reduced EMA statistics, and a broadcast from rank 0 would hide a missing
     all-reduce (DESIGN.md section 6). torch >= 2.13 names the switch forward_sync_buffers."""
     DDP = torch.nn.parallel.DistributedDataParallel
-    no_sync = {"forward_sync_buffers": False} \
-        if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters \
+    no_sync = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
         else {"broadcast_buffers": False}
+    )
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
 
 
@@ -145,7 +178,7 @@ def read_shard(shard, dim: int, expect_rows: int = 0) -> tuple[np.ndarray, np.nd
                 grown = np.empty((max(at + len(x_BD), rows.shape[0] * 3 // 2), dim), np.float32)
                 grown[:at] = rows[:at]
                 rows = grown
-            rows[at: at + len(x_BD)] = x_BD
+            rows[at : at + len(x_BD)] = x_BD
             ids.append(ids_B)
             at += len(x_BD)
     ids_N = np.concatenate(ids) if ids else np.zeros(0, np.int64)
@@ -162,8 +195,14 @@ def _progress(queue, record: dict) -> None:
         pass
 
 
-def evaluate_epoch(model: RQVAE, data: steps.RankData, comm: Collectives, cfg: Config,
-                   state: checkpoint.LoopState, epochs_done: int) -> tuple[dict, np.ndarray | None]:
+def evaluate_epoch(
+    model: RQVAE,
+    data: steps.RankData,
+    comm: Collectives,
+    cfg: Config,
+    state: checkpoint.LoopState,
+    epochs_done: int,
+) -> tuple[dict, np.ndarray | None]:
     """The end of an epoch: the validation error, early stopping on it, and the metrics over
     all items when the schedule says so (steps.catalog_eval_due) or when this epoch turns out to
     be the last because training stops early."""
@@ -224,9 +263,14 @@ class _Hooks:
         if self.trace_dir is None:
             return
         digest = lambda t: hashlib.sha1(t.detach().cpu().numpy().tobytes()).hexdigest()  # noqa: E731
-        self.trace.append({"step": step, "codebooks": digest(self.model.codebooks_LKH),
-                           "ema_count": digest(self.model.ema_count_LK),
-                           "ema_sum": digest(self.model.ema_sum_LKH)})
+        self.trace.append(
+            {
+                "step": step,
+                "codebooks": digest(self.model.codebooks_LKH),
+                "ema_count": digest(self.model.ema_count_LK),
+                "ema_sum": digest(self.model.ema_sum_LKH),
+            }
+        )
 
     def end_epoch(self) -> None:
         if self.trace_dir is None or not self.trace:
