@@ -6,18 +6,18 @@ bench/synth.py), the same model, seed and --epochs:
 - in-memory: this process, no Ray: the rows are loaded into a tensor first (not timed), then
   the product's own loop (semid_dist.tiger.steps: codebook init, train_epoch, evaluate) runs
   over it. The reference throughput. It runs before the product runs and, with
-  --references 2 (the default), once more after them: the same loop moves by up to 25%
-  between runs on a shared machine, so the overhead is printed against the mean of the two
-  and against each (the range says how far the noise alone moves it).
+  --references 2 (the default), once more after them: the same loop's speed moves between
+  runs on a shared machine, so the overhead is printed against the mean of the two and against
+  each (the range says how far the noise alone moves it).
 - product, 1 worker and 2 workers: ``semid train --mode tiger`` as a subprocess. Each Ray Train
   worker streams its shard through Ray Data once (read_shard) and then runs the same loop. Its
   first epoch record holds the time the shard read took (data_read_s).
 
 Throughput = training items x epochs / (seconds of the training loop). "Fed by Ray Data" adds
 the worker's data intake (data_read_s) to the loop time; the data-pipeline overhead is
-1 - (fed by Ray Data, 1 worker) / (in memory), checked against issue 5's target (at most
-15%). The loop's own slowdown in the Ray Train worker, 1 - (loop, 1 worker) / (in memory), is
-printed with it: over many epochs it is what remains.
+1 - (fed by Ray Data, 1 worker) / (in memory), checked against the target (at most 15%,
+OVERHEAD_TARGET). The loop's own slowdown in the Ray Train worker, 1 - (loop, 1 worker) /
+(in memory), is printed with it: over many epochs it is what remains.
 Ray and Ray Train start-up is reported apart (wall of the whole run), since it does not grow
 with the data.
 
@@ -71,7 +71,7 @@ def in_memory(a, data: str) -> dict:
     import pyarrow.dataset as pds
     import torch
 
-    from semid_dist import data as datalib
+    from semid_dist.catalog import schema as datalib
     from semid_dist.cli import parse_config
     from semid_dist.math.rqvae import RQVAE
     from semid_dist.tiger import steps
@@ -156,7 +156,7 @@ def product(a, data: str, workers: int, work: str) -> dict:
     }
 
 
-OVERHEAD_TARGET = 0.15  # issue 5: data-pipeline overhead at most 15%
+OVERHEAD_TARGET = 0.15  # the target: data-pipeline overhead at most 15%
 
 
 def _references(res: dict) -> list[tuple[str, dict]]:

@@ -4,7 +4,7 @@
         python -m jobs.encode --data_path s3://bucket/items/ --output_dir s3://bucket/ids/today/ \
         --tokenizer s3://bucket/tokenizers/km/final_model.pt
 
-Flags are those of `semid encode` (semid_dist/encode_only.py).
+Flags are those of `semid encode` (semid_dist/commands/encode.py).
 """
 
 import sys

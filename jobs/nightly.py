@@ -1,4 +1,4 @@
-"""`ray job submit` entrypoint for the nightly catalog tokenization (see semid_dist/nightly.py).
+"""`ray job submit` entrypoint for the nightly catalog tokenization (see semid_dist/commands/nightly.py).
 
     ray job submit --address "$RAY_ADDRESS" --working-dir . --runtime-env jobs/runtime_env.yaml -- \
         python -m jobs.nightly --data_path s3://bucket/catalog/ --output_dir s3://bucket/semid/

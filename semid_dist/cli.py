@@ -1,7 +1,7 @@
 """Command line: ``semid train ...`` (also ``python -m semid_dist ...``).
 
-The seed's flags keep their names and defaults (``--data_path``, ``--n_layers``, ``--use_ema`` /
-``--no_ema`` ...). ``semid --data_path ...`` without a sub-command means ``train``, as the seed's
+The original tool's flags keep their names and defaults (``--data_path``, ``--n_layers``, ``--use_ema`` /
+``--no_ema`` ...). ``semid --data_path ...`` without a sub-command means ``train``, as the original tool's
 ``train_tokenizer.py`` did. ``--config FILE`` (YAML/JSON) sets the same fields; flags given on
 the command line win.
 """
@@ -16,8 +16,8 @@ import sys
 import typing
 
 # Arrow's default allocator (mimalloc) keeps freed pages: a catalog pass streams GBs through a
-# few MB of buffers, and the retained pages made the driver ~300 MB and each reading worker
-# ~100 MB larger at 1M items (BENCHMARKS.md). Set before pyarrow allocates; the workers of a
+# few MB of buffers, and the retained pages make the driver and every reading worker hundreds
+# of MB larger (BENCHMARKS.md). Set before pyarrow allocates; the workers of a
 # local Ray inherit it (jobs/runtime_env.yaml sets it on a cluster).
 os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
@@ -25,7 +25,7 @@ from semid_dist.config import Config, load_config_file
 from semid_dist.errors import find_user_error, one_line
 
 HELP = {
-    "data_path": "parquet input: the seed's dir with item_emb.parquet, a file, a dir of shards, a glob, or s3://",
+    "data_path": "parquet input: a dir with item_emb.parquet, a file, a dir of shards, a glob, or s3://",
     "output_dir": "where results are published (local path or s3:// prefix)",
     "mode": "tiger (RQ-VAE) or kmeans (residual k-means)",
     "epochs": "training epochs (tiger)",
@@ -60,9 +60,12 @@ HELP = {
     "retrain": "nightly: fit a new tokenizer instead of reusing the previous generation's",
     "changed_policy": "nightly: keep_if_same_codes or reassign, for items whose embedding changed",
 }
-HIDDEN = {"fail_at_step"}
 # sub-command -> module whose run(cfg, log_dir=...) does the work and returns the results dict
-COMMANDS = {"train": "semid_dist.train", "encode": "semid_dist.encode_only", "nightly": "semid_dist.nightly"}
+COMMANDS = {
+    "train": "semid_dist.commands.train",
+    "encode": "semid_dist.commands.encode",
+    "nightly": "semid_dist.commands.nightly",
+}
 
 
 def _arg_type(tp):
@@ -89,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     hints = typing.get_type_hints(Config)
     for f in dataclasses.fields(Config):
         name, tp = f.name, hints[f.name]
-        h = argparse.SUPPRESS if name in HIDDEN else HELP.get(name, name.replace("_", " "))
+        h = HELP.get(name, name.replace("_", " "))
         if name == "use_ema":
             p.add_argument(
                 "--use_ema",
@@ -115,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                 f"--{name}",
                 type=_arg_type(base),
                 default=argparse.SUPPRESS,
-                help=h if h is argparse.SUPPRESS else f"{h} (default: {f.default})",
+                help=f"{h} (default: {f.default})",
             )
     return p
 

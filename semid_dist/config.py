@@ -1,6 +1,6 @@
 """One typed config, validated in one place.
 
-The CLI maps onto it field for field (the seed's flag names and defaults); ``--config`` files
+The CLI maps onto it field for field (the original tool's flag names and defaults); ``--config`` files
 (YAML or JSON) set the same fields; Ray workers receive ``to_dict()`` and rebuild it.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from semid_dist.errors import UserError
+from semid_dist.errors import UserError, one_line
 
 MODES = ("tiger", "kmeans")
 DEVICES = ("auto", "cpu", "cuda")
@@ -24,7 +24,7 @@ GENERATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 @dataclass
 class Config:
-    # --- the seed's contract (names and defaults from SEED.md) ---
+    # --- the original tool's contract (its flag names and defaults) ---
     data_path: str = ""
     output_dir: str = ""
     mode: str = "tiger"
@@ -44,7 +44,7 @@ class Config:
     # --- kmeans mode ---
     seed: int = 42
     sample_per_centroid: int = 256  # k-means sample = this x n_clusters points
-    kmeans_sample_gb: float = 1.0  # at most this many GB of sample in the driver (train.sample_target)
+    kmeans_sample_gb: float = 1.0  # at most this many GB of sample in the driver (modes.kmeans.sample_target)
     kmeans_progressive: bool = True  # progressive-dimension k-means (see math/kmeans.py)
     kmeans_full_dim_levels: int = 0  # top levels fitted in the full dimension (math/kmeans.py)
     # --- tiger mode ---
@@ -68,7 +68,6 @@ class Config:
     encode_batch_size: int = 16384
     item_titles: str = ""  # optional parquet (ItemID, title) shown in the run summary
     examples: int = 5
-    fail_at_step: int = -1  # test hook: a worker raises once at this global step
     # --- encode / nightly ---
     tokenizer: str = ""  # an existing final_model.pt (local or s3://) to apply instead of training
     # --- nightly ---
@@ -183,7 +182,7 @@ def load_config_file(path: str) -> dict[str, Any]:
         else:
             data = json.loads(text)
     except Exception as e:  # parse errors from either library
-        raise UserError(f"{path}: cannot parse config: {str(e).splitlines()[0]}") from e
+        raise UserError(f"{path}: cannot parse config: {one_line(e)}") from e
     if data is None:
         return {}
     if not isinstance(data, dict):

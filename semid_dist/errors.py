@@ -30,6 +30,10 @@ def find_user_error(exc: BaseException) -> UserError | None:
 
 
 def one_line(exc: BaseException) -> str:
-    """First meaningful line of a user error (Ray may append its own traceback text)."""
-    msg = exc.args[0] if exc.args else str(exc)
-    return str(msg).strip().splitlines()[0] if str(msg).strip() else type(exc).__name__
+    """The first non-blank line of an exception's message, or its type's name when it has none.
+
+    The message is ``args[0]`` when that is a string: Ray's wrappers append their own traceback
+    text to ``str()`` of a task error, never to the original message."""
+    msg = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+    first = next((line.strip() for line in msg.splitlines() if line.strip()), "")
+    return first or type(exc).__name__

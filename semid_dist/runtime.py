@@ -1,60 +1,24 @@
-"""Process-level setup: logging (console + the seed's log file) and connecting to Ray."""
+"""Connecting to Ray: a cluster named by --ray_address / RAY_ADDRESS, else a local Ray."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
-import time
 
 from semid_dist.config import Config
 
 log = logging.getLogger("semid_dist")
 
 
-def log_file_name(cfg: Config, timestamp: str) -> str:
-    """The seed's naming: {timestamp}_{dataset}_{mode}_ep{epochs}_bs{batch_size}.log"""
-    return f"{timestamp}_{cfg.dataset_name}_{cfg.mode}_ep{cfg.epochs}_bs{cfg.batch_size}.log"
-
-
-def setup_logging(cfg: Config, log_dir: str) -> str:
-    """Log to stderr and to logs/<seed name>; returns the log file path."""
-    os.makedirs(log_dir, exist_ok=True)
-    path = os.path.join(log_dir, log_file_name(cfg, time.strftime("%Y%m%d_%H%M%S")))
-    log.setLevel(getattr(logging, cfg.log_level))
-    for h in list(log.handlers):
-        log.removeHandler(h)
-        h.close()
-    fmt = logging.Formatter("%(asctime)s - %(levelname)s - %(message)s")
-    console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(fmt)
-    to_file = logging.FileHandler(path)
-    to_file.setFormatter(fmt)
-    log.addHandler(console)
-    log.addHandler(to_file)
-    log.propagate = False
-    return path
-
-
-def close_logging() -> None:
-    for h in list(log.handlers):
-        h.flush()
-        if isinstance(h, logging.FileHandler):
-            log.removeHandler(h)
-            h.close()
-
-
 # Ray's own settings for a Ray this process starts (and the test suite's).
 #
 # Every worker imports pandas before it takes work (Ray's preload_python_modules, run on the
 # worker's main thread at start-up): Ray Data imports pandas lazily, and a worker that first
-# imported it from two threads at once once saw a half-initialised module ("module 'pandas'
-# has no attribute 'core'", the race of ray-project/ray#32435). This used to be a
-# worker_process_setup_hook, but any job runtime_env costs start-up time: the workers Ray
-# prestarts for the first driver have no runtime_env, so none of them could be used and every
-# task and Ray Data actor waited for a new worker started with it. The first catalog pass over
-# 1M items (2 cores, a fresh Ray each time, runs alternated) took 11.7-14.2 s with a runtime_env
-# (the hook, or only an env var) and 8.6-11.2 s without (BENCHMARKS.md).
+# imports it from two threads at once can see a half-initialised module (the race of
+# ray-project/ray#32435). Not a worker_process_setup_hook: any job runtime_env means the
+# workers Ray prestarts cannot be used and every first task waits for a new worker
+# (BENCHMARKS.md).
 LOCAL_SYSTEM_CONFIG = {"preload_python_modules": ["pandas"]}
 
 
@@ -62,10 +26,9 @@ LOCAL_SYSTEM_CONFIG = {"preload_python_modules": ["pandas"]}
 # passes these variables from the driver's environment to it); a value already in the
 # environment wins. The controller checks on its workers, and takes their reports, every
 # health-check interval (2 s by default): a run waits for that poll to start, to take the last
-# checkpoint and to finish. Its preemption watcher (one more actor process per run) watches
-# for cluster nodes being drained, which a Ray on one machine never does. A 1-epoch tiger run
-# over the embedded 3,200-item catalog (2 cores, runs alternated, BENCHMARKS.md): fit stage
-# 30.0-39.5 s with Ray's defaults, 24.0-31.4 s with these (six runs each).
+# checkpoint and to finish, so a short run polls faster. Its preemption watcher (one more
+# actor process per run) watches for cluster nodes being drained, which a Ray on one machine
+# never does.
 LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
@@ -93,7 +56,7 @@ def ensure_ray(cfg: Config) -> None:
     """Connect to the cluster named by --ray_address / RAY_ADDRESS, else start a local Ray.
 
     Locally we advertise at least 4 logical CPUs: on a 2-core machine, train workers holding
-    whole CPUs would leave Ray Data no slot and the job hangs silently (DESIGN.md section 6).
+    whole CPUs would leave Ray Data no slot and the job would hang silently.
     """
     global _stop_at_end
     if cfg.log_level != "DEBUG":  # before ray.data is imported: it configures logging then
@@ -135,15 +98,3 @@ def stop_local_ray() -> None:
 
     _stop_at_end = False
     ray.shutdown()
-
-
-def torch_device(cfg: Config) -> str:
-    import torch
-
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        from semid_dist.errors import UserError
-
-        raise UserError("--device cuda: no CUDA GPU is visible to torch")
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.device

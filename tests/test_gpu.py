@@ -26,7 +26,7 @@ def test_residual_encode_on_the_gpu_matches_the_cpu_kernel():
 
 
 def test_tiger_trains_on_the_gpu_with_nccl(ray_session, tmp_path):
-    from semid_dist import train
+    from semid_dist.commands import train
     from semid_dist.config import Config
 
     ids, x = make_catalog(3000, 32, seed=1)
@@ -56,7 +56,8 @@ def test_kmeans_fits_and_encodes_on_the_gpu(ray_session, tmp_path):
     """--device auto with a GPU: the fit runs in a GPU task and the encode pass on a GPU actor.
     The published codes are what the CPU kernel gives with the same tokenizer, and the fit is
     as good as the CPU's (float32 sums in another order may flip near-ties, nothing more)."""
-    from semid_dist import load_tokenizer, train
+    from semid_dist import load_tokenizer
+    from semid_dist.commands import train
     from semid_dist.config import Config
 
     ids, x = make_catalog(4000, 32, seed=2)

@@ -130,7 +130,7 @@ def test_fit_with_assignments_in_torch_matches_the_numpy_fit(monkeypatch):
     assert not torch_calls  # device None: numpy's kernel
     dev = fit_residual_codebooks(x.clone(), 2, 8, 10, seed=1, full_dim_levels=1, device="cpu")
     assert len(torch_calls) > 10  # every Lloyd iteration and each level's assignment
-    for a, b in zip(ref, dev):
+    for a, b in zip(ref, dev, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     _, r_ref = residual_encode(x, ref)
     _, r_dev = residual_encode(x, dev)
@@ -139,7 +139,7 @@ def test_fit_with_assignments_in_torch_matches_the_numpy_fit(monkeypatch):
 
 def _dedup_reference(ids, codes):
     groups = {}
-    for i, row in sorted(zip(ids.tolist(), map(tuple, codes.tolist()))):
+    for i, row in sorted(zip(ids.tolist(), map(tuple, codes.tolist()), strict=True)):
         groups.setdefault(row, []).append(i)
     rank = {i: r for members in groups.values() for r, i in enumerate(members)}
     return np.array([rank[i] for i in ids.tolist()])

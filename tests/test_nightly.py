@@ -11,8 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_catalog, write_shards
-from semid_dist import load_tokenizer, nightly, storage
+from semid_dist import lineage, load_tokenizer
 from semid_dist.cli import main, parse_config
+from semid_dist.commands import nightly
+from semid_dist.publish import SUCCESS, Publisher
+from semid_dist.storage import Storage
 
 ARGS = ["--mode", "kmeans", "--n_layers", "2", "--n_clusters", "8", "--max_iters", "5", "--seed", "3"]
 N1, D = 300, 16
@@ -86,12 +89,12 @@ def mapping(root, name) -> dict:
 
 
 def retired(root, name) -> dict:
-    t = pq.read_table(os.path.join(gen_dir(root, name), nightly.RETIRED)).to_pydict()
-    return {tuple(s): (i, str(r)) for s, i, r in zip(t["semantic_id"], t["ItemID"], t["reason"])}
+    t = pq.read_table(os.path.join(gen_dir(root, name), lineage.RETIRED)).to_pydict()
+    return {tuple(s): (i, str(r)) for s, i, r in zip(t["semantic_id"], t["ItemID"], t["reason"], strict=True)}
 
 
 def latest(root) -> dict:
-    with open(os.path.join(root, nightly.LATEST)) as f:
+    with open(os.path.join(root, lineage.LATEST)) as f:
         return json.load(f)
 
 
@@ -140,7 +143,7 @@ def test_two_nights_rerun_and_retrain(ray_session, catalogs, tmp_path, capsys):
     stable = set(c["ids2"].tolist()) - changed - new
     assert all(g2[i] == g1[i] for i in stable), "unchanged items must keep their ID exactly"
     tok = load_tokenizer(os.path.join(gen_dir(root, "2024-06-02"), "final_model.pt"))
-    x_of = dict(zip(c["ids2"].tolist(), c["x2"]))
+    x_of = dict(zip(c["ids2"].tolist(), c["x2"], strict=True))
     kept = {i for i in changed if tuple(tok.encode(x_of[i][None])[0]) == g1[i][:2]}
     assert all(g2[i] == g1[i] for i in kept) and all(g2[i] != g1[i] for i in changed - kept)
     assert kept and changed - kept, "the catalog should exercise both outcomes of a change"
@@ -233,26 +236,26 @@ def test_crash_leaves_latest_on_previous_generation(ray_session, catalogs, tmp_p
     write_shards(str(bad), ids, x, 2)
     assert main(argv(str(bad), root, "n2", tmp_path)) == 2
     assert f"part-00000.parquet: ItemID {ids[7]}: embedding contains NaN" in capsys.readouterr().err
-    assert latest(root)["generation"] == "n1" and nightly._Root(root, "").manifest("n2") is None
+    assert latest(root)["generation"] == "n1" and lineage.Lineage(root, Storage()).manifest("n2") is None
 
     # crash after every file of n2 is staged, before it is published
     def crash(*a, **k):
         raise RuntimeError("simulated crash")
 
     with monkeypatch.context() as m:
-        m.setattr(storage.Publisher, "publish", crash)
+        m.setattr(Publisher, "publish", crash)
         assert main(argv(c["data2"], root, "n2", tmp_path)) == 1
     assert "simulated crash" in capsys.readouterr().err
     assert latest(root)["generation"] == "n1"
-    assert not os.path.exists(os.path.join(gen_dir(root, "n2"), storage.SUCCESS))
+    assert not os.path.exists(os.path.join(gen_dir(root, "n2"), SUCCESS))
     assert [f for _, _, fs in os.walk(gen_dir(root, "n2")) for f in fs] == []  # staging removed
 
     # crash after n2 is published, before LATEST moves: n2 is complete but not current
     with monkeypatch.context() as m:
-        m.setattr(nightly._Root, "move_latest", crash)
+        m.setattr(lineage.Lineage, "write_latest", crash)
         assert main(argv(c["data2"], root, "n2", tmp_path)) == 1
     assert latest(root)["generation"] == "n1"
-    assert os.path.exists(os.path.join(gen_dir(root, "n2"), storage.SUCCESS))
+    assert os.path.exists(os.path.join(gen_dir(root, "n2"), SUCCESS))
     published = snapshot(gen_dir(root, "n2"))
 
     # the re-run verifies n2 (identical content, nothing rewritten) and moves LATEST

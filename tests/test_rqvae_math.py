@@ -52,7 +52,9 @@ def test_ema_step_matches_numpy_reference():
     smoothed = (new_count + eps) / (n + k * eps) * n
     ref = new_sum / smoothed[:, None]
 
-    t = lambda a: torch.tensor(a, dtype=torch.float32)
+    def t(a):
+        return torch.tensor(a, dtype=torch.float32)
+
     before = t(count).clone()
     out = ema_step(t(count), t(s), t(bcount), t(bsum), decay, eps)
     np.testing.assert_allclose(out.count_K.numpy(), new_count, rtol=1e-5, atol=1e-6)
@@ -91,20 +93,20 @@ def test_forward_value_is_sum_of_selected_codes_and_losses_summed_over_dims():
     x = torch.randn(20, 12)
     out = model(x)
     cb = model.codebooks_LKH
-    q_sum = sum(cb[l][out.codes_BL[:, l]] for l in range(model.n_layers))
+    q_sum = sum(cb[lv][out.codes_BL[:, lv]] for lv in range(model.n_layers))
     torch.testing.assert_close(out.zq_BH, q_sum)
     # Codes are the greedy nearest codes of the residuals.
     r = out.z_BH.detach().clone()
     commit = 0.0
-    for l in range(model.n_layers):
-        idx = torch.cdist(r, cb[l]).argmin(1)
-        assert torch.equal(idx, out.codes_BL[:, l])
-        commit += 0.25 * ((r - cb[l][idx]) ** 2).sum(1).mean()
-        r = r - cb[l][idx]
+    for lv in range(model.n_layers):
+        idx = torch.cdist(r, cb[lv]).argmin(1)
+        assert torch.equal(idx, out.codes_BL[:, lv])
+        commit += 0.25 * ((r - cb[lv][idx]) ** 2).sum(1).mean()
+        r = r - cb[lv][idx]
     torch.testing.assert_close(out.commit, commit)
     recon = ((out.x_hat_BD - x) ** 2).sum(1).mean()
     torch.testing.assert_close(out.recon, recon)
-    # Not the per-dim mean (the collapse trap of issue 3).
+    # Not the per-dim mean (a loss that weak lets the codebooks collapse).
     assert out.recon > 5 * ((out.x_hat_BD - x) ** 2).mean()
     assert out.codebook.item() == 0.0
     torch.testing.assert_close(out.loss, out.recon + out.commit)
@@ -117,11 +119,11 @@ def test_stats_layout_and_single_all_reduce():
     out = model(x)
     s = out.stats_LKC
     assert s.shape == (3, 8, 1 + 4)
-    for l in range(3):
-        idx = out.codes_BL[:, l]
-        torch.testing.assert_close(s[l, :, 0], torch.bincount(idx, minlength=8).float())
-        ref = torch.zeros(8, 4).index_add_(0, idx, out.residuals_LBH[l])
-        torch.testing.assert_close(s[l, :, 1:], ref)
+    for lv in range(3):
+        idx = out.codes_BL[:, lv]
+        torch.testing.assert_close(s[lv, :, 0], torch.bincount(idx, minlength=8).float())
+        ref = torch.zeros(8, 4).index_add_(0, idx, out.residuals_LBH[lv])
+        torch.testing.assert_close(s[lv, :, 1:], ref)
     calls = []
     model.ema_update(s, all_reduce=lambda t: calls.append(t.shape))
     assert calls == [(3, 8, 5)]
@@ -134,12 +136,12 @@ def test_two_workers_match_each_other_and_single_worker():
     base = tiny_model(decay=0.8)
     base.init_codebooks_kmeans(base.encoder(torch.randn(200, 12)).detach(), lloyd_kmeans)
     a, b, single = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
-    for step in range(3):
+    for _step in range(3):
         x = torch.randn(64, 12)
         sa, sb = a(x[:32]).stats_LKC, b(x[32:]).stats_LKC
         sa0, sb0 = sa.clone(), sb.clone()
-        a.ema_update(sa, all_reduce=lambda t: t.add_(sb0))  # "the other worker's" stats
-        b.ema_update(sb, all_reduce=lambda t: t.add_(sa0))
+        a.ema_update(sa, all_reduce=lambda t, other=sb0: t.add_(other))  # "the other worker's" stats
+        b.ema_update(sb, all_reduce=lambda t, other=sa0: t.add_(other))
         single.ema_update(single(x).stats_LKC)
         assert torch.equal(a.codebooks_LKH, b.codebooks_LKH)
         assert torch.equal(a.ema_count_LK, b.ema_count_LK)
@@ -155,10 +157,10 @@ def test_ema_update_matches_ema_step_per_level():
     out = model(torch.randn(50, 12))
     stats = out.stats_LKC.clone()
     model.ema_update(out.stats_LKC)
-    for l in range(3):
-        ref = ema_step(count0[l], sum0[l], stats[l, :, 0], stats[l, :, 1:], model.decay, model.eps)
-        torch.testing.assert_close(model.codebooks_LKH[l], ref.codebook_KD)
-        torch.testing.assert_close(model.ema_count_LK[l], ref.count_K)
+    for lv in range(3):
+        ref = ema_step(count0[lv], sum0[lv], stats[lv, :, 0], stats[lv, :, 1:], model.decay, model.eps)
+        torch.testing.assert_close(model.codebooks_LKH[lv], ref.codebook_KD)
+        torch.testing.assert_close(model.ema_count_LK[lv], ref.count_K)
 
 
 def test_dead_code_restart_uses_broadcast_and_touches_only_dead_codes():
@@ -166,8 +168,8 @@ def test_dead_code_restart_uses_broadcast_and_touches_only_dead_codes():
     model = tiny_model(dead_code_threshold=0.5)
     model.ema_count_LK.fill_(2.0)
     dead = [(0, 1), (0, 6), (2, 3)]
-    for l, k in dead:
-        model.ema_count_LK[l, k] = 0.1
+    for lv, k in dead:
+        model.ema_count_LK[lv, k] = 0.1
     model.ema_count_LK[1, 2] = 0.5  # exactly at threshold: alive
     cb0, cnt0, sum0 = (t.clone() for t in (model.codebooks_LKH, model.ema_count_LK, model.ema_sum_LKH))
     out = model(torch.randn(30, 12))
@@ -183,8 +185,8 @@ def test_dead_code_restart_uses_broadcast_and_touches_only_dead_codes():
     assert n == [2, 0, 1]
     assert calls == [(3, 4)]
     mask = torch.zeros(3, 8, dtype=torch.bool)
-    for l, k in dead:
-        mask[l, k] = True
+    for lv, k in dead:
+        mask[lv, k] = True
     torch.testing.assert_close(model.codebooks_LKH[mask], rank0_values)
     assert torch.equal(model.codebooks_LKH[~mask], cb0[~mask])
     assert torch.equal(model.ema_count_LK[~mask], cnt0[~mask])
@@ -212,12 +214,12 @@ def test_kmeans_init_sets_consistent_state_and_is_not_redone():
     assert model.init_codebooks_kmeans(z, lloyd_kmeans)
     assert model.is_initialized
     resid = z.clone()
-    for l in range(3):
-        cb = model.codebooks_LKH[l]
+    for lv in range(3):
+        cb = model.codebooks_LKH[lv]
         torch.testing.assert_close(cb, lloyd_kmeans(resid, 8))
         idx = torch.cdist(resid, cb).argmin(1)
-        torch.testing.assert_close(model.ema_count_LK[l], torch.bincount(idx, minlength=8).float())
-        torch.testing.assert_close(model.ema_sum_LKH[l], cb * model.ema_count_LK[l, :, None])
+        torch.testing.assert_close(model.ema_count_LK[lv], torch.bincount(idx, minlength=8).float())
+        torch.testing.assert_close(model.ema_sum_LKH[lv], cb * model.ema_count_LK[lv, :, None])
         resid = resid - cb[idx]
     # The flag survives a state-dict round trip, so a resumed run skips the init.
     fresh = tiny_model()
@@ -226,7 +228,9 @@ def test_kmeans_init_sets_consistent_state_and_is_not_redone():
     assert not fresh.init_codebooks_kmeans(torch.randn(300, 4), lloyd_kmeans)
     assert torch.equal(fresh.codebooks_LKH, before)
     # A receiving rank passes no latents and gets rank 0's state through broadcast.
-    src = dict(zip(("cb", "cnt", "sum"), (model.codebooks_LKH, model.ema_count_LK, model.ema_sum_LKH)))
+    src = dict(
+        zip(("cb", "cnt", "sum"), (model.codebooks_LKH, model.ema_count_LK, model.ema_sum_LKH), strict=True)
+    )
     queue = [src["cb"], src["cnt"], src["sum"]]
     recv = tiny_model()
     assert recv.init_codebooks_kmeans(None, lloyd_kmeans, broadcast=lambda t: t.copy_(queue.pop(0)))
@@ -260,8 +264,8 @@ def test_no_ema_codebooks_are_parameters_and_learn():
     g = model.codebooks_LKH.grad
     assert g is not None
     used = torch.zeros(3, 8, dtype=torch.bool)
-    for l in range(3):
-        used[l, out.codes_BL[:, l]] = True
+    for lv in range(3):
+        used[lv, out.codes_BL[:, lv]] = True
     assert (g.abs().sum(-1)[used] > 0).all()
     assert (g.abs().sum(-1)[~used] == 0).all()  # codebook loss only reaches chosen codes
     # ema_update still tracks usage (for dead-code restart) but leaves the codebook alone.
@@ -284,7 +288,7 @@ def test_gumbel_runs_and_gives_gradient():
     out = model(torch.randn(32, 12))
     # Hard forward: the decoder input is still a sum of real codewords.
     cb = model.codebooks_LKH.detach()
-    q = sum(cb[l][out.codes_BL[:, l]] for l in range(3))
+    q = sum(cb[lv][out.codes_BL[:, lv]] for lv in range(3))
     torch.testing.assert_close(out.zq_BH.detach(), q)
     out.recon.backward(retain_graph=True)
     assert model.codebooks_LKH.grad.abs().sum() > 0  # recon reaches codebooks via the sample
@@ -320,7 +324,7 @@ def test_tiny_training_reduces_recon_and_uses_codes():
     rel = final / (x**2).sum(1).mean().item()
     assert rel < 0.05, rel
     codes = model.encode(x)
-    for l in range(2):
-        assert len(torch.unique(codes[:, l])) >= 6
+    for lv in range(2):
+        assert len(torch.unique(codes[:, lv])) >= 6
     # 8 clusters, 8 level-0 codes: the tuples separate the clusters (few collisions of pairs).
     assert len(torch.unique(codes, dim=0)) >= 8

@@ -49,13 +49,6 @@ OUTPUTS = {
     "_SUCCESS",
 }
 
-try:  # tiger is optional for this file: its S3 test runs when the package imports
-    from semid_dist.tiger import trainer as _tiger_trainer  # noqa: F401
-
-    TIGER_MISSING = ""
-except Exception as exc:  # ImportError, or a module mid-edit: skip that one test, not the file
-    TIGER_MISSING = f"semid_dist.tiger does not import: {type(exc).__name__}: {exc}"
-
 
 def product_env(s3, tmp: str) -> dict:
     """The S3 server's AWS_* variables plus a private Ray: its own temp dir (Ray finds no other
@@ -194,7 +187,11 @@ def test_kmeans_reads_shards_and_publishes_to_s3(s3, s3_catalog, kmeans_run):
     with fs.open(KMEANS_OUT.replace("s3://", "") + "semantic_id_mappings.parquet", "rb") as f:
         table = pq.read_table(f)
     assert dict(
-        zip(table.column("ItemID").to_pylist(), map(list, table.column("semantic_id").to_pylist()))
+        zip(
+            table.column("ItemID").to_pylist(),
+            map(list, table.column("semantic_id").to_pylist()),
+            strict=True,
+        )
     ) == {int(k): v for k, v in mapping.items()}
     from semid_dist import load_tokenizer
 
@@ -210,7 +207,6 @@ def test_kmeans_reads_shards_and_publishes_to_s3(s3, s3_catalog, kmeans_run):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(bool(TIGER_MISSING), reason=TIGER_MISSING)
 def test_tiger_checkpoints_and_outputs_on_s3(s3, s3_catalog, runs):
     out = f"s3://{BUCKET}/runs/tiger/"
     run = Run(
@@ -316,9 +312,9 @@ def test_an_orphaned_s3_io_error_prints_no_traceback(caplog):
 
     from fsspec.asyn import sync
 
-    from semid_dist.storage import filesystem
+    from semid_dist.storage import Storage
 
-    fs = filesystem(f"s3://{BUCKET}/any/")
+    fs = Storage.resolve().fs(f"s3://{BUCKET}/any/")
 
     async def drop_a_failed_task():
         async def writer():
@@ -434,8 +430,8 @@ export.write_torch = vanishing_write_torch
 VANISH_WHEN_ENCODING = VANISHING_S3.replace(
     "HOOK",
     """
-from semid_dist import passes
-map_catalog = passes.map_catalog
+from semid_dist.catalog import plumbing
+map_catalog = plumbing.map_catalog
 
 def vanishing_map(ds, fn, empty, what, *args, **kwargs):
     if what == "encode":
@@ -443,7 +439,7 @@ def vanishing_map(ds, fn, empty, what, *args, **kwargs):
         proxy.vanish()
     return map_catalog(ds, fn, empty, what, *args, **kwargs)
 
-passes.map_catalog = vanishing_map
+plumbing.map_catalog = vanishing_map
 """,
 )
 

@@ -5,8 +5,15 @@ import numpy as np
 import pytest
 
 from conftest import make_catalog, write_parquet
-from semid_dist import data as datalib
-from semid_dist import passes, source
+from semid_dist.catalog import encode, plumbing, scan, source
+from semid_dist.catalog.schema import inspect_catalog
+from semid_dist.math.sampling import hash_unit
+from semid_dist.run import Run
+from semid_dist.storage import Storage
+
+
+def inspect(files):
+    return inspect_catalog(files, Storage())
 
 
 @pytest.fixture
@@ -16,14 +23,14 @@ def row_grouped(tmp_path):
     a, b = str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")
     write_parquet(a, ids[:1000], x[:1000], row_group_size=100)
     write_parquet(b, ids[1000:], x[1000:])
-    return datalib.inspect_inputs([a, b]), ids, x
+    return inspect([a, b]), ids, x
 
 
 def test_plan_units_splits_big_files_by_row_group_and_honours_max_items(row_grouped, monkeypatch):
     info, _, _ = row_grouped
     whole = source.plan_units(info, info.num_rows)
     assert [(u.pieces[0].row_groups, u.rows) for u in whole] == [(None, 1000), (None, 300)]
-    monkeypatch.setattr(datalib, "SPLIT_ROWS", 400)  # files over 400 rows: pieces of >= 200 rows
+    monkeypatch.setattr(source, "SPLIT_ROWS", 400)  # files over 400 rows: pieces of >= 200 rows
     split = source.plan_units(info, info.num_rows)
     assert [len(u.pieces) for u in split] == [1] * 6  # no task count asked: a task per piece
     assert [u.rows for u in split] == [200] * 5 + [300]
@@ -42,7 +49,7 @@ def test_plan_units_packs_consecutive_pieces_into_about_the_tasks_asked(tmp_path
         files.append(str(tmp_path / f"part-{i:02d}.parquet"))
         write_parquet(files[-1], ids[start : start + n], x[start : start + n])
         start += n
-    info = datalib.inspect_inputs(files)
+    info = inspect(files)
     units = source.plan_units(info, info.num_rows, tasks=4)
     assert len(units) == 4
     assert [u.rows for u in units] == [400, 400, 400, 400]
@@ -61,7 +68,7 @@ def test_a_packed_unit_names_the_file_it_cannot_read(tmp_path):
     paths = [str(tmp_path / f"part-{i}.parquet") for i in range(3)]
     for i, p in enumerate(paths):
         write_parquet(p, ids[100 * i : 100 * (i + 1)], x[100 * i : 100 * (i + 1)])
-    info = datalib.inspect_inputs(paths)
+    info = inspect(paths)
     (unit,) = source.plan_units(info, info.num_rows, tasks=1)
     assert unit.paths == paths
     blob = open(paths[1], "rb").read()
@@ -74,38 +81,37 @@ def test_a_packed_unit_names_the_file_it_cannot_read(tmp_path):
 
 def test_passes_fuse_the_read_and_do_not_depend_on_the_cut(ray_session, row_grouped, monkeypatch):
     info, ids, x = row_grouped
-    ds = passes.catalog(info, "", info.num_rows)
-    scan = passes.scan_pass(info, seed=3, sample_size=400, endpoint_url="", n_items=info.num_rows)
-    assert sorted(scan.ids_N.tolist()) == sorted(ids.tolist())
-    keep = datalib.hash_unit(scan.sample_ids_S, 3) < 400 / 1300
-    assert keep.all() and len(scan.sample_ids_S) > 0
+    ds = plumbing.dataset(info, info.num_rows)
+    scanned = scan.scan_pass(info, seed=3, sample_size=400, n_items=info.num_rows)
+    assert sorted(scanned.ids_N.tolist()) == sorted(ids.tolist())
+    keep = hash_unit(scanned.sample_ids_S, 3) < 400 / 1300
+    assert keep.all() and len(scanned.sample_ids_S) > 0
     order = np.argsort(ids)
-    rows = order[np.searchsorted(ids[order], scan.sample_ids_S)]
-    assert np.array_equal(scan.sample_SD, x[rows])
+    rows = order[np.searchsorted(ids[order], scanned.sample_ids_S)]
+    assert np.array_equal(scanned.sample_SD, x[rows])
 
     # The same pass cut into more read tasks (one per piece) and 64-row blocks, or with the
     # pieces packed into two tasks, gives the same result.
-    monkeypatch.setattr(datalib, "SPLIT_ROWS", 400)
+    monkeypatch.setattr(source, "SPLIT_ROWS", 400)
     for tasks, blocks in ((None, 5 * 4 + 5), (2, None)):  # 64-row blocks: five 200-row pieces, one 300
-        monkeypatch.setattr(passes, "read_tasks", lambda: tasks)
-        fine = passes.catalog(info, "", info.num_rows, read_batch=64)
-        t = passes.map_catalog(
+        monkeypatch.setattr(plumbing, "read_tasks", lambda tasks=tasks: tasks)
+        fine = plumbing.dataset(info, info.num_rows, read_batch=64)
+        t = plumbing.map_catalog(
             fine,
-            passes._scan_block,
-            passes._EMPTY_SCAN,
+            scan.scan_block,
+            scan.EMPTY_SCAN,
             "scan",
             info.num_rows,
             info,
-            "",
             dim=info.dim,
             seed=3,
             fraction=400 / 1300,
         )
         if blocks is not None:
             assert t.num_rows == blocks  # one result row per block
-        again = passes.flat(t, "sample_ids")
-        assert np.array_equal(np.sort(passes.flat(t, "ids")), np.sort(scan.ids_N))
-        assert np.array_equal(np.sort(again), scan.sample_ids_S)
+        again = plumbing.flat(t, "sample_ids")
+        assert np.array_equal(np.sort(plumbing.flat(t, "ids")), np.sort(scanned.ids_N))
+        assert np.array_equal(np.sort(again), scanned.sample_ids_S)
 
     # Ray Data runs the read and the pass's map as one operator (no raw rows between tasks).
     mapped = ds.map_batches(lambda b: b, batch_format="pyarrow", batch_size=None)
@@ -125,9 +131,9 @@ def test_sample_sink_copies_each_batch_out_and_sorts_in_place():
     rows = [
         pa.table(
             {
-                "ids": passes._lists(np.arange(10 * i, 10 * i + 10), pa.int64()),
-                "sample_ids": passes._lists(sids[i], pa.int64()),
-                "sample": passes._lists(vals[i].ravel(), pa.float32()),
+                "ids": plumbing.lists(np.arange(10 * i, 10 * i + 10), pa.int64()),
+                "sample_ids": plumbing.lists(sids[i], pa.int64()),
+                "sample": plumbing.lists(vals[i].ravel(), pa.float32()),
             }
         )
         for i in range(len(per_row))
@@ -137,11 +143,11 @@ def test_sample_sink_copies_each_batch_out_and_sorts_in_place():
         rows[3],
         pa.concat_tables(rows[4:]).combine_chunks(),
     ]
-    sink = passes._SampleSink(6, capacity=4)
+    sink = scan.SampleSink(6, capacity=4)
     kept = [sink.take(b) for b in batches]
     t = pa.concat_tables(kept)
-    sample_ids = passes.flat(t, "sample_ids")
-    assert np.array_equal(sample_ids, np.concatenate(sids)) and len(passes.flat(t, "ids")) == 70
+    sample_ids = plumbing.flat(t, "sample_ids")
+    assert np.array_equal(sample_ids, np.concatenate(sids)) and len(plumbing.flat(t, "ids")) == 70
     order = np.argsort(sample_ids, kind="stable")
     assert np.array_equal(sink.sorted(order), np.concatenate(vals)[order])
 
@@ -155,7 +161,7 @@ def test_sample_sink_copies_each_batch_out_and_sorts_in_place():
             if buf is not None and buf.size
         ]
 
-    for k, b in zip(kept, batches):
+    for k, b in zip(kept, batches, strict=True):
         assert not any(lo < b_hi and b_lo < hi for lo, hi in spans(k) for b_lo, b_hi in spans(b))
 
 
@@ -183,7 +189,7 @@ def test_inspect_reads_one_row_not_the_whole_row_group(tmp_path):
             return int(next(line for line in f if line.startswith("rchar:")).split()[1])
 
     before = rchar()
-    info = datalib.inspect_inputs([path])
+    info = inspect([path])
     read = rchar() - before
     assert (info.num_rows, info.dim, info.largest_row_group) == (20000, 768, (path, 20000))
     assert read < 8 << 20, f"inspect read {read / 2**20:.0f} MB of a {x.nbytes / 2**20:.0f} MB row group"
@@ -191,17 +197,16 @@ def test_inspect_reads_one_row_not_the_whole_row_group(tmp_path):
 
 def test_a_row_group_too_big_to_share_out_is_named(tmp_path, monkeypatch, caplog):
     """A row group is one task's read; one bigger than a file split is worth a warning."""
-    from semid_dist import train
     from semid_dist.config import Config
 
     ids, x = make_catalog(1000, 8, seed=7)
     one, many = str(tmp_path / "one.parquet"), str(tmp_path / "many.parquet")
     write_parquet(one, ids, x, row_group_size=1000)
     write_parquet(many, ids, x, row_group_size=100)
-    monkeypatch.setattr(datalib, "SPLIT_ROWS", 400)
+    monkeypatch.setattr("semid_dist.run.SPLIT_ROWS", 400)
     for path, warned in ((one, True), (many, False)):
         caplog.clear()
-        train.inspect_stage(Config(data_path=path, output_dir="y", mode="kmeans"), train._Timer())
+        Run(Config(data_path=path, output_dir="y", mode="kmeans")).inspect()
         assert ("one.parquet: a row group of 1000 rows, which one task reads alone" in caplog.text) == warned
 
 
@@ -215,18 +220,18 @@ def test_a_lone_read_task_gets_the_spare_cpus_and_stays_fused(ray_session, tmp_p
     ids, x = make_catalog(500, 8, seed=8)
     path = str(tmp_path / "one.parquet")
     write_parquet(path, ids, x)
-    info = datalib.inspect_inputs([path])
-    ds = passes.catalog(info, "", info.num_rows)
-    assert ds.context.get_config(passes.TASK_CPUS) == passes.parallelism()
+    info = inspect([path])
+    ds = plumbing.dataset(info, info.num_rows)
+    assert ds.context.get_config(plumbing.TASK_CPUS) == plumbing.parallelism()
 
     def threads(block):
         return {
-            "ids": passes._lists(block.column("ItemID").to_numpy(), pa.int64()),
+            "ids": plumbing.lists(block.column("ItemID").to_numpy(), pa.int64()),
             "omp": [int(os.environ["OMP_NUM_THREADS"])],
         }
 
-    mapped = passes.map_blocks(
-        ds, threads, {"ids": passes._lists(np.zeros(0, np.int64), pa.int64()), "omp": [0]}
+    mapped = plumbing.map_blocks(
+        ds, threads, {"ids": plumbing.lists(np.zeros(0, np.int64), pa.int64()), "omp": [0]}
     )
     out = mapped.materialize()
     assert "ReadCatalogSource->MapBatches" in out.stats()
@@ -234,14 +239,14 @@ def test_a_lone_read_task_gets_the_spare_cpus_and_stays_fused(ray_session, tmp_p
     import ray
 
     t = pa.concat_tables(ray.get(t))
-    assert set(t.column("omp").to_pylist()) == {passes.parallelism()}
-    assert np.array_equal(np.sort(passes.flat(t, "ids")), np.sort(ids))
+    assert set(t.column("omp").to_pylist()) == {plumbing.parallelism()}
+    assert np.array_equal(np.sort(plumbing.flat(t, "ids")), np.sort(ids))
 
 
 def test_max_items_reads_only_the_first_rows(ray_session, row_grouped):
     info, ids, _ = row_grouped
-    scan = passes.scan_pass(info, seed=0, sample_size=50, endpoint_url="", n_items=250)
-    assert np.array_equal(scan.ids_N, ids[:250])
+    scanned = scan.scan_pass(info, seed=0, sample_size=50, n_items=250)
+    assert np.array_equal(scanned.ids_N, ids[:250])
 
 
 def test_encode_on_device_actors_gives_the_codes_of_the_fused_pass(ray_session, row_grouped):
@@ -255,18 +260,18 @@ def test_encode_on_device_actors_gives_the_codes_of_the_fused_pass(ray_session, 
     info, ids, x = row_grouped
     books = torch.from_numpy(np.stack([x[:24] * s for s in (1.0, 0.4)]).astype(np.float32))
     tok = Tokenizer("kmeans", {}, codebooks_LKD=books)
-    fused = passes.encode_pass(info, tok, "", info.num_rows)
-    actors = passes.encode_pass_on_devices(info, tok, "", info.num_rows, "cpu", 2, batch_size=300)
+    fused = encode.encode_pass(info, tok, info.num_rows)
+    actors = encode.encode_pass_on_devices(info, tok, info.num_rows, "cpu", 2, batch_size=300)
     assert np.array_equal(actors.ids_N, np.sort(ids)) and np.array_equal(actors.ids_N, fused.ids_N)
     assert np.array_equal(actors.codes_NL, fused.codes_NL)
     assert np.isclose(actors.sq_err_sum, fused.sq_err_sum, rtol=1e-5)
     assert np.isclose(fused.sq_norm_sum, float((x.astype(np.float64) ** 2).sum()), rtol=1e-5)
     assert np.isclose(actors.sq_norm_sum, fused.sq_norm_sum, rtol=1e-6)
-    assert passes.encode_device("auto") == ("cpu", 0)  # no GPU in this Ray
+    assert encode.encode_device("auto") == ("cpu", 0)  # no GPU in this Ray
     # the nightly job's pass (with embedding fingerprints) on the same actors
-    fused_fp = passes.encode_pass(info, tok, "", info.num_rows, fingerprints=True)
-    actors_fp = passes.encode_pass_on_devices(
-        info, tok, "", info.num_rows, "cpu", 2, batch_size=300, fingerprints=True
+    fused_fp = encode.encode_pass(info, tok, info.num_rows, fingerprints=True)
+    actors_fp = encode.encode_pass_on_devices(
+        info, tok, info.num_rows, "cpu", 2, batch_size=300, fingerprints=True
     )
     assert fused_fp.fp_N is not None and np.array_equal(actors_fp.fp_N, fused_fp.fp_N)
     assert len(np.unique(fused_fp.fp_N)) == len(ids)
@@ -278,8 +283,7 @@ def test_pass_tasks_run_as_many_blas_threads_as_ray_gave_them(ray_session, row_g
     BLAS thread per core in every task (threads that spin against each other: semid_dist/blas.py)."""
     from semid_dist import blas
 
-    if blas.threads() is None:
-        pytest.skip("numpy does not use OpenBLAS here")
+    assert blas.threads() is not None, "semid_dist.blas finds no OpenBLAS in numpy (pip's numpy bundles one)"
 
     def blas_threads_block(block, dim):  # nested: shipped by value (workers cannot import tests)
         import os
@@ -295,14 +299,13 @@ def test_pass_tasks_run_as_many_blas_threads_as_ray_gave_them(ray_session, row_g
         }
 
     info, _, _ = row_grouped
-    t = passes.map_catalog(
-        passes.catalog(info, "", info.num_rows),
+    t = plumbing.map_catalog(
+        plumbing.dataset(info, info.num_rows),
         blas_threads_block,
         {"ids": [[]], "threads": [0], "omp": [0]},
         "blas",
         info.num_rows,
         info,
-        "",
         dim=info.dim,
     )
     assert t.num_rows >= 2
@@ -313,8 +316,7 @@ def test_blas_thread_count_can_be_set_in_process():
     from semid_dist import blas
 
     before = blas.threads()
-    if before is None:
-        pytest.skip("numpy does not use OpenBLAS here")
+    assert before is not None, "semid_dist.blas finds no OpenBLAS in numpy (pip's numpy bundles one)"
     try:
         blas.set_threads(1)
         assert blas.threads() == 1

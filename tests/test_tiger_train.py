@@ -1,9 +1,9 @@
-"""TIGER under Ray Train (issue 3): DDP equivalence, fault tolerance, resume, the CLI end to end.
+"""TIGER under Ray Train: DDP equivalence, fault tolerance, resume, the CLI end to end.
 
 One uninterrupted 2-worker run is the reference for every other run in this file:
   * its two ranks hold bit-identical codebooks/EMA state after every step (digests per step);
   * a 1-worker run over the same global batches ends with the same codebooks (float tolerance);
-  * a run whose worker dies mid-epoch (--fail_at_step, --max_failures 1) restarts from its last
+  * a run whose worker dies mid-epoch (the fail_at_step test hook, --max_failures 1) restarts from its last
     checkpoint and ends with the same codebooks;
   * through the CLI, a run that dies with --max_failures 0 fails with a clear message and
     publishes nothing; rerun with --resume it completes from its last checkpoint, publishes every
@@ -20,9 +20,11 @@ import pytest
 import torch
 
 from conftest import make_catalog, write_shards
-from semid_dist import cli, load_tokenizer, storage
-from semid_dist import data as datalib
+from semid_dist import cli, load_tokenizer
+from semid_dist.catalog.schema import inspect_catalog
+from semid_dist.catalog.source import training_dataset
 from semid_dist.config import Config
+from semid_dist.storage import Storage
 from semid_dist.tiger import trainer
 
 # Ray Train's controller polls its workers every 2 s; every run here is a few seconds of work, so
@@ -65,9 +67,13 @@ def tiny_cfg(root: str, **kw) -> Config:
     return Config(**base).validated()
 
 
-def run(cfg: Config, trace_dir: str | None = None) -> trainer.TrainRun:
-    info = datalib.inspect_inputs(storage.list_parquet_inputs(cfg.data_path))
-    return trainer.train(cfg, datalib.read_dataset(info), info.dim, info.num_rows, trace_dir=trace_dir)
+def run(cfg: Config, trace_dir: str | None = None, fail_at_step: int = -1) -> trainer.TrainRun:
+    store = Storage()
+    info = inspect_catalog(store.list_parquet(cfg.data_path), store)
+    ds = training_dataset(info, info.num_rows)
+    return trainer.train(
+        cfg, ds, info.dim, info.num_rows, store, trace_dir=trace_dir, fail_at_step=fail_at_step
+    )
 
 
 def read_trace(path: str) -> list[dict]:
@@ -95,7 +101,7 @@ def test_ranks_bit_identical_every_step_and_match_one_worker(ray_session, catalo
     assert one.loop.step == two.loop.step
     torch.testing.assert_close(one.model.codebooks_LKH, two.model.codebooks_LKH, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(one.model.ema_count_LK, two.model.ema_count_LK, rtol=1e-4, atol=1e-5)
-    for a, b in zip(one.loop.history, two.loop.history):
+    for a, b in zip(one.loop.history, two.loop.history, strict=True):
         assert a["restarted"] == b["restarted"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
         assert a["val_recon"] == pytest.approx(b["val_recon"], rel=1e-4)
@@ -118,8 +124,8 @@ def test_a_local_ray_starts_no_preemption_watcher(ray_session, reference):
 def test_worker_failure_restarts_from_last_checkpoint(ray_session, catalog, reference, tmp_path):
     two, _ = reference
     fail_at = two.loop.history[1]["step"] + 2  # inside epoch 3, after the epoch-2 checkpoint
-    cfg = tiny_cfg(catalog, output_dir=str(tmp_path / "out"), max_failures=1, fail_at_step=fail_at)
-    res = run(cfg)
+    cfg = tiny_cfg(catalog, output_dir=str(tmp_path / "out"), max_failures=1)
+    res = run(cfg, fail_at_step=fail_at)
     marker = os.path.join(res.run_dir, f"fail_at_step_{fail_at}.done")
     assert os.path.exists(marker)  # the failure did happen (once)
     assert [h["epoch"] for h in res.loop.history] == [1, 2, 3]
@@ -149,14 +155,18 @@ def cli_args(cfg: Config, log_dir: str) -> list[str]:
     return args
 
 
-def test_cli_failure_then_resume_publishes_everything(ray_session, catalog, reference, tmp_path, capsys):
+def test_cli_failure_then_resume_publishes_everything(
+    ray_session, catalog, reference, tmp_path, capsys, monkeypatch
+):
     two, _ = reference
     out = tmp_path / "published"
     cfg = tiny_cfg(catalog, output_dir=str(out))
     args = cli_args(cfg, str(tmp_path / "logs"))
     fail_at = two.loop.history[0]["step"] + 1  # epoch 2, after the epoch-1 checkpoint
 
-    assert cli.main(args + ["--fail_at_step", str(fail_at), "--max_failures", "0"]) == 1
+    with monkeypatch.context() as m:
+        m.setenv(trainer.FAIL_AT_STEP_ENV, str(fail_at))
+        assert cli.main(args + ["--max_failures", "0"]) == 1
     err = capsys.readouterr().err
     assert "injected failure at step" in err and "--resume" in err and "Traceback" not in err
     assert not (out / "final_model.pt").exists() and not (out / "_SUCCESS").exists()

@@ -81,11 +81,11 @@ def test_rank_data_rearranges_a_consumed_array_in_place_and_leaves_others_alone(
 
 
 def test_read_cpus_leave_one_core_per_train_worker(ray_session):
-    from semid_dist import passes
+    from semid_dist.catalog import plumbing
     from semid_dist.config import Config
     from semid_dist.tiger.trainer import read_cpus
 
-    cores = passes.parallelism()
+    cores = plumbing.parallelism()
     assert read_cpus(Config(num_workers=1)) == max(1, cores - 1)
     assert read_cpus(Config(num_workers=cores + 3)) == 1
 
@@ -127,7 +127,7 @@ def test_read_shard_takes_blocks_of_many_chunks(ray_session):
     arrives once, in place, and a bad row in a later chunk is named by its ItemID."""
     import pyarrow as pa
 
-    from semid_dist.data import RowError
+    from semid_dist.catalog.schema import RowError
     from semid_dist.tiger.worker import read_shard
 
     ids, x = make_catalog(1000, 5, seed=5, n_clusters=2)

@@ -66,5 +66,5 @@ def test_refuses_pickled_code(tmp_path):
     bad = tmp_path / "evil.pt"
     with open(bad, "wb") as f:
         pickle.dump({"format": "semid_dist/v1", "x": _Evil()}, f)
-    with pytest.raises(UserError, match="cannot load tokenizer"):
+    with pytest.raises(UserError, match="not a loadable tokenizer file"):
         load_tokenizer(str(bad))

@@ -1,27 +1,24 @@
 """k-means for residual quantization: k-means++ seeding, Lloyd with empty-cluster repair,
 and progressive-dimension training.
 
-Why progressive dimensions: on real sentence embeddings (MovieLens, 9,066 items, 3 x 256),
-plain Lloyd per level leaves deep levels with a "hub" centroid near the origin that swallows
-most residuals (last-level perplexity 19-80 of 256) and 2-3.7% of items collide. Residuals
-at deep levels are close to isotropic, so Lloyd in the full 768-d space has many equally bad
-local optima. Training first in the top principal directions and adding dimensions (warm
-starting each stage from the last, as faiss' ResidualQuantizer does by default) cuts each
-level along the directions of largest residual variance: perplexity rises to ~235-245 on
-every level and collisions fall to ~0.7% (measurements in the README).
+Why progressive dimensions: on real sentence embeddings, plain Lloyd per level leaves deep
+levels with a "hub" centroid near the origin that swallows most residuals, so codes are used
+very unevenly and many items collide. Residuals at deep levels are close to isotropic, so
+Lloyd in the full space has many equally bad local optima. Training first in the top principal
+directions and adding dimensions (warm starting each stage from the last, as faiss'
+ResidualQuantizer does by default) cuts each level along the directions of largest residual
+variance: codes are used nearly evenly on every level and far fewer items collide (see
+BENCHMARKS.md).
 
-Speed (issue 5: 3 x 256 on a 65,536 x 768 sample in seconds on 2 cores): the heavy loops
-run in numpy on the tensors' memory (numpy's OpenBLAS sgemm was the faster BLAS on the AMD
-machines we measured, math/nearest_np.py); the reduced-dimension stages (32, 64, 128, 256
-principal directions) only find a warm start, so they and the PCA use a strided subsample of
-64 points per centroid; the last stage runs in the full dimension on every point, in the
-original coordinates (distances do not change under rotation, so the data is rotated only
-into the 256 directions the reduced stages need); every stage stops once an iteration lowers
-the objective by less than CONVERGED (relative), and --max_iters caps the last stage. Against
-the earlier schedule (4, 8, ..., 768 dimensions on every point, 10 iterations per stage, 20 at
-full dimension): about the same collision rate and a lower reconstruction error on MovieLens
-(seeds 42/1/2/3: 0.78/0.85/0.68/0.78%, 0.212-0.213) and Wikidata films (0.69%, 0.280); the fit
-on the 65k-point sample of the 1M benchmark went from 145 s to 5.6 s (BENCHMARKS.md).
+Speed (the fit is on the critical path of every kmeans run): the heavy loops run in numpy
+on the tensors' memory (numpy's sgemm, for the reasons in math/nearest_np.py); the
+reduced-dimension stages (32, 64, 128, 256 principal directions) only find a warm start, so
+they and the PCA use a strided subsample of 64 points per centroid; the last stage runs in the
+full dimension on every point, in the original coordinates (distances do not change under
+rotation, so the data is rotated only into the 256 directions the reduced stages need); every
+stage stops once an iteration lowers the objective by less than CONVERGED (relative), and
+--max_iters caps the last stage. The subsample costs little in quality: the reduced stages
+only seed the last one, which sees every point.
 """
 
 from __future__ import annotations
@@ -45,9 +42,9 @@ CONVERGED = 1e-3  # stop a stage when an iteration lowers the objective by less 
 
 @contextlib.contextmanager
 def _torch_single_thread():
-    """The GEMMs (numpy) use every core; torch does only small ops here (index_add_, sampling).
-    With its own thread pool as well, the two pools contend for the same cores: 5.1 s against
-    6.4-7.3 s for the 3 x 256 fit on 65,536 x 768 (2 cores)."""
+    """Torch runs single-threaded inside: the GEMMs (numpy) already use every core and torch
+    does only small ops here (index_add_, sampling); with its own thread pool as well, the two
+    pools would contend for the same cores and slow the fit down."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -83,7 +80,7 @@ def kmeans_plus_plus(
                 torch.from_numpy(d2_N / total), trials, replacement=True, generator=generator
             )
         # new potential for each candidate: sum_x min(d2(x), ||x - cand||^2). The distances as
-        # one small GEMM, in place (torch.cdist computes them pairwise, 5-10x slower here).
+        # one small GEMM, in place (torch.cdist computes them pairwise, which is much slower).
         c = cand.numpy()
         np.matmul(x[c], x.T, out=cand_d2_TN)
         cand_d2_TN *= -2
@@ -243,11 +240,8 @@ def fit_residual_codebooks(
     With progressive, levels below full_dim_levels are fitted in the full dimension (greedy
     k-means++ from SEED_PER_CENTROID points per centroid, then `iters` Lloyd iterations on every
     point) and the others progressively; without it every level is plain k-means. Full dimension
-    at the top levels trades collisions for reconstruction error; measured with 3 x 256,
-    full_dim_levels=2 against 0 (README, BENCHMARKS.md): relative error 0.212 -> 0.206 on
-    MovieLens, 0.280 -> 0.277 on Wikidata films, 0.298 -> 0.289 on the 1M synthetic catalog;
-    collisions 0.77 -> 0.84% (mean of 4 seeds) on MovieLens, 0.69 -> 0.90% on Wikidata films,
-    15.0 -> 20.5% on the synthetic catalog; its fit (65,536-point sample) 5.4 -> 18.1 s.
+    at the top levels trades collisions for reconstruction error: a lower error, but more
+    collisions and a several times slower fit (see BENCHMARKS.md), so the default is 0.
 
     in_place=True lets a C-contiguous float32 CPU x_ND be overwritten by the residuals (the
     caller gives the sample up; saves a copy of it, 200 MB for 65,536 x 768). device: where

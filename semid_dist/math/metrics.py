@@ -1,4 +1,4 @@
-"""Quality metrics, computed the same way for every mode (DESIGN.md section 4)."""
+"""Quality metrics, computed the same way for every mode."""
 
 from __future__ import annotations
 

@@ -1,13 +1,13 @@
 """Nearest-centroid search and residual updates, chunked so memory stays flat.
 
-Why torch and not faiss on CPU: the faiss-cpu wheel's bundled OpenBLAS ran matrix products
-4-10x slower than torch/MKL on the 2-core machines we measured (DESIGN.md section 6), and
-the assignment is one matmul plus an argmin.
+Why torch and not faiss on CPU: the assignment is one matmul plus an argmin, which needs
+nothing from faiss, and the faiss-cpu wheel's bundled OpenBLAS ran matrix products slower
+than torch's BLAS on the CPUs benchmarked.
 
 residual_encode on CPU float32 tensors runs the numpy kernel of nearest_np.py: that is what
 the catalog's encode pass runs (in Ray workers that never import torch), so the Python API
 (Tokenizer.encode) reproduces the published codes bit for bit, and numpy's sgemm was the
-faster of the two on the 2-core AMD machines (nearest_np.py).
+faster of the two on the CPUs benchmarked (nearest_np.py).
 """
 
 from __future__ import annotations

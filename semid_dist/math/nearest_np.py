@@ -1,10 +1,10 @@
 """Nearest-centroid search and greedy residual encoding in numpy (no torch import).
 
-Why numpy here: the encode pass runs in Ray workers, and a worker that imports torch costs
-~0.3-0.4 GB more memory. And on the 2-core AMD EPYC (Zen 4) machines we measured, numpy's
-OpenBLAS sgemm ran at ~95 GFLOP/s on one core against ~55-80 for torch's MKL, for the shape
-that matters here (4k-64k rows x 768 x 256 centroids). The torch residual_encode in nearest.py
-calls this on CPU, so the Python API and the catalog pass give the same codes.
+Why numpy here: the encode pass runs in Ray workers, and a worker that imports torch holds
+several hundred MB more memory. And for the shape that matters here (thousands of rows x 768
+x 256 centroids), numpy's OpenBLAS sgemm ran faster than torch's MKL on the CPUs benchmarked.
+The torch residual_encode in nearest.py calls this on CPU, so the Python API and the catalog
+pass give the same codes.
 
 Every row is computed on its own (one GEMM row, one argmin), so the result of a row does not
 depend on which other rows share its chunk: results are independent of batching and sharding.
@@ -13,7 +13,8 @@ separate "small matrix" kernel whose rounding differs from the blocked sgemm (nu
 uses gemv, different again), which could flip a near-tie depending on how many rows happened
 to share a chunk (the tail of a shard, or Tokenizer.encode on one item). Short chunks are
 therefore zero-padded to MIN_ROWS rows (and M x N x K above 2e6), so every row goes through
-the same blocked kernel; measured bit-identical to the same rows inside a 4,096-row product.
+the same blocked kernel and comes out bit-identical to the same row inside a full CHUNK-row
+product (tests/test_nearest_np.py).
 """
 
 from __future__ import annotations

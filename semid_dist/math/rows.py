@@ -1,8 +1,8 @@
 """Rearranging the rows of a large array without a second one (numpy only).
 
-Fresh memory is slow to fault in on the VMs we measured (BENCHMARKS.md): a second 3 GB array
-for a 1M x 768 shard, or a second copy of the k-means sample, costs seconds and doubles the
-peak. These walk the permutation's cycles instead, with one spare row.
+Fresh memory is slow to fault in: a second array as large as a shard (3 GB for 1M x 768
+float32), or a second copy of the k-means sample, takes time to fault in and doubles the peak
+memory (see BENCHMARKS.md). These walk the permutation's cycles instead, with one spare row.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 
 def take_rows_in_place(rows_ND: np.ndarray, src_N: np.ndarray) -> None:
     """rows_ND[:] = rows_ND[src_N] (src_N a permutation) without a second array: each cycle of
-    the permutation is walked once with one spare row (1.3 s for 1M x 768 rows here)."""
+    the permutation is walked once with one spare row."""
     n = len(src_N)
     if n == 0:
         return

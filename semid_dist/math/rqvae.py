@@ -12,9 +12,9 @@ The training step a worker runs::
     model.restart_dead_codes(out.residuals_LBH, gen, broadcast=bcast_fn)  # when the caller wants
 
 Why the EMA update lives outside ``forward``: under DDP the per-code counts and sums must be
-summed across ranks *before* the EMA division (issue 3), so that every replica computes the
-identical codebook by construction; hiding the update in forward would make each rank drift
-on its own shard, and DDP's buffer broadcast would only mask that (DESIGN.md section 6).
+summed across ranks *before* the EMA division, so that every replica computes the identical
+codebook by construction; hiding the update in forward would make each rank drift on its own
+shard, and DDP's buffer broadcast would only mask that.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def ema_step(
 def _mlp(dims: Sequence[int]) -> nn.Sequential:
     """Bias-free linear layers, SiLU between them, none after the last (seed's architecture)."""
     layers: list[nn.Module] = []
-    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
         layers.append(nn.Linear(d_in, d_out, bias=False))
         if i < len(dims) - 2:
             layers.append(nn.SiLU())
@@ -131,7 +131,7 @@ class RQVAE(nn.Module):
         codebooks_LKH = torch.randn(n_layers, n_embed, latent_dim) / latent_dim**0.5
         if use_ema:
             # A buffer, not a parameter: updated outside autograd, and never touched by the
-            # optimizer (DESIGN.md section 6).
+            # optimizer.
             self.register_buffer("codebooks_LKH", codebooks_LKH)
         else:
             self.codebooks_LKH = nn.Parameter(codebooks_LKH)
@@ -190,8 +190,9 @@ class RQVAE(nn.Module):
         # would instead scale the encoder's reconstruction gradient by L.
         zq_BH = z_BH - z_BH.detach() + q_sum_BH
         x_hat_BD = self.decoder(zq_BH)
-        # Summed over dims, mean over batch: averaging over 768 dims makes reconstruction
-        # ~768x weaker than the VQ terms and collapsed public reimplementations (issue 3).
+        # Summed over dims, mean over batch: averaging over the D input dims would make
+        # reconstruction D times weaker than the VQ terms; public reimplementations that
+        # average collapse for that reason.
         recon = (x_hat_BD - x_BD).pow(2).sum(1).mean()
 
         stats_LKC = None

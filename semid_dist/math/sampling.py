@@ -1,12 +1,14 @@
-"""How many rows a hash sample keeps (pure arithmetic).
+"""The hash sample: which rows it keeps and how many (numpy only).
 
-The scan pass keeps the rows whose ItemID hashes below target / N (data.hash_unit): a binomial
+The scan pass keeps the rows whose ItemID hashes below target / N (hash_unit): a binomial
 count around the target, with a standard deviation below sqrt(target). Two bounds follow.
 """
 
 from __future__ import annotations
 
 import math
+
+import numpy as np
 
 
 def margin(target: int) -> int:
@@ -19,11 +21,22 @@ def margin(target: int) -> int:
 def sample_floor(k: int) -> int:
     """The fewest rows to aim for when a codebook of k codes is fitted on the sample: k plus the
     margin, so the sample falls short of k only beyond 4.8 standard deviations. Aiming for k
-    itself failed: --sample_per_centroid 1 with 3 x 256 on 3,200 items kept 221 rows with seed
-    7, and the fit could not start."""
+    itself is not enough: the sample's size is binomial around its target, so it falls short of
+    k rows about half the time, and then the fit cannot start."""
     return k + margin(k)
 
 
 def capacity(target: int) -> int:
     """Rows to make room for when collecting a sample aimed at `target`."""
     return target + margin(target)
+
+
+def hash_unit(ids_N: np.ndarray, seed: int) -> np.ndarray:
+    """A uniform number in [0, 1) per ItemID (splitmix64): a sample drawn with it is a function
+    of the ItemIDs and the seed alone, never of row order or sharding."""
+    with np.errstate(over="ignore"):
+        z = ids_N.astype(np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15) % (1 << 64))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)

@@ -1,7 +1,8 @@
 """TIGER mode: an RQ-VAE (semid_dist/math/rqvae.py) trained with PyTorch DDP under Ray Train.
 
 Modules, driver to worker:
-  trainer.py      driver: run name and storage, TorchTrainer, progress log, outputs and plots
+  trainer.py      driver: run name and storage, TorchTrainer, outputs and plots
+  progress.py     rank 0's intake and epoch records logged on the driver as they arrive
   worker.py       the train_loop_per_worker Ray Train runs on every rank (reads top to bottom)
   steps.py        one epoch, evaluation and codebook initialisation; no Ray, collectives passed in
   batches.py      deterministic global batches and the validation split (numpy only)

@@ -1,13 +1,13 @@
 """Which rows train, which validate, and which rows form global batch j of an epoch.
 
-Everything here is a function of the ItemIDs and the seed alone (data.hash_unit), never of
+Everything here is a function of the ItemIDs and the seed alone (math.sampling.hash_unit), never of
 row order, of how Ray Data split the rows, or of the number of workers. Rank r's part of global
 batch j is simply its own rows whose batch index is j, so:
 
 * every rank runs the same steps (batch j exists on every rank, possibly empty on some), which
-  keeps DDP's collectives in lockstep however uneven the shards are (DESIGN.md section 6);
+  keeps DDP's collectives in lockstep however uneven the shards are;
 * the union over ranks of step j's rows is the same set for 1 or N workers, which is what lets
-  an N-worker run reproduce a 1-worker run within float tolerance (tests/test_tiger_ddp.py).
+  an N-worker run reproduce a 1-worker run within float tolerance (tests/test_tiger_train.py).
 
 Batch sizes are binomial around n / n_batches (hash buckets, not exact slices): exact slices
 would need every rank to see every key, buckets need nothing but a count per bucket.
@@ -19,9 +19,9 @@ import math
 
 import numpy as np
 
-from semid_dist.data import hash_unit
+from semid_dist.math.sampling import hash_unit
 
-VAL_SEED_OFFSET = 1  # the split issue 3 names: hash_unit(ItemID, seed + 1) < val_fraction
+VAL_SEED_OFFSET = 1  # the validation split: hash_unit(ItemID, seed + 1) < val_fraction
 EPOCH_SEED_OFFSET = 1000  # epoch e shuffles with hash_unit(ItemID, seed + 1000 + e)
 
 

@@ -47,4 +47,4 @@ class Collectives:
         padded[: t_NC.shape[0]] = t_NC
         parts = [torch.empty_like(padded) for _ in range(self.world)]
         dist.all_gather(parts, padded.contiguous())
-        return torch.cat([p[:s] for p, s in zip(parts, sizes_W)])
+        return torch.cat([p[:s] for p, s in zip(parts, sizes_W, strict=True)])

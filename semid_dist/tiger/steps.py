@@ -2,7 +2,7 @@
 
 No Ray and no I/O here: the worker (worker.py) hands in this rank's rows and a Collectives
 object; with one process every collective is the identity. Three rules keep N workers equal to
-one worker over the same global batches (issue 3):
+one worker over the same global batches:
 
 1. Step j of an epoch runs on every rank, on that rank's rows of global batch j (batches.py),
    even when it has none (a zero row with weight 0 keeps the DDP all-reduce in step).
@@ -55,10 +55,10 @@ def model_args(cfg: Config, input_dim: int) -> dict:
 
 def init_weights(model: RQVAE) -> None:
     """He-normal weights for the bias-free SiLU MLPs, so the latent starts at the scale training
-    takes it to. torch's default Linear init shrinks activations ~2x per layer: the seed's
-    4-layer encoder then emits latents ~40x smaller than after a few hundred steps, the k-means
-    codebooks fitted at init are left behind and every item lands on one code (measured on
-    MovieLens: 256 -> 3 codes used at level 0 within two epochs)."""
+    takes it to. torch's default Linear init shrinks activations at every layer: the seed's
+    4-layer encoder then emits latents far smaller than after a few hundred steps, the k-means
+    codebooks fitted at init are left behind, and within a few epochs nearly every item lands
+    on one code."""
     for m in model.modules():
         if isinstance(m, torch.nn.Linear):
             torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
@@ -111,8 +111,8 @@ class RankData:
                 f"got {n_train} (val_fraction={cfg.val_fraction})"
             )
         t_here = int((~val_sorted).sum())
-        # Row p of the result is row src[p] of the input. In place: a second 1M x 768 array
-        # would be 3 GB of fresh memory, slow to fault in on the VMs we measured (BENCHMARKS.md).
+        # Row p of the result is row src[p] of the input. In place: a second array as large as
+        # the shard would double the peak and is slow to fault in (math/rows.py).
         take_rows_in_place(rows_ND, np.concatenate([order[~val_sorted], order[val_sorted]]))
         rows = torch.from_numpy(rows_ND)
         return cls(
@@ -234,7 +234,7 @@ def train_epoch(
             glob = _global_rows_by_id(data.ids_train_T[order_T[lo:hi]], resid_BLH.contiguous(), comm)
             resid_LBH = glob.reshape(glob.shape[0], model.n_layers, model.latent_dim).transpose(0, 1)
             n_dead = model.restart_dead_codes(resid_LBH, restart_gen, broadcast=comm.broadcast0_)
-            restarted_L = [a + b for a, b in zip(restarted_L, n_dead)]
+            restarted_L = [a + b for a, b in zip(restarted_L, n_dead, strict=True)]
         with torch.no_grad():
             sums += torch.stack([out.loss, out.recon, out.commit, out.codebook]).double() * (hi - lo)
         if after_step is not None:
@@ -253,10 +253,9 @@ def train_epoch(
 
 def _sum_of_squares(x_ND: torch.Tensor) -> torch.Tensor:
     """Sum of squares of a chunk, in float64: each row's norm in float32 (one pass, no N x D
-    temporary), squared and summed in float64. Relative difference to squaring every element
-    in float64: 7e-10 (val_recon) to 4e-8 (rel_recon) measured over 200k items; 2.6 ms instead
-    of 105 ms for 16,384 x 768 on 2 cores (the float64 copy and its square were a quarter of
-    evaluate's time on CPU)."""
+    temporary), squared and summed in float64. It agrees with squaring every element in float64
+    to well within float32 precision, and avoids the float64 copy of the chunk and its square,
+    which would take a large share of evaluate's time on CPU."""
     return torch.linalg.vector_norm(x_ND, dim=1).double().square().sum()
 
 
@@ -281,8 +280,8 @@ def evaluate(
     Same on every rank; every rank must pass the same catalog (it decides a collective).
 
     Why catalog=False exists: encoding and decoding every item is a forward pass through the
-    encoder and the decoder for each of them: 5.7-6.6 s after 14.0-14.6 s of training for 200k
-    items on 2 CPU cores (the MLPs' GEMMs). The validation split alone is val_fraction of it."""
+    encoder and the decoder for each of them (the MLPs' GEMMs), a large fraction of an epoch's
+    training time on CPU. The validation split alone is val_fraction of it."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=data.x_train_TD.device)  # val err, val norm, err, norm
@@ -314,7 +313,9 @@ def evaluate(
     )
     codes_NL = comm.gather_rows(local).cpu().numpy().astype(np.int64)
     levels = level_stats(codes_NL, model.n_embed)
-    usage_LK = np.stack([np.bincount(codes_NL[:, l], minlength=model.n_embed) for l in range(model.n_layers)])
+    usage_LK = np.stack(
+        [np.bincount(codes_NL[:, lvl], minlength=model.n_embed) for lvl in range(model.n_layers)]
+    )
     metrics.update(
         {
             "rel_recon": err / norm if norm > 0 else 0.0,

@@ -15,8 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import queue as pyqueue
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,14 +22,21 @@ import numpy as np
 import ray.train
 
 from semid_dist import export, storage
+from semid_dist.catalog import plumbing
+from semid_dist.catalog.source import training_dataset
 from semid_dist.config import Config
 from semid_dist.errors import UserError, find_user_error
 from semid_dist.math.rqvae import RQVAE
+from semid_dist.storage import Storage
 from semid_dist.tiger import batches, checkpoint, plots, steps
+from semid_dist.tiger.progress import ProgressLog
 from semid_dist.tiger.worker import RESTART_EVERY, train_loop_per_worker
 from semid_dist.tokenizer import Tokenizer
 
 log = logging.getLogger("semid_dist")
+
+# Test hook: a worker raises once at this global step (tests of restarts; never set by users).
+FAIL_AT_STEP_ENV = "SEMID_DIST_TEST_FAIL_AT_STEP"
 
 # Fields that define what a run trains (and so its checkpoint folder). Left out on purpose:
 # epochs, patience, save_every, num_workers, cpus_per_worker, device, max_failures, resume.
@@ -91,15 +96,19 @@ class TrainRun:
     fit_info: dict
 
 
-def fit(cfg: Config, ds, info, scan, n_items: int, pub: storage.Publisher) -> tuple[Tokenizer, dict]:
-    """Train (train.py's hook for --mode tiger); write checkpoint_epoch_*.pt and plots."""
+def fit(job) -> tuple[Tokenizer, dict]:
+    """The tiger mode's fit (job: modes.FitJob): train on every item of the catalog; write
+    checkpoint_epoch_*.pt and the plots next to the outputs."""
+    cfg, scan, pub = job.cfg, job.scan, job.pub
     n_train = int((~batches.validation_mask(scan.ids_N, cfg.seed, cfg.val_fraction)).sum())
     if n_train < cfg.n_embed:
         raise UserError(
             f"--n_embed {cfg.n_embed} is larger than the number of training items "
             f"({n_train} after holding out --val_fraction {cfg.val_fraction})"
         )
-    run = train(cfg, ds, info.dim, n_items)
+    ds = training_dataset(job.catalog, job.n_items, plumbing.read_tasks())
+    fail_at_step = int(os.environ.get(FAIL_AT_STEP_ENV, "-1"))
+    run = train(cfg, ds, job.catalog.dim, job.n_items, job.catalog.store, fail_at_step=fail_at_step)
     for epoch, ckpt in run.checkpoints:
         with ckpt.as_directory() as d:
             export.write_torch(
@@ -128,8 +137,17 @@ def storage_root(cfg: Config) -> str:
     return base if storage.is_s3(base) else os.path.abspath(base)
 
 
-def train(cfg: Config, ds, input_dim: int, n_items: int, trace_dir: str | None = None) -> TrainRun:
-    """Run the TorchTrainer; return the trained model, its history and checkpoints."""
+def train(
+    cfg: Config,
+    ds,
+    input_dim: int,
+    n_items: int,
+    store: Storage,
+    trace_dir: str | None = None,
+    fail_at_step: int = -1,
+) -> TrainRun:
+    """Run the TorchTrainer; return the trained model, its history and checkpoints.
+    trace_dir and fail_at_step are test hooks (worker._Hooks)."""
     from ray.util.queue import Queue
 
     use_gpu = _use_gpu(cfg)
@@ -137,7 +155,7 @@ def train(cfg: Config, ds, input_dim: int, n_items: int, trace_dir: str | None =
     root = storage_root(cfg)
     name = run_name(cfg, input_dim, n_items)
     run_dir = storage.join(root, name)
-    _prepare_run_dir(cfg, run_dir)
+    _prepare_run_dir(cfg, run_dir, store)
     args = steps.model_args(cfg, input_dim)
     arch = RQVAE(**args)
     log.info("tiger: model (%d parameters):\n%s", sum(p.numel() for p in arch.parameters()), arch)
@@ -149,9 +167,11 @@ def train(cfg: Config, ds, input_dim: int, n_items: int, trace_dir: str | None =
         "run_dir": run_dir,
         "progress": progress,
         "trace_dir": trace_dir,
+        "fail_at_step": fail_at_step,
+        "store": store,
         "expect_rows": -(-n_items // max(cfg.num_workers, 1)),
     }  # a shard's size, about
-    trainer = _torch_trainer(cfg, loop_cfg, name, root, ds)
+    trainer = _torch_trainer(cfg, loop_cfg, name, root, ds, store)
     log.info(
         "tiger: Ray Train, %d worker(s) on %s (%s), run %s",
         cfg.num_workers,
@@ -160,7 +180,7 @@ def train(cfg: Config, ds, input_dim: int, n_items: int, trace_dir: str | None =
         run_dir,
     )
     try:
-        with _ProgressLog(progress):
+        with ProgressLog(progress):
             result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise _training_failed(e, cfg, run_dir) from None
@@ -205,7 +225,7 @@ def train(cfg: Config, ds, input_dim: int, n_items: int, trace_dir: str | None =
     )
 
 
-def _torch_trainer(cfg: Config, loop_cfg: dict, name: str, root: str, ds):
+def _torch_trainer(cfg: Config, loop_cfg: dict, name: str, root: str, ds, store: Storage):
     from ray.train.torch import TorchTrainer
 
     use_gpu = loop_cfg["use_gpu"]
@@ -220,7 +240,7 @@ def _torch_trainer(cfg: Config, loop_cfg: dict, name: str, root: str, ds):
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage.strip_scheme(root) if is_s3 else root,
-            storage_filesystem=storage.arrow_filesystem(root, cfg.s3_endpoint_url) if is_s3 else None,
+            storage_filesystem=store.arrow_fs(root) if is_s3 else None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),  # all: checkpoint_epoch_*
         ),
@@ -230,15 +250,12 @@ def _torch_trainer(cfg: Config, loop_cfg: dict, name: str, root: str, ds):
 
 
 def read_cpus(cfg: Config) -> int:
-    """CPUs for the read tasks that feed the workers: the cores passes.parallelism() counts,
+    """CPUs for the read tasks that feed the workers: the cores plumbing.parallelism() counts,
     less one per train worker, which copies its rows in on one thread while the blocks arrive.
-    Without a limit a local Ray (4 logical CPUs on 2 cores) ran 3 read tasks next to the
-    worker; the worker fell behind and copied the backlog alone afterwards. 1M x 768 rows, one
-    worker, 2 cores, this code (BENCHMARKS.md): intake 20.1 / 20.5 s with 3 read tasks, 20.4 /
-    21.3 s with 2, 14.7-18.2 s with 1 (7 runs)."""
-    from semid_dist import passes
-
-    return max(1, passes.parallelism() - cfg.num_workers)
+    Without a limit a local Ray (more logical CPUs than cores) runs more read tasks than there
+    are spare cores: the worker falls behind and copies the backlog alone afterwards, and the
+    intake takes longer (BENCHMARKS.md)."""
+    return max(1, plumbing.parallelism() - cfg.num_workers)
 
 
 def _use_gpu(cfg: Config) -> bool:
@@ -261,8 +278,8 @@ def _use_gpu(cfg: Config) -> bool:
     return gpus >= cfg.num_workers
 
 
-def _prepare_run_dir(cfg: Config, run_dir: str) -> None:
-    fs = storage.filesystem(run_dir, cfg.s3_endpoint_url)
+def _prepare_run_dir(cfg: Config, run_dir: str, store: Storage) -> None:
+    fs = store.fs(run_dir)
     path = storage.strip_scheme(run_dir)
     exists = fs.exists(path)
     if cfg.resume:
@@ -328,79 +345,3 @@ class _EveryRowDataConfig(ray.train.DataConfig):
             for i, split in enumerate(splits):
                 out[i][name] = split
         return out
-
-
-class _ProgressLog:
-    """Log rank 0's per-epoch record on the driver (the log file) as it arrives."""
-
-    def __init__(self, q) -> None:
-        self.q = q
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="tiger-progress", daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(timeout=10)
-        self._drain()
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                self._log(self.q.get(timeout=0.5))
-            except pyqueue.Empty:
-                continue
-            except Exception:  # the queue actor is gone: nothing more will arrive
-                return
-
-    def _drain(self) -> None:
-        try:
-            while not self.q.empty():
-                self._log(self.q.get_nowait())
-        except Exception:
-            pass
-
-    @staticmethod
-    def _log(r: dict) -> None:
-        if "intake" in r:  # rank 0 has its rows in memory; the epochs start
-            i = r["intake"]
-            log.info(
-                "tiger: %d rows in the workers' memory (%d on rank 0 of %d), read in %.1f s",
-                i["rows"],
-                i["rank_rows"],
-                i["workers"],
-                i["seconds"],
-            )
-            return
-        val = (
-            ""
-            if r.get("val_recon") is None
-            else f" | val recon {r['val_recon']:.4f} (rel {r['val_rel_recon']:.4f})"
-        )
-        temp = "" if r.get("temperature") is None else f" | tau {r['temperature']:.3f}"
-        catalog = (
-            ""
-            if r.get("rel_recon") is None
-            else (
-                f" | rel recon {r['rel_recon']:.4f} | codes used {r['codes_used']} ppl "
-                f"{[round(p) for p in r['perplexity']]} | dup {100 * r['dup_rate']:.2f}%"
-            )
-        )
-        log.info(
-            "epoch %d/%d: loss %.4f recon %.4f commit %.4f%s%s | restarts %s | lr %.2g%s | %.1f s%s",
-            r["epoch"],
-            r["epochs"],
-            r["loss"],
-            r["recon"],
-            r["commit"],
-            val,
-            catalog,
-            r["restarted"],
-            r["lr"],
-            temp,
-            r["time_s"],
-            " (early stop)" if r.get("stopped_early") else "",
-        )

@@ -23,8 +23,8 @@ import time
 import numpy as np
 import torch
 
-from semid_dist import data as datalib
 from semid_dist import storage
+from semid_dist.catalog.schema import batch_to_arrays
 from semid_dist.config import Config
 from semid_dist.math.rqvae import RQVAE
 from semid_dist.tiger import checkpoint, steps
@@ -43,7 +43,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if loop_cfg["use_gpu"] else torch.device("cpu")
-    # Fractional CPUs let Ray Data run next to the workers (DESIGN.md section 6), but torch would
+    # Fractional CPUs let Ray Data run next to the workers, but torch would
     # still start one thread per core in every worker; split the node's cores between them.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(ctx.get_local_world_size(), 1)))
     comm = Collectives(device)
@@ -149,7 +149,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
 def _ddp(model: RQVAE, device: torch.device) -> torch.nn.Module:
     """DDP without the per-forward buffer broadcast: the codebooks are buffers kept identical
     by the all-reduced EMA statistics, and a broadcast from rank 0 would hide a missing
-    all-reduce (DESIGN.md section 6). torch >= 2.13 names the switch forward_sync_buffers."""
+    all-reduce. torch >= 2.13 names the switch forward_sync_buffers."""
     DDP = torch.nn.parallel.DistributedDataParallel
     no_sync = (
         {"forward_sync_buffers": False}
@@ -165,15 +165,15 @@ def read_shard(shard, dim: int, expect_rows: int = 0) -> tuple[np.ndarray, np.nd
     Every row is copied once, from its Arrow chunk (a view into Ray's object store) straight
     into one array sized for expect_rows (grown by half when the shard is bigger: with
     streaming_split(equal=False) shards differ). The intake's cost is fresh memory, not
-    copying (BENCHMARKS.md): one 3 GB array for 1M x 768 instead of the blocks' copies plus a
-    sorted one. A block is the read task's 4,096-row batches gathered into ~128 MB, one Arrow
-    chunk per batch; each chunk is copied on its own, since joining a block's chunks first
-    (batch_to_arrays on the whole block) would put another 3 GB through fresh memory: 783k
-    page faults in the worker for 1M rows, against 51k chunk by chunk."""
+    copying (BENCHMARKS.md): one array for the shard instead of the blocks' copies plus a
+    sorted one. A block is the read task's batches gathered into ~128 MB, one Arrow chunk per
+    batch; each chunk is copied on its own, since joining a block's chunks first
+    (batch_to_arrays on the whole block) would put the whole shard through fresh memory once
+    more."""
     ids, rows, at = [], np.empty((max(int(expect_rows), 1), dim), np.float32), 0
     for block in shard.iter_batches(batch_format="pyarrow", batch_size=None):
         for batch in block.to_batches():  # zero-copy: one record batch per chunk
-            ids_B, x_BD = datalib.batch_to_arrays(batch, dim)
+            ids_B, x_BD = batch_to_arrays(batch, dim)
             if at + len(x_BD) > rows.shape[0]:
                 grown = np.empty((max(at + len(x_BD), rows.shape[0] * 3 // 2), dim), np.float32)
                 grown[:at] = rows[:at]
@@ -240,24 +240,27 @@ def _report(model, opt, state: checkpoint.LoopState, loop_cfg: dict, rank: int) 
 
 
 class _Hooks:
-    """Test hooks: --fail_at_step (one injected worker failure) and per-step codebook digests."""
+    """Test hooks: fail_at_step (one injected worker failure, trainer.FAIL_AT_STEP_ENV) and
+    per-step codebook digests (trace_dir)."""
 
     def __init__(self, cfg: Config, loop_cfg: dict, model: RQVAE, rank: int, world: int) -> None:
         self.cfg, self.model, self.rank, self.world = cfg, model, rank, world
         self.run_dir = loop_cfg["run_dir"]
+        self.store = loop_cfg["store"]
+        self.fail_at_step = loop_cfg.get("fail_at_step", -1)
         self.trace_dir = loop_cfg.get("trace_dir")
         self.trace: list[dict] = []
 
     def before_step(self, step: int) -> None:
-        if step != self.cfg.fail_at_step or self.rank != self.world - 1:
+        if step != self.fail_at_step or self.rank != self.world - 1:
             return
-        fs = storage.filesystem(self.run_dir, self.cfg.s3_endpoint_url)
+        fs = self.store.fs(self.run_dir)
         marker = storage.join(storage.strip_scheme(self.run_dir), f"fail_at_step_{step}.done")
         if fs.exists(marker):  # failed once already: this is the restarted worker group
             return
         with fs.open(marker, "w") as f:
             f.write(f"rank {self.rank} raised at step {step}\n")
-        raise RuntimeError(f"injected failure at step {step} (--fail_at_step)")
+        raise RuntimeError(f"injected failure at step {step} (test hook)")
 
     def after_step(self, step: int) -> None:
         if self.trace_dir is None:

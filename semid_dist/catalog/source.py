@@ -1,19 +1,17 @@
 """A Ray Data source for the catalog passes: parquet streamed a few thousand rows at a time.
 
-Why not ``ray.data.read_parquet`` here: its reader pre-buffers whole column chunks and reads
-ahead, which suits many narrow columns; our one column is 768 floats a row, so a 64k-row group
-is a 200 MB column chunk. Measured on 1M x 768 (64k-row groups) on 2 cores: each read task held
-~370 MB of Arrow buffers and ~1.1 GB RSS, 4.2 GB for the whole run, even with Ray's advice for
-wide columns (RAY_DATA_ARROW_SCANNER_BATCH_READAHEAD=1) and 16 MB blocks. Here a task opens its
-file with a 4 MB buffered stream and no pre-buffering, so pages decode as they arrive and a
-task holds one READ_BATCH of rows at a time.
+Why not ``ray.data.read_parquet``: its reader pre-buffers whole column chunks and reads ahead,
+which suits many narrow columns; our one column is hundreds of floats a row, so a 64k-row group
+is a column chunk of hundreds of MB, and every read task held several of them (BENCHMARKS.md).
+Here a task opens its file with a buffered stream and no pre-buffering, so pages decode as they
+arrive and a task holds one READ_BATCH of rows at a time.
 
 It is a plain ``ray.data.Datasource``: Ray Data schedules the read tasks, fuses them with the
 pass's ``map_batches`` (so raw embeddings never enter the object store) and streams the small
 results back. Pieces = one per file, big files split by row groups; a read task reads
-consecutive pieces, about ``tasks`` tasks in all (the caller asks for a few per core; see
-plan_units for why not one task per file); ``--max_items`` is applied here (the first rows in
-file order), so no ``limit`` breaks the fusion.
+consecutive pieces, about ``tasks`` tasks in all (plan_units says why not one task per file);
+``--max_items`` is applied here (the first rows in file order), so no ``limit`` breaks the
+fusion.
 
 A file that cannot be read yields one block with a single ``error`` column instead of raising:
 Ray Data wraps a task's exception and the message naming the file would be lost.
@@ -28,8 +26,9 @@ import pyarrow.parquet as pq
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
-from semid_dist import data as datalib
-from semid_dist import storage
+from semid_dist.catalog.schema import EMB_COL, ID_COL, SPLIT_ROWS, Catalog
+from semid_dist.errors import one_line
+from semid_dist.storage import strip_scheme
 
 READ_BATCH = 4096  # rows per block (12 MB of 768-d float32)
 READ_BUFFER = 4 << 20  # buffered column reads: pages decode as they stream in
@@ -58,23 +57,21 @@ class Unit:
         return list(dict.fromkeys(p.path for p in self.pieces))
 
 
-def plan_pieces(info: datalib.InputInfo, n_items: int, endpoint_url: str = "") -> list[Piece]:
+def plan_pieces(catalog: Catalog, n_items: int) -> list[Piece]:
     """The first n_items rows in file order, as pieces: one per file, big files split by row group."""
-    rows_per_file = info.rows_per_file or [
-        datalib.open_parquet(p, endpoint_url).metadata.num_rows for p in info.files
-    ]
+    rows_per_file = catalog.rows_per_file or [catalog.open(p).metadata.num_rows for p in catalog.files]
     pieces, left = [], n_items
-    for path, n in zip(info.files, rows_per_file):
+    for path, n in zip(catalog.files, rows_per_file, strict=True):
         if left <= 0:
             break
         take = min(n, left)
         left -= take
         if take == 0:
             continue
-        if n <= datalib.SPLIT_ROWS:
+        if n <= SPLIT_ROWS:
             pieces.append(Piece(path, None, take))
             continue
-        md = datalib.open_parquet(path, endpoint_url).metadata
+        md = catalog.open(path).metadata
         group, group_rows = [], 0
         for rg in range(md.num_row_groups):
             if take <= 0:
@@ -83,24 +80,21 @@ def plan_pieces(info: datalib.InputInfo, n_items: int, endpoint_url: str = "") -
             group.append(rg)
             group_rows += rg_rows
             take -= rg_rows
-            if group_rows >= datalib.SPLIT_ROWS // 2 or take <= 0:
+            if group_rows >= SPLIT_ROWS // 2 or take <= 0:
                 pieces.append(Piece(path, tuple(group), group_rows))
                 group, group_rows = [], 0
     return pieces
 
 
-def plan_units(
-    info: datalib.InputInfo, n_items: int, endpoint_url: str = "", tasks: int | None = None
-) -> list[Unit]:
+def plan_units(catalog: Catalog, n_items: int, tasks: int | None = None) -> list[Unit]:
     """The read tasks for the first n_items rows: the pieces (plan_pieces) packed in file order
     into about `tasks` units of similar row counts (a piece is never cut); without `tasks`, one
     unit per piece.
 
-    Why pack: Ray Data starts each read task ~0.2-0.4 s after the last one on the same worker
-    ended, and the catalog is often many small files. The 1M x 768 benchmark catalog (16 files of
-    62,500 rows) on 2 cores: one task per file left 6-8 such gaps per worker and pass, and a scan
-    pass on warm workers took 5.9-6.6 s; packed into 4 tasks, 4.5-5.9 s (BENCHMARKS.md)."""
-    pieces = plan_pieces(info, n_items, endpoint_url)
+    Why pack: Ray Data starts each read task a few tenths of a second after the last one on the
+    same worker ended, and a catalog is often many small files: with one task per file those
+    gaps add up in every pass."""
+    pieces = plan_pieces(catalog, n_items)
     if not tasks or tasks >= len(pieces):
         return [Unit((p,)) for p in pieces]
     target = sum(p.rows for p in pieces) / tasks
@@ -122,12 +116,12 @@ def read_unit(unit: Unit, fs, read_batch: int = READ_BATCH):
     that cannot be read ends the unit with one error block that names it."""
     for piece in unit.pieces:
         try:
-            source = fs.open_input_file(storage.strip_scheme(piece.path)) if fs is not None else piece.path
+            source = fs.open_input_file(strip_scheme(piece.path)) if fs is not None else piece.path
             pf = pq.ParquetFile(source, buffer_size=READ_BUFFER, pre_buffer=False)
             batches = pf.iter_batches(
                 batch_size=read_batch,
                 row_groups=piece.row_groups,
-                columns=[datalib.ID_COL, datalib.EMB_COL],
+                columns=[ID_COL, EMB_COL],
                 use_threads=False,
             )
             left = piece.rows
@@ -139,8 +133,7 @@ def read_unit(unit: Unit, fs, read_batch: int = READ_BATCH):
                 left -= batch.num_rows
                 yield pa.Table.from_batches([batch])
         except (OSError, pa.ArrowException) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            yield pa.table({ERROR_COL: [f"{piece.path}: cannot read parquet ({first})"]})
+            yield pa.table({ERROR_COL: [f"{piece.path}: cannot read parquet ({one_line(e)})"]})
             return
 
 
@@ -149,17 +142,16 @@ class CatalogSource(Datasource):
 
     def __init__(
         self,
-        info: datalib.InputInfo,
+        catalog: Catalog,
         n_items: int,
-        endpoint_url: str = "",
         read_batch: int = READ_BATCH,
         tasks: int | None = None,
     ):
         super().__init__()
-        self.units = plan_units(info, n_items, endpoint_url, tasks)
+        self.units = plan_units(catalog, n_items, tasks)
         self.read_batch = read_batch
-        self.row_bytes = 8 + 4 * info.dim
-        self.fs = storage.arrow_filesystem(info.files[0], endpoint_url)
+        self.row_bytes = 8 + 4 * catalog.dim
+        self.fs = catalog.store.arrow_fs(catalog.files[0])
 
     def estimate_inmemory_data_size(self) -> int:
         return sum(u.rows for u in self.units) * self.row_bytes
@@ -181,3 +173,13 @@ class CatalogSource(Datasource):
             )
             for unit in self.units
         ]
+
+
+def training_dataset(catalog: Catalog, n_items: int, tasks: int | None = None):
+    """The Ray Dataset of (ItemID, embedding) that tiger training consumes: the first n_items
+    rows in file order, through the same streaming source as the catalog passes, in about
+    `tasks` read tasks (one per piece without it)."""
+    import ray
+
+    src = CatalogSource(catalog, n_items, tasks=tasks)
+    return ray.data.read_datasource(src, override_num_blocks=max(1, len(src.units)))

@@ -1,5 +1,5 @@
-"""kmeans mode: residual k-means fitted on the in-memory hash sample from the scan pass, on
-the driver's CPU or, with GPUs in the Ray cluster, in a task on one of them."""
+"""kmeans mode: residual k-means fitted on the hash sample from the scan pass, on the driver's
+CPU or, with GPUs in the Ray cluster, in a task on one of them (docs/kmeans.md)."""
 
 from __future__ import annotations
 
@@ -11,23 +11,38 @@ import torch
 
 from semid_dist.config import Config
 from semid_dist.errors import UserError
+from semid_dist.math import sampling
 from semid_dist.math.kmeans import fit_residual_codebooks
 from semid_dist.math.metrics import level_stats
-from semid_dist.passes import ScanResult
 from semid_dist.tokenizer import Tokenizer
 
 log = logging.getLogger("semid_dist")
 
 
-def fit(cfg: Config, scan: ScanResult) -> tuple[Tokenizer, dict]:
-    """Fit the codebooks on scan's sample: on the driver's CPU, or with GPUs in the Ray cluster
-    (--device auto|cuda, as for the encode pass) in a Ray task on one of them, where the Lloyd
-    assignments run. The sample is consumed: the fit turns it into residuals in place and
-    scan.sample_SD is emptied (nothing reads it after the fit, and the driver need not hold a
-    second 200 MB copy through the fit and the encode pass)."""
-    from semid_dist import passes
+def sample_target(cfg: Config, dim: int) -> int:
+    """Rows the scan pass keeps for the fit (a hash sample of about this many):
+    --sample_per_centroid x --n_clusters, cut to what --kmeans_sample_gb holds (large codebooks
+    would otherwise hold GBs in the driver), and never below math.sampling.sample_floor."""
+    cap = int(cfg.kmeans_sample_gb * 1e9 // (4 * dim))
+    floor = sampling.sample_floor(cfg.n_clusters)
+    if cap < floor:
+        raise UserError(
+            f"--kmeans_sample_gb {cfg.kmeans_sample_gb:g} holds {cap} rows of {dim} floats; "
+            f"--n_clusters {cfg.n_clusters} needs a sample of at least {floor}"
+        )
+    return max(min(cfg.sample_per_centroid * cfg.n_clusters, cap), floor)
 
-    device, _ = passes.encode_device(cfg.device)
+
+def fit(job) -> tuple[Tokenizer, dict]:
+    """Fit the codebooks on the scan's sample (job: modes.FitJob): on the driver's CPU, or with
+    GPUs in the Ray cluster (--device auto|cuda, as for the encode pass) in a Ray task on one of
+    them, where the Lloyd assignments run. The sample is consumed: the fit turns it into
+    residuals in place and scan.sample_SD is emptied (nothing reads it after the fit, and the
+    driver need not hold a second copy through the fit and the encode pass)."""
+    from semid_dist.catalog.encode import encode_device
+
+    cfg, scan = job.cfg, job.scan
+    device, _ = encode_device(cfg.device)
     x_SD = scan.sample_SD
     how = "progressive-dimension" if cfg.kmeans_progressive else "plain"
     if cfg.kmeans_full_dim_levels and cfg.kmeans_progressive:

@@ -1,12 +1,12 @@
-"""Reading and validating item embeddings with Ray Data.
+"""The catalog's data contract, and the catalog as the driver knows it (no embedding read).
 
-Data contract (DESIGN.md section 3): parquet with ``ItemID`` (integer) and ``embedding`` (list,
-large_list or fixed_size_list of float32/float64, one length on every row). Bad input raises
-UserError naming the file and the ItemID/row.
+Input: parquet with ``ItemID`` (integer, unique) and ``embedding`` (list, large_list or
+fixed_size_list of floats, one length on every row). Bad input raises a UserError naming the
+file and the ItemID or row.
 
 The happy path carries no file names through the pipeline (a string per row would cost more
 than the codes themselves); when a batch fails validation, the driver finds the offending file
-afterwards by looking for the ItemID in each file (``locate_item``).
+afterwards by looking for the ItemID in each file (``Catalog.locate_item``).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from semid_dist import storage
-from semid_dist.errors import UserError
+from semid_dist.errors import UserError, one_line
+from semid_dist.storage import Storage, strip_scheme
 
 ID_COL, EMB_COL = "ItemID", "embedding"
 # Files larger than this become several read tasks, cut between row groups (source.plan_pieces);
@@ -28,7 +28,7 @@ SPLIT_ROWS = 4 * 65536
 
 
 class RowError(UserError):
-    """A bad row found inside a Ray task; the driver adds the file name (``locate_item``)."""
+    """A bad row found inside a Ray task; the driver adds the file name (``Catalog.with_file``)."""
 
     def __init__(self, message: str, item_id: int | None = None):
         super().__init__(message)
@@ -36,34 +36,69 @@ class RowError(UserError):
 
 
 @dataclass
-class InputInfo:
+class Catalog:
+    """The input files, their row counts and embedding size, read from the footers and one row,
+    and the storage they are on."""
+
     files: list[str]
     num_rows: int
     dim: int
+    store: Storage = field(default_factory=Storage)
     rows_per_file: list[int] = field(default_factory=list)  # from the footers, in files order
     largest_row_group: tuple[str, int] = ("", 0)  # (file, rows) of the largest row group
 
+    @property
+    def name(self) -> str:
+        """How messages name the input: its file when there is one, else "input"."""
+        return self.files[0] if len(self.files) == 1 else "input"
 
-def open_parquet(path: str, endpoint_url: str = "") -> pq.ParquetFile:
-    """A ParquetFile with buffered column reads and no pre-buffering (pyarrow's default pre-buffers
-    every column chunk a read touches): reading a few rows decodes only the first pages of a
-    column chunk, not the whole chunk. Finding the embedding size of a one-file catalog of 1M x
-    768 in one row group (pyarrow's default row group size) read the whole 3 GB chunk with
-    pre-buffering: 6.7-8.3 s and 3.1 GB; 0.00 s and 0.08 GB without."""
-    fs = storage.filesystem(path, endpoint_url)
+    def open(self, path: str) -> pq.ParquetFile:
+        return open_parquet(path, self.store)
+
+    def locate_item(self, item_id: int) -> str | None:
+        """The first file holding ItemID item_id (used only to word an error message)."""
+        for path in self.files:
+            try:
+                col = self.open(path).read(columns=[ID_COL]).column(0)
+            except UserError:
+                continue
+            if pc.any(pc.equal(col, pa.scalar(item_id, col.type))).as_py():
+                return path
+        return None
+
+    def with_file(self, err: RowError) -> UserError:
+        """err as a UserError that names the file holding its ItemID."""
+        where = self.locate_item(err.item_id) if err.item_id is not None else None
+        files = self.files
+        prefix = where if where else (files[0] if len(files) == 1 else f"one of {len(files)} input files")
+        return UserError(f"{prefix}: {err.args[0]}")
+
+    def check_unique_ids(self, ids_N: np.ndarray) -> None:
+        """Every ItemID once; else a one-line error naming the file of the first duplicate."""
+        if ids_N.size == 0:
+            raise UserError(f"{self.name}: zero rows")
+        s = np.sort(ids_N)
+        dup = np.flatnonzero(s[1:] == s[:-1])
+        if dup.size:
+            item = int(s[dup[0]])
+            where = self.locate_item(item) or "input"
+            raise UserError(f"{where}: duplicate ItemID {item} ({dup.size} duplicate row(s) in the catalog)")
+
+
+def open_parquet(path: str, store: Storage) -> pq.ParquetFile:
+    """A ParquetFile with buffered column reads and no pre-buffering (pyarrow's default
+    pre-buffers every column chunk a read touches): reading a few rows then decodes only the
+    first pages of a column chunk, not the whole chunk, which matters for a catalog written as
+    one big row group."""
     try:
         return pq.ParquetFile(
-            fs.open(storage.strip_scheme(path), "rb"), buffer_size=1 << 20, pre_buffer=False
+            store.fs(path).open(strip_scheme(path), "rb"), buffer_size=1 << 20, pre_buffer=False
         )
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{path}: not a readable parquet file ({first})") from e
+        raise UserError(f"{path}: not a readable parquet file ({one_line(e)})") from e
 
 
-_open_parquet = open_parquet
-
-
-def _check_schema(path: str, schema: pa.Schema) -> None:
+def check_schema(path: str, schema: pa.Schema) -> None:
     names = schema.names
     for col in (ID_COL, EMB_COL):
         if col not in names:
@@ -83,12 +118,12 @@ def _check_schema(path: str, schema: pa.Schema) -> None:
         raise UserError(f"{path}: column '{EMB_COL}' must be a list of floats, got {emb_type}")
 
 
-def inspect_inputs(files: list[str], endpoint_url: str = "") -> InputInfo:
+def inspect_catalog(files: list[str], store: Storage) -> Catalog:
     """Check every file's footer (columns, types, row count) and find the embedding size."""
     total, dim, rows, largest = 0, None, [], ("", 0)
     for path in files:
-        pf = _open_parquet(path, endpoint_url)
-        _check_schema(path, pf.schema_arrow)
+        pf = open_parquet(path, store)
+        check_schema(path, pf.schema_arrow)
         n = pf.metadata.num_rows
         total += n
         rows.append(n)
@@ -105,11 +140,10 @@ def inspect_inputs(files: list[str], endpoint_url: str = "") -> InputInfo:
             if dim == 0:
                 raise UserError(f"{path}: empty embedding vector in the first row")
     if total == 0:
-        raise UserError(
-            f"{files[0] if len(files) == 1 else 'input'}: zero rows in {len(files)} parquet file(s)"
-        )
+        name = files[0] if len(files) == 1 else "input"
+        raise UserError(f"{name}: zero rows in {len(files)} parquet file(s)")
     assert dim is not None
-    return InputInfo(files=files, num_rows=total, dim=dim, rows_per_file=rows, largest_row_group=largest)
+    return Catalog(files, total, dim, store, rows_per_file=rows, largest_row_group=largest)
 
 
 def batch_to_arrays(batch: pa.Table, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -148,49 +182,3 @@ def batch_to_arrays(batch: pa.Table, dim: int) -> tuple[np.ndarray, np.ndarray]:
         bad = int(np.flatnonzero(~finite_N)[0])
         raise RowError(f"ItemID {ids_N[bad]}: embedding contains NaN or Inf", int(ids_N[bad]))
     return ids_N, x_ND
-
-
-def locate_item(files: list[str], item_id: int, endpoint_url: str = "") -> str | None:
-    """The first file holding ItemID item_id (used only to word an error message)."""
-    for path in files:
-        try:
-            col = _open_parquet(path, endpoint_url).read(columns=[ID_COL]).column(0)
-        except UserError:
-            continue
-        if pc.any(pc.equal(col, pa.scalar(item_id, col.type))).as_py():
-            return path
-    return None
-
-
-def with_file(err: RowError, files: list[str], endpoint_url: str = "") -> UserError:
-    where = locate_item(files, err.item_id, endpoint_url) if err.item_id is not None else None
-    prefix = where if where else (files[0] if len(files) == 1 else f"one of {len(files)} input files")
-    return UserError(f"{prefix}: {err.args[0]}")
-
-
-def hash_unit(ids_N: np.ndarray, seed: int) -> np.ndarray:
-    """A uniform number in [0, 1) per ItemID (splitmix64): the sample is a function of the
-    ItemIDs and the seed alone, never of row order or sharding."""
-    with np.errstate(over="ignore"):
-        z = ids_N.astype(np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15) % (1 << 64))
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-
-
-def read_dataset(
-    info: InputInfo, endpoint_url: str = "", max_items: int | None = None, tasks: int | None = None
-):
-    """The Ray Dataset of (ItemID, embedding) that tiger training consumes: the first max_items
-    rows (all without it) in file order, through the same streaming source as the catalog
-    passes (source.CatalogSource), in about `tasks` read tasks (one per file without it). A
-    worker's intake of 100k of 1M items took 11.9 s with read_parquet().limit(), 9.5 s through
-    the source (bench/tiger_bench.py)."""
-    import ray
-
-    from semid_dist.source import CatalogSource
-
-    n = info.num_rows if max_items is None else min(max_items, info.num_rows)
-    src = CatalogSource(info, n, endpoint_url, tasks=tasks)
-    return ray.data.read_datasource(src, override_num_blocks=max(1, len(src.units)))

@@ -1,0 +1,102 @@
+"""The scan pass: validate every row, collect every ItemID, keep a hash sample for the fit.
+
+The driver keeps the ItemIDs (to count them and find duplicates) and the sample, never the
+N x D matrix. The sample is the rows whose ItemID hashes (with the seed) below target / N, so
+the same catalog gives the same sample however it is sharded or ordered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from semid_dist.catalog import plumbing
+from semid_dist.catalog.plumbing import flat, lists
+from semid_dist.catalog.schema import Catalog, batch_to_arrays
+from semid_dist.math import sampling
+from semid_dist.math.rows import take_rows_in_place
+
+
+@dataclass
+class ScanResult:
+    ids_N: np.ndarray  # every ItemID, in arrival order
+    sample_ids_S: np.ndarray  # sorted by ItemID
+    sample_SD: np.ndarray  # float32, rows match sample_ids_S
+
+
+EMPTY_SCAN = {
+    "ids": lists(np.zeros(0, np.int64), pa.int64()),
+    "sample_ids": lists(np.zeros(0, np.int64), pa.int64()),
+    "sample": lists(np.zeros(0, np.float32), pa.float32()),
+}
+
+
+def scan_block(block: pa.Table, dim: int, seed: int, fraction: float) -> dict:
+    """One block's ItemIDs, and its rows that fall in the hash sample."""
+    ids_N, x_ND = batch_to_arrays(block, dim)
+    keep = sampling.hash_unit(ids_N, seed) < fraction
+    return {
+        "ids": lists(ids_N, pa.int64()),
+        "sample_ids": lists(ids_N[keep], pa.int64()),
+        "sample": lists(x_ND[keep].ravel(), pa.float32()),
+    }
+
+
+def scan_pass(catalog: Catalog, seed: int, sample_size: int, n_items: int) -> ScanResult:
+    """The scan over the first n_items rows, in file order: every ItemID, and a hash sample of
+    about sample_size rows sorted by ItemID."""
+    fraction = min(1.0, sample_size / max(n_items, 1))
+    sink = SampleSink(catalog.dim, n_items if fraction >= 1 else sampling.capacity(sample_size))
+    t = plumbing.map_catalog(
+        plumbing.dataset(catalog, n_items),
+        scan_block,
+        EMPTY_SCAN,
+        "scan",
+        n_items,
+        catalog,
+        keep=sink.take,
+        dim=catalog.dim,
+        seed=seed,
+        fraction=fraction,
+    )
+    ids_N = flat(t, "ids").astype(np.int64, copy=False)
+    sample_ids = flat(t, "sample_ids").astype(np.int64, copy=False)
+    order = np.argsort(sample_ids, kind="stable")
+    return ScanResult(ids_N=ids_N, sample_ids_S=sample_ids[order], sample_SD=sink.sorted(order))
+
+
+class SampleSink:
+    """The scan's sample rows, copied out of each result batch as it arrives (the batch is then
+    dropped and Ray frees its block) into one array, sorted by ItemID in place at the end.
+
+    Keeping the batches until the pass ended would hold the whole sample in Ray's object store
+    next to the driver's own sorted copy: twice the sample's memory."""
+
+    def __init__(self, dim: int, capacity: int):
+        self.rows = np.empty((max(capacity, 1), dim), np.float32)  # pages fault in as they fill
+        self.n = 0
+
+    def take(self, b: pa.Table) -> pa.Table:
+        """Copy the batch's sample rows out; return its ItemIDs and sample ItemIDs as fresh
+        arrays (views would keep the whole block alive)."""
+        new = flat(b, "sample").reshape(-1, self.rows.shape[1])
+        if self.n + len(new) > len(self.rows):  # past sampling.capacity: essentially never
+            self.rows = np.concatenate(
+                [self.rows[: self.n], np.empty((len(new) + self.n // 2, self.rows.shape[1]), np.float32)]
+            )
+        self.rows[self.n : self.n + len(new)] = new
+        self.n += len(new)
+        return pa.table(
+            {
+                "ids": lists(flat(b, "ids").copy(), pa.int64()),
+                "sample_ids": lists(flat(b, "sample_ids").copy(), pa.int64()),
+            }
+        )
+
+    def sorted(self, order: np.ndarray) -> np.ndarray:
+        assert len(order) == self.n, (len(order), self.n)
+        rows = self.rows[: self.n]
+        take_rows_in_place(rows, order)
+        return rows

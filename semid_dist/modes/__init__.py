@@ -1,0 +1,45 @@
+"""Tokenizer modes: how each one fits a Tokenizer. The commands call ``fit``; nothing else in
+the pipeline depends on the mode (the encode pass, dedup and export take any Tokenizer).
+
+A mode is a module with ``fit(job: FitJob) -> (Tokenizer, info dict)``, named in MODES and in
+config.MODES; one that fits on a sample of the catalog also has ``sample_target(cfg, dim)``,
+the rows the scan pass keeps for it. docs/architecture.md says what else a new mode needs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from semid_dist import config
+from semid_dist.catalog.scan import ScanResult
+from semid_dist.catalog.schema import Catalog
+from semid_dist.config import Config
+from semid_dist.publish import Publisher
+
+MODES = {"kmeans": "semid_dist.modes.kmeans", "tiger": "semid_dist.tiger.trainer"}
+assert set(MODES) == set(config.MODES), (MODES, config.MODES)
+
+
+@dataclass
+class FitJob:
+    """What a fit gets: the config, the catalog (the first n_items rows), the scan pass's
+    result (every ItemID; the hash sample when the mode asked for one), and the run's
+    Publisher for files the mode writes besides the tokenizer (tiger's checkpoints, plots)."""
+
+    cfg: Config
+    catalog: Catalog
+    n_items: int
+    scan: ScanResult
+    pub: Publisher
+
+
+def fit(job: FitJob):
+    """(Tokenizer, info) from the mode job.cfg.mode names."""
+    return importlib.import_module(MODES[job.cfg.mode]).fit(job)
+
+
+def sample_target(cfg: Config, dim: int) -> int:
+    """Rows of the hash sample the scan pass keeps for the fit (0: the mode needs none)."""
+    module = importlib.import_module(MODES[cfg.mode])
+    return module.sample_target(cfg, dim) if hasattr(module, "sample_target") else 0
