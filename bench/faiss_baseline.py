@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-CHUNK = 65536  # rows per step for the residual update (DESIGN.md section 6: chunks of 16k+)
+CHUNK = 65536  # rows per step for the reads and the residual update (16k+ keeps each step efficient)
 
 
 def read_matrix(files: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -11,8 +11,8 @@
 # used first, and when no package index answers, only they are used (pip --no-index).
 # Knobs: N (items), PYTHON (interpreter for the venv), GPU_VENV (default .venv-gpu),
 # TORCH_SPEC (default "torch": PyPI's CUDA build), FAISS_SPEC (default "faiss-gpu"; the
-# official 1.15.1 wheel is a CUDA 12 build with Hopper kernels, see DESIGN.md section 6 -
-# the benchmark's baseline falls back to faiss on CPU when faiss sees no GPU).
+# official 1.15.1 wheel is a CUDA 12 build with Hopper kernels; the benchmark's baseline
+# falls back to faiss on CPU when faiss sees no GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,7 +50,8 @@ fi
 install() { "${PIP[@]}" install --quiet ${INDEX[@]+"${INDEX[@]}"} ${FIND[@]+"${FIND[@]}"} "$@"; }
 install --upgrade pip || true
 install "$TORCH_SPEC"
-# faiss-cpu and faiss-gpu both install the module `faiss`: never both (DESIGN.md section 6).
+# faiss-cpu and faiss-gpu both install the module `faiss`: never both, or one overwrites the
+# other's files.
 "${PIP[@]}" uninstall --yes --quiet faiss-cpu >/dev/null 2>&1 || true
 install "$FAISS_SPEC" || echo "bench-gpu: could not install $FAISS_SPEC; the baseline will lack faiss"
 install -e ".[test]"

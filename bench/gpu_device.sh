@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The GPU checks on a machine lent by the device tool (/work/.library/device): its python3 (3.12)
-# already holds torch with CUDA, numpy, pyarrow, pandas and pytest; nothing can be fetched there
-# and at most 64 MiB travels with a call. Ray and a few small packages come from .device-whl/, built
-# here beforehand by bench/gpu_payload.sh (~29 MB). Then bench/gpu_run.sh runs the GPU tests and
-# the benchmarks at N items into a local folder, and what comes back is a handful of small files
+# The GPU checks on a machine lent by the device tool: its python3 (3.12) already holds torch
+# with CUDA, numpy, pyarrow, pandas and pytest; nothing can be fetched there and at most 64 MiB
+# travels with a call. Ray and a few small packages come from .device-whl/, built here
+# beforehand by bench/gpu_payload.sh. Then bench/gpu_run.sh runs the GPU tests and the
+# benchmarks at N items into a local folder, and what comes back is a handful of small files
 # in $OUT (the device tool lets at most 8 files of 16 MiB come back): the log, the tables, the
 # test report and a tar.gz of every JSON, table and log of the run.
 #

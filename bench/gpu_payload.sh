@@ -5,13 +5,13 @@
 #
 # Its own folder, not .whl/ (bench/gpu.sh's wheels): a rebuild empties it.
 #
-# The lent machines (the device tool's KINDS.md) run an image whose python3 (3.12) already has
-# torch with CUDA, numpy, pyarrow, pandas, fsspec, psutil, pytest, grpcio, protobuf, aiohttp,
-# click, pyyaml and requests, and nothing can be fetched there. Missing: Ray and a few small
-# packages. What travels with a call is at most 64 MiB, and Ray's wheel alone is 79 MB, so Ray
-# travels as a tar.xz of the wheel's files without the parts this project never loads (the Java
-# jars, RLlib, Serve): 27 MB for Ray 2.60.0, 29 MB in all. faiss does not travel (the GPU wheel is 48 MB more): on the
-# device the kmeans benchmark runs the product side only.
+# The lent machines run an image whose python3 (3.12) already has torch with CUDA, numpy,
+# pyarrow, pandas, fsspec, psutil, pytest, grpcio, protobuf, aiohttp, click, pyyaml and
+# requests, and nothing can be fetched there. Missing: Ray and a few small packages. What
+# travels with a call is at most 64 MiB, and Ray's wheel alone is larger, so Ray travels as a
+# tar.xz of the wheel's files without the parts this project never loads (the Java jars, RLlib,
+# Serve). faiss does not travel (its GPU wheel would not fit as well): on the device the kmeans
+# benchmark runs the product side only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

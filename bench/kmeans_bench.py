@@ -19,9 +19,9 @@ count them in every process and a USS sum would leave them out. Ray's object sto
 file in /dev/shm: objects stay in it while no process maps their pages, so it is counted by
 its allocated size (st_blocks of the file, via /proc/PID/map_files), exactly once. Plain PSS,
 USS and RSS sums are reported alongside. smaps_rollup costs the kernel a walk of the process's
-mappings (ms per Ray worker), so a process is re-read only when its RSS (statm) moved by more
-than 1%; the sampler's own CPU time is recorded (sampler_cpu_s). CPU time of each side is the
-user + system time of all its processes, as last sampled.
+mappings (costly for a Ray worker's many mappings), so a process is re-read only when its RSS
+(statm) moved by more than 1%; the sampler's own CPU time is recorded (sampler_cpu_s). CPU
+time of each side is the user + system time of all its processes, as last sampled.
 
 Writes <out>/kmeans_<n>_<device>_<timestamp>.json and .md (the table) and prints the table.
 """
@@ -116,7 +116,7 @@ class TreeMemory:
 
     def _read(self, pid: int) -> tuple[dict, dict]:
         """smaps_rollup and shared-memory files of a process. Walking smaps costs the kernel
-        time in proportion to the mapping (several ms for a Ray worker), so a process whose
+        time in proportion to the mapping (large for a Ray worker), so a process whose
         RSS (statm, cheap) moved by less than 1% since its last full read reuses that read."""
         with open(f"/proc/{pid}/statm") as f:
             rss = int(f.read().split()[1])

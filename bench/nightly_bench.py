@@ -77,7 +77,13 @@ def upload(s3: pafs.S3FileSystem, files: list[str], prefix: str) -> float:
 
 def mapping(s3: pafs.S3FileSystem, night: str) -> dict[int, tuple]:
     t = pq.read_table(f"{BUCKET}/semids/generations/{night}/semantic_id_mappings.parquet", filesystem=s3)
-    return dict(zip(t.column("ItemID").to_numpy().tolist(), map(tuple, t.column("semantic_id").to_pylist())))
+    return dict(
+        zip(
+            t.column("ItemID").to_numpy().tolist(),
+            map(tuple, t.column("semantic_id").to_pylist()),
+            strict=True,
+        )
+    )
 
 
 def results(s3: pafs.S3FileSystem, night: str) -> dict:
@@ -176,7 +182,8 @@ def main() -> None:
     with open(os.path.join(a.out, f"nightly_{a.n}_{stamp}.md"), "w") as f:
         f.write(md + "\n")
     print(
-        f"\nnightly benchmark: N={a.n} from and to S3 (SeaweedFS on 127.0.0.1), {machine_line(res['machine'])}; "
+        f"\nnightly benchmark: N={a.n} from and to S3 (SeaweedFS on 127.0.0.1), "
+        f"{machine_line(res['machine'])}; "
         f"uploads {res['upload_s']['night1']} s (night 1), {res['upload_s']['night3']} s (night 3)"
     )
     print(md)
@@ -197,7 +204,8 @@ def table(res: dict) -> str:
         stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stages_s"].items() if k != "total")
         lines.append(
             f"| {night} | {c['items']:,} | {c['stable']:,} / {c['new']:,} / {c['changed']:,} "
-            f"({c['changed_kept_id']:,}) / {c['removed']:,} | {r['wall_s']:.1f} | {r['peak_gb']:.2f} | {stages} |"
+            f"({c['changed_kept_id']:,}) / {c['removed']:,} | {r['wall_s']:.1f} | {r['peak_gb']:.2f} "
+            f"| {stages} |"
         )
     return "\n".join(lines)
 

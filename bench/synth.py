@@ -2,23 +2,23 @@
 
     python bench/synth.py --n 1000000 --out /tmp/bench/catalog_1000000
 
-What "shaped like real item embeddings" means here (sentence embeddings of item text), with
-the numbers checked against the real 768-d mpnet catalogs in shared/data (MovieLens 9,066 items,
-Wikidata films 17,472 items):
-- unit-normalised 768-d vectors with a shared mean direction: random pairs have cosine ~0.41
-  (real: 0.45-0.54; sentence-embedding models are anisotropic);
+What "shaped like real item embeddings" means here (sentence embeddings of item text); the
+statistics were set against real 768-d mpnet catalogs (MovieLens, Wikidata films), and the
+comparison is in BENCHMARKS.md:
+- unit-normalised 768-d vectors with a shared mean direction, so random pairs have a clearly
+  positive cosine (sentence-embedding models are anisotropic);
 - a three-level hierarchy, 64 topics -> 32 subtopics each -> 32 leaf groups each (65,536
-  leaves), with Dirichlet popularity, so cluster sizes are uneven as in real catalogs; the
-  median nearest-neighbour cosine in 2,000 items is 0.72 (real: 0.72-0.81);
-- a decaying spectrum (std of coordinate d ~ (1 + d)^-0.45): the top 100 principal directions
-  hold 70% of the variance (real: 73-79%), the top 10 hold 33% (real: 25-36%);
-- faiss.Kmeans 3 x 256 on the residuals collides on 4.0% of 17,472 synthetic items (real:
-  1.6% Wikidata films, 3.7% MovieLens); on 1M items it collides far more (many items per leaf).
+  leaves), with Dirichlet popularity, so cluster sizes are uneven as in real catalogs and
+  items have close nearest neighbours;
+- a decaying spectrum (std of coordinate d ~ (1 + d)^-0.45), so a few principal directions
+  hold most of the variance;
+- faiss.Kmeans 3 x 256 on the residuals collides about as often as on real catalogs of the
+  same size; on 1M items it collides far more (many items per leaf).
 
 Deterministic: row i depends only on (seed, i // BLOCK) and i, never on the shard count, so the
 N = 250,000 catalog is the first 250,000 rows of the N = 1,000,000 one. Generated BLOCK rows at a
 time (the full matrix is never in memory); written as list<float32> with 64k-row row groups
-(large row groups of list columns exhaust memory on read: DESIGN.md section 6). ItemIDs are
+(large row groups of list columns exhaust memory on read). ItemIDs are
 sparse and unordered (an odd multiplier mod 2^32 is a bijection, so they are unique).
 """
 
