@@ -30,7 +30,10 @@ run-tiger: install
 	  --mode tiger --n_layers 3 --n_embed 256 --latent_dim 32 --epochs 50 --batch_size 256 \
 	  --num_workers 2 --item_titles semid_dist/data/wikidata_films/items.parquet
 
+# ruff first (lint and formatting), then the suite.
 test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q tests
 
 # Submit to a running Ray cluster's job API (cluster/README.md: token auth, port-forward):
