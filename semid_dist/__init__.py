@@ -8,7 +8,7 @@ __all__ = ["Tokenizer", "load_tokenizer", "__version__"]
 def __getattr__(name: str):
     """Tokenizer and load_tokenizer are imported on first use (PEP 562): they need torch, and a
     Ray worker that only reads and validates parquet (or encodes with numpy) must not pay for
-    importing torch (~0.3-0.4 GB per process)."""
+    importing torch (hundreds of MB per process)."""
     if name in ("Tokenizer", "load_tokenizer"):
         from semid_dist import tokenizer
 

@@ -3,9 +3,9 @@
 OpenBLAS (numpy's BLAS in its Linux wheels) reads OMP_NUM_THREADS / OPENBLAS_NUM_THREADS once,
 when numpy is first imported. A Ray worker imports numpy at start-up, before Ray sets
 OMP_NUM_THREADS to the task's CPU count, so every worker runs one OpenBLAS thread per core. Two
-encode tasks on a 2-core machine then ran four BLAS threads that spin while waiting for each
-other: the 1M encode pass took 38.7 CPU-s in 20.4 s, and 21.6 CPU-s in 13.3 s with one thread
-per task (BENCHMARKS.md). match_task() puts OpenBLAS back in line with the task's allocation.
+encode tasks on a 2-core machine then run four BLAS threads that spin while waiting for each
+other, and the pass burns about twice the CPU time it needs (BENCHMARKS.md). match_task() puts
+OpenBLAS back in line with the task's allocation.
 
 OpenBLAS is reached through ctypes (its documented C API, openblas_set_num_threads), found
 among the libraries this process has loaded. Where numpy uses another BLAS (MKL, Accelerate)
