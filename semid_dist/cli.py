@@ -49,6 +49,11 @@ HELP = {
     "cut to it, with a warning (kmeans)",
     "kmeans_full_dim_levels": "fit the first N levels in the full dimension, not progressively: "
     "lower reconstruction error, more collisions on real catalogs (kmeans)",
+    "kmeans_fit": "sample: fit on the hash sample; stream: then refine with full passes over every "
+    "item, spread over the cluster; auto: stream when --kmeans_sample_gb would cut the sample (kmeans)",
+    "kmeans_stream_passes": "at most this many full-catalog Lloyd passes after the sample fit (stream)",
+    "beam_size": "encode with beam search, keeping this many code paths per level; stored with the "
+    "tokenizer, so encode, nightly and the API apply it (kmeans; 1: greedy)",
     "num_workers": "Ray Train workers (tiger)",
     "resume": "continue from the latest checkpoint (tiger)",
     "max_failures": "restarts allowed after a worker failure (tiger)",

@@ -17,6 +17,7 @@ from semid_dist.errors import UserError, one_line
 
 MODES = ("tiger", "kmeans")
 DEVICES = ("auto", "cpu", "cuda")
+KMEANS_FITS = ("auto", "sample", "stream")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 CHANGED_POLICIES = ("keep_if_same_codes", "reassign")  # == math.generations.POLICIES
 GENERATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -47,6 +48,9 @@ class Config:
     kmeans_sample_gb: float = 1.0  # at most this many GB of sample in the driver (modes.kmeans.sample_target)
     kmeans_progressive: bool = True  # progressive-dimension k-means (see math/kmeans.py)
     kmeans_full_dim_levels: int = 0  # top levels fitted in the full dimension (math/kmeans.py)
+    kmeans_fit: str = "auto"  # sample | stream | auto: stream when the sample would be cut (modes/kmeans.py)
+    kmeans_stream_passes: int = 2  # at most this many full-catalog Lloyd passes (stream)
+    beam_size: int = 1  # paths kept per level when encoding (kmeans; 1: greedy, math/beam.py)
     # --- tiger mode ---
     beta: float = 0.25
     ema_decay: float = 0.99
@@ -134,6 +138,8 @@ class Config:
             "sample_per_centroid",
             "num_workers",
             "encode_batch_size",
+            "kmeans_stream_passes",
+            "beam_size",
         )
         for name in positive:
             if int(getattr(self, name)) < 1:
@@ -142,6 +148,10 @@ class Config:
             raise bad("kmeans_sample_gb", "must be > 0")
         if self.kmeans_full_dim_levels < 0:
             raise bad("kmeans_full_dim_levels", "must be >= 0")
+        if self.kmeans_fit not in KMEANS_FITS:
+            raise bad("kmeans_fit", f"choose one of {', '.join(KMEANS_FITS)}")
+        if self.beam_size > 64:
+            raise bad("beam_size", "must be <= 64")
         if self.max_items is not None and self.max_items < 1:
             raise bad("max_items", "must be >= 1")
         if not self.learning_rate > 0:

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from semid_dist.errors import UserError, one_line
-from semid_dist.math.nearest import residual_decode, residual_encode
+from semid_dist.math.nearest import beam_encode, residual_decode, residual_encode
+from semid_dist.math.nearest_faiss import FaissRQ, gpu_count
 from semid_dist.storage import Storage
 
 FORMAT = "semid_dist/v1"
@@ -39,6 +40,7 @@ class Tokenizer:
         self.codebooks_LKD = codebooks_LKD
         self.model = model
         self.model_args = model_args or {}
+        self._faiss_rq = None  # faiss-gpu indexes over the codebooks, built on first use
         if mode == "kmeans":
             assert codebooks_LKD is not None and codebooks_LKD.ndim == 3
         else:
@@ -58,11 +60,17 @@ class Tokenizer:
         return int(self.codebooks_LKD.shape[2]) if self.mode == "kmeans" else self.model.input_dim
 
     @property
+    def beam_size(self) -> int:
+        """Code paths kept per level when encoding (kmeans; 1: greedy), as trained."""
+        return int(self.config.get("beam_size", 1)) if isinstance(self.config, dict) else 1
+
+    @property
     def device(self) -> torch.device:
         return self.codebooks_LKD.device if self.mode == "kmeans" else next(self.model.buffers()).device
 
     def to(self, device: str | torch.device) -> "Tokenizer":
         """Move the codebooks/model to a device (encode then runs there)."""
+        self._faiss_rq = None
         if self.mode == "kmeans":
             self.codebooks_LKD = self.codebooks_LKD.to(device)
         else:
@@ -84,8 +92,17 @@ class Tokenizer:
         """Codes (N, L) and the squared reconstruction error of every row."""
         x_ND = self._as_tensor(x)
         if self.mode == "kmeans":
-            codes_NL, resid_ND = residual_encode(x_ND, list(self.codebooks_LKD))
-            sq_err_N = (resid_ND.double() ** 2).sum(1)
+            books = list(self.codebooks_LKD)
+            if self.beam_size > 1:
+                codes_NL, sq_err_N = beam_encode(x_ND, books, self.beam_size)
+            elif x_ND.device.type == "cuda" and gpu_count() > 0:  # faiss-gpu's flat indexes
+                if self._faiss_rq is None:
+                    self._faiss_rq = FaissRQ(self.codebooks_LKD.cpu().numpy(), gpu=True)
+                codes, sq = self._faiss_rq.encode(x_ND.cpu().numpy())
+                return codes, sq.astype(np.float64)
+            else:
+                codes_NL, resid_ND = residual_encode(x_ND, books)
+                sq_err_N = (resid_ND.double() ** 2).sum(1)
         else:
             codes_NL = self.model.encode(x_ND)
             x_hat_ND = self.model.decode_codes(codes_NL)

@@ -79,3 +79,29 @@ def test_kmeans_fits_and_encodes_on_the_gpu(ray_session, tmp_path):
     assert same > 0.999
     err = {d: runs[d]["metrics"]["relative_reconstruction_error"] for d in runs}
     assert err["auto"] <= err["cpu"] * 1.02, err
+
+
+def test_gpu_kernels_of_kmeans_match_the_cpu_ones():
+    """The GPU paths of the streamed fit, of beam search and of Tokenizer.encode on CUDA
+    (faiss-gpu where installed, else torch) against the CPU kernels on the same data."""
+    from semid_dist.catalog.stats import gpu_nearest
+    from semid_dist.math.beam import beam_encode_np
+    from semid_dist.math.nearest import beam_encode
+    from semid_dist.math.rq_stats import RQStats, Scales, accumulate, lloyd_update
+    from semid_dist.tokenizer import Tokenizer
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(6000, 64)).astype(np.float32)
+    books = np.stack([rng.normal(size=(48, 64)).astype(np.float32) * s for s in (1.0, 0.5, 0.25)])
+    scales = Scales.for_catalog(float(np.abs(x).max()), books, len(x))
+    cpu, gpu = RQStats.zeros(3, 48, 64), RQStats.zeros(3, 48, 64)
+    accumulate(x, books, scales, cpu)
+    accumulate(x, books, scales, gpu, gpu_nearest(books))
+    assert (cpu.counts_LK != gpu.counts_LK).sum() <= 0.002 * cpu.counts_LK.size * 2
+    np.testing.assert_allclose(lloyd_update(books, gpu, scales), lloyd_update(books, cpu, scales), atol=2e-2)
+    want, _ = beam_encode_np(x, books, 4)
+    got, _ = beam_encode(torch.from_numpy(x).cuda(), [torch.from_numpy(b).cuda() for b in books], 4)
+    assert (got.cpu().numpy() == want).all(axis=1).mean() > 0.999
+    tok = Tokenizer("kmeans", {}, codebooks_LKD=torch.from_numpy(books))
+    on_cpu = tok.encode(x)
+    assert (tok.to("cuda").encode(x) == on_cpu).all(axis=1).mean() > 0.999

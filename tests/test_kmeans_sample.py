@@ -93,12 +93,19 @@ def test_kmeans_sample_gb_cuts_the_sample(ray_session, small_catalog, tmp_path):
     data, ids, _ = small_catalog  # 600 x 32-d: 128 bytes a row
     out = str(tmp_path / "out")
     gb = 200 * 128 / 1e9
-    assert run_cli(data, out, "--kmeans_sample_gb", repr(gb)) == 0  # asks for 256 x 16 rows
+    # asks for 256 x 16 rows; the sample fit alone (auto would then refine on every item)
+    assert run_cli(data, out, "--kmeans_sample_gb", repr(gb), "--kmeans_fit", "sample") == 0
     kept = _results(out)["training"]["sample_size"]
     expected = int((sampling.hash_unit(ids, 42) < 200 / len(ids)).sum())
     assert kept == expected and kept < len(ids)
     [log] = glob.glob(os.path.join(out, "logs", "*.log"))
     assert "kmeans: sample cut to 200 rows (12 per centroid instead of 256)" in open(log).read()
+    auto = str(tmp_path / "auto")
+    assert run_cli(data, auto, "--kmeans_sample_gb", repr(gb)) == 0
+    assert _results(auto)["training"]["fit"] == "stream"
+    assert _results(auto)["training"]["sample_size"] == expected  # the cut sample is the warm start
+    [log] = glob.glob(os.path.join(auto, "logs", "*.log"))
+    assert "kmeans: streamed fit: a warm start on a sample of about 200 rows" in open(log).read()
 
 
 def test_tiger_scan_keeps_no_sample(ray_session, small_catalog):

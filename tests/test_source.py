@@ -134,6 +134,7 @@ def test_sample_sink_copies_each_batch_out_and_sorts_in_place():
                 "ids": plumbing.lists(np.arange(10 * i, 10 * i + 10), pa.int64()),
                 "sample_ids": plumbing.lists(sids[i], pa.int64()),
                 "sample": plumbing.lists(vals[i].ravel(), pa.float32()),
+                "maxabs": [float(np.abs(vals[i]).max()) if len(vals[i]) else 0.0],
             }
         )
         for i in range(len(per_row))
@@ -148,6 +149,7 @@ def test_sample_sink_copies_each_batch_out_and_sorts_in_place():
     t = pa.concat_tables(kept)
     sample_ids = plumbing.flat(t, "sample_ids")
     assert np.array_equal(sample_ids, np.concatenate(sids)) and len(plumbing.flat(t, "ids")) == 70
+    assert max(t.column("maxabs").to_pylist()) == float(np.abs(np.concatenate(vals)).max())
     order = np.argsort(sample_ids, kind="stable")
     assert np.array_equal(sink.sorted(order), np.concatenate(vals)[order])
 
@@ -156,7 +158,7 @@ def test_sample_sink_copies_each_batch_out_and_sorts_in_place():
             (buf.address, buf.address + buf.size)
             for col in table.columns
             for chunk in col.chunks
-            for arr in (chunk, chunk.values)
+            for arr in ((chunk, chunk.values) if hasattr(chunk, "values") else (chunk,))
             for buf in arr.buffers()
             if buf is not None and buf.size
         ]

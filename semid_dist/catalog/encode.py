@@ -39,20 +39,31 @@ def sq_norms(x_ND: np.ndarray) -> float:
     return float(np.einsum("nd,nd->n", x_ND, x_ND).sum(dtype=np.float64))
 
 
+@dataclass
+class NumpyRQ:
+    """A kmeans tokenizer as the CPU tasks get it: numpy codebooks and the beam size, so that a
+    worker that only reads and encodes never imports torch. Its kernels are the ones
+    Tokenizer.encode runs on CPU, so the two give the same codes."""
+
+    codebooks_LKD: np.ndarray
+    beam_size: int = 1
+
+    def encode_with_error(self, x_ND: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from semid_dist.math.beam import beam_encode_np
+
+        return beam_encode_np(x_ND, self.codebooks_LKD, self.beam_size)
+
+
 def encoder_of(tokenizer):
-    """What the tasks get: a kmeans tokenizer as its numpy codebooks (no torch in the workers,
-    the same kernel as Tokenizer.encode on CPU), a tiger tokenizer as is."""
+    """What the CPU tasks get: a kmeans tokenizer as a NumpyRQ, a tiger tokenizer as is."""
     if tokenizer.mode == "kmeans":
-        return tokenizer.codebooks_LKD.detach().cpu().float().contiguous().numpy()
+        books = tokenizer.codebooks_LKD.detach().cpu().float().contiguous().numpy()
+        return NumpyRQ(books, tokenizer.beam_size)
     return tokenizer
 
 
 def encode_rows(encoder, x_ND: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Codes (N, L) and squared reconstruction error per row."""
-    if isinstance(encoder, np.ndarray):
-        from semid_dist.math.nearest_np import residual_encode_np
-
-        return residual_encode_np(x_ND, encoder, out_resid=False)
     return encoder.encode_with_error(x_ND)
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from semid_dist.catalog import plumbing
 from semid_dist.catalog.plumbing import flat, lists
@@ -24,29 +25,36 @@ class ScanResult:
     ids_N: np.ndarray  # every ItemID, in arrival order
     sample_ids_S: np.ndarray  # sorted by ItemID
     sample_SD: np.ndarray  # float32, rows match sample_ids_S
+    maxabs: float = float("nan")  # the largest |embedding value| (only when the scan was asked for it)
 
 
 EMPTY_SCAN = {
     "ids": lists(np.zeros(0, np.int64), pa.int64()),
     "sample_ids": lists(np.zeros(0, np.int64), pa.int64()),
     "sample": lists(np.zeros(0, np.float32), pa.float32()),
+    "maxabs": [0.0],
 }
 
 
-def scan_block(block: pa.Table, dim: int, seed: int, fraction: float) -> dict:
-    """One block's ItemIDs, and its rows that fall in the hash sample."""
+def scan_block(block: pa.Table, dim: int, seed: int, fraction: float, maxabs: bool = False) -> dict:
+    """One block's ItemIDs, its rows that fall in the hash sample, and with maxabs its largest
+    |value|."""
     ids_N, x_ND = batch_to_arrays(block, dim)
     keep = sampling.hash_unit(ids_N, seed) < fraction
     return {
         "ids": lists(ids_N, pa.int64()),
         "sample_ids": lists(ids_N[keep], pa.int64()),
         "sample": lists(x_ND[keep].ravel(), pa.float32()),
+        "maxabs": [float(np.abs(x_ND).max()) if maxabs and len(x_ND) else 0.0],
     }
 
 
-def scan_pass(catalog: Catalog, seed: int, sample_size: int, n_items: int) -> ScanResult:
-    """The scan over the first n_items rows, in file order: every ItemID, and a hash sample of
-    about sample_size rows sorted by ItemID."""
+def scan_pass(
+    catalog: Catalog, seed: int, sample_size: int, n_items: int, maxabs: bool = False
+) -> ScanResult:
+    """The scan over the first n_items rows, in file order: every ItemID, a hash sample of about
+    sample_size rows sorted by ItemID, and with maxabs the largest |value| of any embedding (the
+    streamed fit's fixed-point scale needs it)."""
     fraction = min(1.0, sample_size / max(n_items, 1))
     sink = SampleSink(catalog.dim, n_items if fraction >= 1 else sampling.capacity(sample_size))
     t = plumbing.map_catalog(
@@ -60,11 +68,13 @@ def scan_pass(catalog: Catalog, seed: int, sample_size: int, n_items: int) -> Sc
         dim=catalog.dim,
         seed=seed,
         fraction=fraction,
+        maxabs=maxabs,
     )
     ids_N = flat(t, "ids").astype(np.int64, copy=False)
     sample_ids = flat(t, "sample_ids").astype(np.int64, copy=False)
     order = np.argsort(sample_ids, kind="stable")
-    return ScanResult(ids_N=ids_N, sample_ids_S=sample_ids[order], sample_SD=sink.sorted(order))
+    top = float(pc.max(t.column("maxabs")).as_py() or 0.0) if maxabs else float("nan")
+    return ScanResult(ids_N=ids_N, sample_ids_S=sample_ids[order], sample_SD=sink.sorted(order), maxabs=top)
 
 
 class SampleSink:
@@ -92,6 +102,7 @@ class SampleSink:
             {
                 "ids": lists(flat(b, "ids").copy(), pa.int64()),
                 "sample_ids": lists(flat(b, "sample_ids").copy(), pa.int64()),
+                "maxabs": [float(pc.max(b.column("maxabs")).as_py() or 0.0)],
             }
         )
 

@@ -40,25 +40,35 @@ def check_enough_items(cfg: Config, n_items: int, dim: int) -> None:
     if cfg.n_codes > n_items:
         flag = "n_embed" if cfg.mode == "tiger" else "n_clusters"
         raise UserError(f"--{flag} {cfg.n_codes} is larger than the number of items ({n_items})")
-    modes.sample_target(cfg, dim)
+    modes.sample_target(cfg, dim, n_items)
 
 
 def scan_stage(r: Run, catalog: Catalog, n_items: int) -> ScanResult:
     """The scan pass before a fit (every row validated, the mode's hash sample kept), and no
     ItemID twice."""
     cfg = r.cfg
-    target = modes.sample_target(cfg, catalog.dim)
-    if cfg.mode == "kmeans" and target < min(cfg.sample_per_centroid * cfg.n_clusters, n_items):
+    target = modes.sample_target(cfg, catalog.dim, n_items)
+    if cfg.mode == "kmeans" and modes.kmeans_fit_kind(cfg, catalog.dim, n_items) == "stream":
+        log.info(
+            "kmeans: streamed fit: a warm start on a sample of about %d rows (%.0f per centroid), then "
+            "Lloyd passes over every item",
+            target,
+            target / cfg.n_clusters,
+        )
+    elif cfg.mode == "kmeans" and target < min(cfg.sample_per_centroid * cfg.n_clusters, n_items):
         log.warning(
             "kmeans: sample cut to %d rows (%.0f per centroid instead of %d) to stay within "
-            "--kmeans_sample_gb %g; raise it for a larger sample",
+            "--kmeans_sample_gb %g; raise it for a larger sample, or refine on every item with "
+            "--kmeans_fit stream",
             target,
             target / cfg.n_clusters,
             cfg.sample_per_centroid,
             cfg.kmeans_sample_gb,
         )
     with r.stage("scan"):
-        scan = scan_pass(catalog, cfg.seed, target, n_items)
+        scan = scan_pass(
+            catalog, cfg.seed, target, n_items, maxabs=modes.wants_maxabs(cfg, catalog.dim, n_items)
+        )
         catalog.check_unique_ids(scan.ids_N)
     return scan
 

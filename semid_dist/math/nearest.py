@@ -80,3 +80,44 @@ def residual_decode(codes_NL: torch.Tensor, codebooks: list[torch.Tensor]) -> to
     for level, cb_KD in enumerate(codebooks):
         out += cb_KD[codes_NL[:, level]]
     return out
+
+
+def beam_encode(
+    x_ND: torch.Tensor, codebooks: list[torch.Tensor], beam: int, chunk: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Beam-search residual encoding (math/beam.py describes it): codes (N, L) and each row's
+    squared final error (N,). CPU float32 runs the numpy kernel of beam.py; other devices this
+    torch version of the same search, with the same ordering of ties."""
+    if x_ND.device.type == "cpu" and x_ND.dtype == torch.float32:
+        from semid_dist.math.beam import beam_encode_np
+
+        books = np.stack([cb.detach().cpu().numpy() for cb in codebooks])
+        codes, sq = beam_encode_np(x_ND.numpy(), books, beam)
+        return torch.from_numpy(codes), torch.from_numpy(sq)
+    n, d = x_ND.shape
+    codes_NL = torch.empty(n, len(codebooks), dtype=torch.long, device=x_ND.device)
+    sq_N = torch.empty(n, dtype=x_ND.dtype, device=x_ND.device)
+    rows = max(1, chunk // beam)
+    for s in range(0, n, rows):
+        r_BPD = x_ND[s : s + rows, None, :].clone()
+        b = r_BPD.shape[0]
+        paths_BPL = torch.zeros(b, 1, 0, dtype=torch.long, device=x_ND.device)
+        for cb_KD in codebooks:
+            p, k = r_BPD.shape[1], cb_KD.shape[0]
+            flat = r_BPD.reshape(b * p, d)
+            err = torch.addmm((cb_KD * cb_KD).sum(1).unsqueeze(0), flat, cb_KD.T, beta=1.0, alpha=-2.0)
+            err = (err + (flat * flat).sum(1, keepdim=True)).reshape(b, p * k)
+            # stable sort: equal errors keep the lower candidate index (path rank, then code)
+            cand = torch.sort(err, dim=1, stable=True).indices[:, : min(beam, p * k)]
+            src, code = cand // k, cand % k
+            paths_BPL = torch.cat(
+                [
+                    torch.gather(paths_BPL, 1, src[:, :, None].expand(-1, -1, paths_BPL.shape[2])),
+                    code[:, :, None],
+                ],
+                dim=2,
+            )
+            r_BPD = torch.gather(r_BPD, 1, src[:, :, None].expand(-1, -1, d)) - cb_KD[code]
+        codes_NL[s : s + rows] = paths_BPL[:, 0, :]
+        sq_N[s : s + rows] = (r_BPD[:, 0, :] ** 2).sum(1)
+    return codes_NL, sq_N

@@ -2,7 +2,8 @@
 the pipeline depends on the mode (the encode pass, dedup and export take any Tokenizer).
 
 A mode is a module with ``fit(job: FitJob) -> (Tokenizer, info dict)``, named in MODES and in
-config.MODES; one that fits on a sample of the catalog also has ``sample_target(cfg, dim)``,
+config.MODES; one that fits on a sample of the catalog also has
+``sample_target(cfg, dim, n_items)``,
 the rows the scan pass keeps for it. docs/architecture.md says what else a new mode needs.
 """
 
@@ -39,7 +40,20 @@ def fit(job: FitJob):
     return importlib.import_module(MODES[job.cfg.mode]).fit(job)
 
 
-def sample_target(cfg: Config, dim: int) -> int:
+def sample_target(cfg: Config, dim: int, n_items: int | None = None) -> int:
     """Rows of the hash sample the scan pass keeps for the fit (0: the mode needs none)."""
     module = importlib.import_module(MODES[cfg.mode])
-    return module.sample_target(cfg, dim) if hasattr(module, "sample_target") else 0
+    return module.sample_target(cfg, dim, n_items) if hasattr(module, "sample_target") else 0
+
+
+def wants_maxabs(cfg: Config, dim: int, n_items: int) -> bool:
+    """Whether the scan pass must also find the catalog's largest |value| for the fit."""
+    module = importlib.import_module(MODES[cfg.mode])
+    return module.wants_maxabs(cfg, dim, n_items) if hasattr(module, "wants_maxabs") else False
+
+
+def kmeans_fit_kind(cfg: Config, dim: int, n_items: int) -> str:
+    """sample or stream, for a kmeans run (modes.kmeans.fit_kind)."""
+    from semid_dist.modes import kmeans
+
+    return kmeans.fit_kind(cfg, dim, n_items)

@@ -14,15 +14,26 @@ from semid_dist.errors import UserError
 from semid_dist.math import sampling
 from semid_dist.math.kmeans import fit_residual_codebooks
 from semid_dist.math.metrics import level_stats
+from semid_dist.math.rq_stats import RQStats, Scales, accumulate, lloyd_update, sq_error
 from semid_dist.tokenizer import Tokenizer
 
 log = logging.getLogger("semid_dist")
 
 
-def sample_target(cfg: Config, dim: int) -> int:
-    """Rows the scan pass keeps for the fit (a hash sample of about this many):
+def sample_target(cfg: Config, dim: int, n_items: int | None = None) -> int:
+    """Rows the scan pass keeps for the fit (a hash sample of about this many). The sample fit:
     --sample_per_centroid x --n_clusters, cut to what --kmeans_sample_gb holds (large codebooks
-    would otherwise hold GBs in the driver), and never below math.sampling.sample_floor."""
+    would otherwise hold GBs in the driver), and never below math.sampling.sample_floor. The
+    streamed fit's warm start needs fewer: at most STREAM_SAMPLE_PER_CENTROID per code."""
+    rows = _sample_rows(cfg, dim)
+    if n_items is not None and fit_kind(cfg, dim, n_items) == "stream":
+        rows = min(
+            rows, max(STREAM_SAMPLE_PER_CENTROID * cfg.n_clusters, sampling.sample_floor(cfg.n_clusters))
+        )
+    return rows
+
+
+def _sample_rows(cfg: Config, dim: int) -> int:
     cap = int(cfg.kmeans_sample_gb * 1e9 // (4 * dim))
     floor = sampling.sample_floor(cfg.n_clusters)
     if cap < floor:
@@ -31,6 +42,30 @@ def sample_target(cfg: Config, dim: int) -> int:
             f"--n_clusters {cfg.n_clusters} needs a sample of at least {floor}"
         )
     return max(min(cfg.sample_per_centroid * cfg.n_clusters, cap), floor)
+
+
+STREAM_TOL = 1e-3  # stream passes stop once a pass lowers the squared error by less than this
+# The streamed fit's warm start: the passes refine the upper levels on every item, so a smaller
+# sample does, and the driver holds less while the scan fills it.
+STREAM_SAMPLE_PER_CENTROID = 128
+BEAM_TOL = 1e-4  # beam-aware Lloyd iterations on the sample: the same rule, finer (they are cheap)
+
+
+def fit_kind(cfg: Config, dim: int, n_items: int) -> str:
+    """sample or stream: --kmeans_fit, or for auto, stream exactly when --kmeans_sample_gb cuts
+    the sample (today's 3 x 256 defaults keep the sample fit and its IDs)."""
+    if cfg.kmeans_fit != "auto":
+        return cfg.kmeans_fit
+    return (
+        "stream"
+        if sample_target(cfg, dim) < min(cfg.sample_per_centroid * cfg.n_clusters, n_items)
+        else "sample"
+    )
+
+
+def wants_maxabs(cfg: Config, dim: int, n_items: int) -> bool:
+    """The streamed fit needs the catalog's largest |value| from the scan (math/rq_stats.py)."""
+    return fit_kind(cfg, dim, n_items) == "stream"
 
 
 def fit(job) -> tuple[Tokenizer, dict]:
@@ -64,18 +99,90 @@ def fit(job) -> tuple[Tokenizer, dict]:
             "raise --sample_per_centroid"
         )
     scan.sample_SD = np.zeros((0, x_SD.shape[1]), np.float32)
+    kind = fit_kind(cfg, job.catalog.dim, job.n_items)
+    beam_sample = x_SD.copy() if cfg.beam_size > 1 and kind == "sample" else None  # the fit consumes x_SD
     if device == "cuda":
         books_LKD, per_level = fit_in_task(x_SD, cfg, "cuda", num_gpus=1)
     else:
         books_LKD, per_level = fit_levels(x_SD, cfg, None, live_log=True)
     del x_SD
-    tok = Tokenizer("kmeans", cfg.to_dict(), codebooks_LKD=books_LKD)
-    return tok, {
+    info = {
+        "fit": kind,
         "sample_size": n_sample,
         "levels_on_sample": per_level,
         "device": device,
         "sample_ids_checksum": int(np.bitwise_xor.reduce(scan.sample_ids_S)) if scan.sample_ids_S.size else 0,
     }
+    if kind == "stream":
+        books, info["stream"] = stream_refine(job, books_LKD.numpy(), scan.maxabs, device)
+        books_LKD = torch.from_numpy(books)
+    elif beam_sample is not None:
+        books, info["beam_refine"] = beam_refine(beam_sample, books_LKD.numpy(), cfg)
+        books_LKD = torch.from_numpy(books)
+    tok = Tokenizer("kmeans", cfg.to_dict(), codebooks_LKD=books_LKD)
+    return tok, info
+
+
+def beam_refine(x_SD: np.ndarray, books_LKD: np.ndarray, cfg: Config) -> tuple[np.ndarray, dict]:
+    """Lloyd iterations on the sample whose assignment is the beam search the tokenizer will
+    encode with (--beam_size > 1): codebooks fitted for greedy encoding leave most of what beam
+    search could gain on the table. At most --max_iters iterations; stops after one that lowered
+    the squared error by less than BEAM_TOL (relative)."""
+    books = np.ascontiguousarray(books_LKD, np.float32)
+    maxabs = float(np.abs(x_SD).max())
+    iters, prev = [], None
+    for it in range(cfg.max_iters):
+        scales = Scales.for_catalog(maxabs, books, len(x_SD))
+        stats = RQStats.zeros(*books.shape)
+        accumulate(x_SD, books, scales, stats, beam=cfg.beam_size)
+        err = sq_error(stats, scales)
+        books = lloyd_update(books, stats, scales)
+        iters.append({"iteration": it + 1, "sq_err_before": err})
+        if prev is not None and prev - err < BEAM_TOL * prev:
+            break
+        prev = err
+    log.info(
+        "kmeans: %d Lloyd iteration(s) on the sample with beam %d assignments", len(iters), cfg.beam_size
+    )
+    return books, {"iterations": iters, "beam_size": cfg.beam_size, "tolerance": BEAM_TOL}
+
+
+def stream_refine(job, books_LKD: np.ndarray, maxabs: float, device: str) -> tuple[np.ndarray, dict]:
+    """Full-catalog Lloyd passes from the sample fit's codebooks: each pass encodes every item
+    as the encode pass will (greedy, or beam search with --beam_size) in tasks spread over the
+    cluster, sums every level's residuals per code exactly (math/rq_stats.py), and moves every
+    code of every level but the last to the mean of its rows. The last level keeps the sample
+    fit's codebook: Lloyd at full dimension there gathers rows around fewer codes, and the last
+    level decides which items share a whole ID (docs/kmeans.md; BENCHMARKS.md). At most
+    --kmeans_stream_passes passes; after a pass that lowered the
+    squared error by less than STREAM_TOL (relative) against the pass before, its update is
+    the last. The stopping rule reads exact integer sums, so it too is independent of how the
+    catalog is sharded."""
+    from semid_dist.catalog.stats import stats_pass
+
+    cfg, books = job.cfg, np.ascontiguousarray(books_LKD, np.float32)
+    passes, prev = [], None
+    for p in range(cfg.kmeans_stream_passes):
+        t0 = time.time()
+        scales = Scales.for_catalog(maxabs, books, job.n_items)
+        what = f"kmeans stream pass {p + 1}"
+        stats = stats_pass(job.catalog, job.n_items, books, scales, what, device, cfg.beam_size)
+        err = sq_error(stats, scales)
+        moved = lloyd_update(books, stats, scales)
+        books[: max(1, len(books) - 1)] = moved[: max(1, len(books) - 1)]  # the last level stays
+        passes.append({"pass": p + 1, "sq_err_before": err, "seconds": round(time.time() - t0, 3)})
+        log.info(
+            "kmeans: stream pass %d/%d: squared error %.6g before its update%s, %.1f s",
+            p + 1,
+            cfg.kmeans_stream_passes,
+            err,
+            f" ({100 * (prev - err) / prev:.3f}% below the pass before)" if prev else "",
+            time.time() - t0,
+        )
+        if prev is not None and prev - err < STREAM_TOL * prev:
+            break
+        prev = err
+    return books, {"passes": passes, "max_passes": cfg.kmeans_stream_passes, "tolerance": STREAM_TOL}
 
 
 def fit_levels(
