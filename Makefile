@@ -10,7 +10,7 @@ FAISS ?= cpu
 OUT ?= output/wikidata_films_kmeans
 RAY_ADDRESS ?=
 
-.PHONY: install run run-tiger test bench bench-kmeans bench-tiger bench-nightly bench-gpu submit-train submit-nightly clean
+.PHONY: install run run-tiger test bench bench-kmeans bench-tiger bench-nightly bench-beam bench-stream bench-gpu submit-train submit-nightly clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -67,6 +67,9 @@ clean:
 #                               (TIGER_ITEMS = 100,000 of the N-item catalog, 2 epochs)
 #   make bench-nightly          the nightly job from and to S3 (a local SeaweedFS), three nights,
 #                               the ID policy checked on what night 3 published
+#   make bench-beam             beam search 1/4/8 against faiss's ResidualQuantizer (DATA=file.parquet,
+#                               else the synthetic catalog)
+#   make bench-stream DATA=...  the streamed k-means fit against the sample fit, seeds 42/1/2/3
 #   make bench-gpu              on a machine with one NVIDIA GPU (bench/gpu.sh installs its own venv)
 # Results (JSON + the table as Markdown) go to $(BENCH_OUT).
 N ?= 1000000
@@ -80,6 +83,13 @@ bench-kmeans: install
 
 bench-tiger: install
 	BENCH_OUT=$(BENCH_OUT) $(BIN)/python bench/tiger_bench.py --n $(N) --items $(TIGER_ITEMS)
+
+bench-beam: install
+	BENCH_OUT=$(BENCH_OUT) $(BIN)/python bench/beam_bench.py --n $(N) $(if $(DATA),--data $(DATA),)
+
+bench-stream: install
+	$(if $(DATA),,$(error set DATA to a catalog, e.g. DATA=items.parquet))
+	BENCH_OUT=$(BENCH_OUT) $(BIN)/python bench/stream_bench.py --data $(DATA)
 
 bench-nightly: install
 	BENCH_OUT=$(BENCH_OUT) $(BIN)/python bench/nightly_bench.py --n $(N)
