@@ -241,3 +241,22 @@ def test_gumbel_codebooks_by_gradient_stay_identical_across_ranks(ray_session, c
     temps = [h["temperature"] for h in result.loop.history]
     assert len(temps) == 2 and temps[0] == pytest.approx(1.0) and 0.2 <= temps[1] < temps[0]
     assert all(h["val_recon"] == h["val_recon"] for h in result.loop.history)  # finite, not NaN
+
+
+def test_a_diverged_model_is_never_published(ray_session, small_catalog, tmp_path, capsys):
+    """The original tool's TIGER learning rate (an Adagrad-style rate) with AdamW: the run stops
+    at the first epoch whose loss is not finite or whose validation error is above 1, with one
+    line that names the epoch and suggests a rate; the earlier result stays as it was."""
+    data, _, _ = small_catalog
+    out = tmp_path / "out"
+    base = ["train", "--data_path", data, "--output_dir", str(out), "--log_dir", str(tmp_path / "logs")]
+    assert cli.main([*base, "--mode", "kmeans", "--n_layers", "2", "--n_clusters", "8"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    tiger = ["--mode", "tiger", "--n_layers", "2", "--n_embed", "8", "--latent_dim", "4", "--epochs", "3"]
+    assert cli.main([*base, *tiger, "--batch_size", "64", "--learning_rate", "40"]) == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("semid: error: tiger diverged at epoch 1 (loss ") and "try about 1e-3" in line
+    assert "far above what AdamW tolerates" in err  # warned at start-up
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before

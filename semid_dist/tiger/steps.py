@@ -325,3 +325,23 @@ def evaluate(
         }
     )
     return metrics, usage_LK
+
+
+ADAMW_LR_WARN = 0.05  # learning rates above this are Adagrad-style, far above what AdamW tolerates
+
+
+def divergence(record: dict) -> str | None:
+    """Why an epoch's record shows a diverged model, or None. The figures were all-reduced, so
+    every rank reaches the same verdict after the same epoch. A validation error above 1 is
+    worse than reconstructing every item as zeros."""
+    loss, val = record["loss"], record.get("val_rel_recon")
+    if math.isfinite(loss) and (val is None or (math.isfinite(val) and val <= 1.0)):
+        return None
+    what = f"loss {loss:.3g}" + (
+        "" if val is None else f", validation relative reconstruction error {val:.3g}"
+    )
+    return (
+        f"tiger diverged at epoch {record['epoch']} ({what}); nothing was published: "
+        f"--learning_rate {record['lr']:g} is too high for AdamW, try about 1e-3 (TIGER's 0.4 is an "
+        "Adagrad-style rate)"
+    )

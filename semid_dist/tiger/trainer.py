@@ -106,6 +106,12 @@ def fit(job) -> tuple[Tokenizer, dict]:
             f"--n_embed {cfg.n_embed} is larger than the number of training items "
             f"({n_train} after holding out --val_fraction {cfg.val_fraction})"
         )
+    if cfg.learning_rate > steps.ADAMW_LR_WARN:
+        log.warning(
+            "tiger: --learning_rate %g is far above what AdamW tolerates (about 1e-3); 0.4, TIGER's "
+            "rate, is meant for Adagrad: expect the loss to diverge",
+            cfg.learning_rate,
+        )
     ds = training_dataset(job.catalog, job.n_items, plumbing.read_tasks())
     fail_at_step = int(os.environ.get(FAIL_AT_STEP_ENV, "-1"))
     run = train(cfg, ds, job.catalog.dim, job.n_items, job.catalog.store, fail_at_step=fail_at_step)

@@ -26,6 +26,7 @@ import torch
 from semid_dist import storage
 from semid_dist.catalog.schema import batch_to_arrays
 from semid_dist.config import Config
+from semid_dist.errors import UserError
 from semid_dist.math.rqvae import RQVAE
 from semid_dist.tiger import checkpoint, steps
 from semid_dist.tiger.collectives import Collectives
@@ -128,6 +129,9 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             **startup,
         }
         startup = {}
+        diverged = steps.divergence(record)
+        if diverged:
+            raise UserError(diverged)
         state.epoch = epoch + 1
         if usage_LK is not None:
             state.usage_LK = usage_LK.tolist()
