@@ -15,6 +15,8 @@ from semid_dist.publish import Publisher
 MAPPING_JSON = "semantic_id_mappings.json"
 MAPPING_PARQUET = "semantic_id_mappings.parquet"
 MODEL = "final_model.pt"
+PREFIX_TREE = "prefix_tree.parquet"
+TOKENS = "tokens.json"
 RESULTS = "training_results.json"
 ROW_GROUP = 65536  # readers of a list<> column hold a whole row group: keep them moderate
 
@@ -24,6 +26,7 @@ def semantic_ids(codes_NL: np.ndarray, dedup_N: np.ndarray) -> np.ndarray:
     return np.concatenate([codes_NL, dedup_N[:, None]], axis=1).astype(np.int64)
 
 
+LETTERS = "abcdefghijklmnopqrstuvwxyz"  # one per level in the LC-Rec style tokens
 JSON_CHUNK = 65536  # items formatted at a time: the JSON files are streamed, never held whole
 
 
@@ -50,9 +53,8 @@ def _index_parts(ids_N: np.ndarray, sid_NM: np.ndarray):
     if len(ids_N) == 0:
         yield "{}\n"
         return
-    letters = "abcdefghijklmnopqrstuvwxyz"
     m = sid_NM.shape[1]
-    fmt = ' "%d": [\n' + ",\n".join(f'  "<{letters[lv]}_%d>"' for lv in range(m)) + "\n ]"
+    fmt = ' "%d": [\n' + ",\n".join(f'  "<{LETTERS[lv]}_%d>"' for lv in range(m)) + "\n ]"
     yield "{\n"
     for s in range(0, len(ids_N), JSON_CHUNK):
         cols = [ids_N[s : s + JSON_CHUNK].tolist()] + [
@@ -86,6 +88,42 @@ def write_mappings(pub: Publisher, ids_N: np.ndarray, sid_NM: np.ndarray, datase
     _write_parts(pub, f"{dataset}.index.json", _index_parts(ids_N, sid_NM))
     with pub.open(MAPPING_PARQUET, "wb") as f:
         pq.write_table(mapping_table(ids_N, sid_NM), f, row_group_size=ROW_GROUP, compression="zstd")
+
+
+def token(level: int, code: int) -> str:
+    """LC-Rec style token of a code: level 0 is "<a_code>", level 1 "<b_code>", and so on."""
+    return f"<{LETTERS[level]}_{code}>"
+
+
+def write_retrieval_files(pub: Publisher, sid_NM: np.ndarray, n_codes: int) -> None:
+    """What constrained generative retrieval needs (docs/architecture.md, Outputs):
+    prefix_tree.parquet, one row per prefix some ID starts with: depth, prefix (its codes) and
+    next (the sorted codes that may follow it); and tokens.json, every token an ID can use
+    (n_codes per level, then the dedup codes issued), to add to an LLM's tokenizer."""
+    from semid_dist.math.prefix_tree import prefix_tree
+
+    cols = {"depth": [], "prefix": [], "next": []}
+    for lv in prefix_tree(sid_NM):
+        n = len(lv.prefixes_PD)
+        cols["depth"].append(pa.array(np.full(n, lv.depth, np.int8)))
+        pre_off = pa.array(np.arange(n + 1, dtype=np.int32) * lv.depth)
+        cols["prefix"].append(
+            pa.ListArray.from_arrays(pre_off, pa.array(lv.prefixes_PD.ravel().astype(np.int32)))
+        )
+        cols["next"].append(
+            pa.ListArray.from_arrays(
+                pa.array(lv.offsets_P1.astype(np.int32)), pa.array(lv.next_C.astype(np.int32))
+            )
+        )
+    table = pa.table({k: pa.chunked_array(v) for k, v in cols.items()})
+    with pub.open(PREFIX_TREE, "wb") as f:
+        pq.write_table(table, f, row_group_size=ROW_GROUP, compression="zstd")
+    levels = sid_NM.shape[1] - 1
+    dedup = int(sid_NM[:, -1].max()) + 1 if len(sid_NM) else 1
+    vocab = [token(lv, c) for lv in range(levels) for c in range(n_codes)] + [
+        token(levels, c) for c in range(dedup)
+    ]
+    pub.write_text(TOKENS, json.dumps(vocab) + "\n")
 
 
 def write_torch(pub: Publisher, name: str, obj) -> None:

@@ -252,11 +252,14 @@ def tokenizer_fingerprint(tok) -> int:
 
 
 def write_generation(
-    pub: Publisher, a: gen.Assignment, model_bytes: bytes, manifest: dict, dataset: str
+    pub: Publisher, a: gen.Assignment, model_bytes: bytes, manifest: dict, dataset: str, n_codes: int
 ) -> None:
+    """A generation's files into pub's staging area: the live IDs (mappings, their prefix tree
+    and tokens), the retired list, the tokenizer's bytes and generation.json."""
     m = a.mapping
     pub.write_text(export.MAPPING_JSON, export.mapping_json(m.ids, m.sid))
     pub.write_text(f"{dataset}.index.json", export.index_json(m.ids, m.sid))
+    export.write_retrieval_files(pub, m.sid, n_codes)
     for fname, table in ((export.MAPPING_PARQUET, mapping_parquet(m)), (RETIRED, retired_parquet(a.retired))):
         with pub.open(fname, "wb") as f:
             pq.write_table(table, f, row_group_size=export.ROW_GROUP, compression="zstd")

@@ -55,6 +55,23 @@ def test_end_to_end_outputs(ray_session, small_catalog, tmp_path, capsys):
     some = next(iter(mapping))
     assert index[some] == [f"<{'abcd'[lv]}_{c}>" for lv, c in enumerate(mapping[some])]
 
+    # the prefix tree: every published ID is a path in it, and no other path is
+    tree = pq.read_table(os.path.join(out, "prefix_tree.parquet")).to_pylist()
+    allowed = {(r["depth"], tuple(r["prefix"])): r["next"] for r in tree}
+    assert all(r["next"] == sorted(set(r["next"])) and len(r["prefix"]) == r["depth"] for r in tree)
+    walked, todo = set(), [()]
+    while todo:
+        prefix = todo.pop()
+        if len(prefix) == 4:
+            walked.add(prefix)
+            continue
+        todo += [(*prefix, c) for c in allowed.get((len(prefix), prefix), [])]
+    assert walked == set(sids)
+    tokens = json.load(open(os.path.join(out, "tokens.json")))
+    used = {t for toks in index.values() for t in toks}
+    assert used <= set(tokens) and len(tokens) == len(set(tokens))
+    assert tokens[:17] == [f"<a_{c}>" for c in range(16)] + ["<b_0>"]  # every code of a level
+
     results = json.load(open(os.path.join(out, "training_results.json")))
     m = results["metrics"]
     codes = np.array([v[:3] for v in mapping.values()])

@@ -196,3 +196,16 @@ def test_row_groups_match_numpy_unique(kind):
     assert np.array_equal(rows[order][first], uniq)
     st = collision_stats(rows)
     assert st["distinct_ids"] == len(uniq) and st["max_bucket"] == counts.max()
+
+
+def test_prefix_tree_paths_are_exactly_the_ids():
+    from semid_dist.math.prefix_tree import paths, prefix_tree
+
+    rng = np.random.default_rng(9)
+    sid = np.unique(rng.integers(0, 4, size=(300, 4)), axis=0)
+    sid = sid[rng.permutation(len(sid))]
+    levels = prefix_tree(sid)
+    assert [lv.depth for lv in levels] == [0, 1, 2, 3]
+    assert paths(levels) == {tuple(r) for r in sid.tolist()}
+    assert levels[0].prefixes_PD.shape == (1, 0) and levels[0].next_C.tolist() == sorted(set(sid[:, 0]))
+    assert paths(prefix_tree(sid[:-1])) == {tuple(r) for r in sid[:-1].tolist()}

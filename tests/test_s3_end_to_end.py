@@ -44,6 +44,8 @@ OUTPUTS = {
     "semantic_id_mappings.json",
     "semantic_id_mappings.parquet",
     "small.index.json",
+    "prefix_tree.parquet",
+    "tokens.json",
     "final_model.pt",
     "training_results.json",
     "_SUCCESS",

@@ -184,7 +184,7 @@ def run(cfg: Config, log_dir: str = "logs") -> dict:
             log.info("generation %s is already published with identical content: nothing rewritten", name)
         else:
             with r.stage("export"):
-                write_generation(r.pub, a, model_bytes, manifest, cfg.dataset_name)
+                write_generation(r.pub, a, model_bytes, manifest, cfg.dataset_name, tokenizer.n_codes)
             generation["status"] = "published"
             r.publish(results, {"generation": name, "seq": seq, "items": n_items, "content_digest": digest})
         generation["latest"] = move_latest(root, name, seq, parent_name, digest, latest)

@@ -103,6 +103,7 @@ def export_ids(
         assert row_groups(sid_NM)[1].all(), "dedup left a duplicate ID"
     with r.stage("export"):
         export.write_mappings(r.pub, enc.ids_N, sid_NM, cfg.dataset_name)
+        export.write_retrieval_files(r.pub, sid_NM, tokenizer.n_codes)
         export.write_torch(r.pub, export.MODEL, tokenizer.payload())
     results = r.results(cfg, cfg.mode, catalog, n_items, quality, fit_info, where, enc.ids_N, sid_NM)
     log.info(
