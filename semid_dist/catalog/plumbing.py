@@ -158,7 +158,7 @@ def collect(
     stops the pass with a one-line UserError that names its file. With keep, what it returns
     for each batch is kept instead: a batch is a view into Ray's object store, which holds the
     block as long as any of its buffers is referenced."""
-    parts, done, t0, last = [], 0, time.time(), time.time()
+    parts, progress = [], Progress(what, total)
     try:
         for b in mapped.iter_batches(batch_format="pyarrow", batch_size=None):
             errors = b.column("error")
@@ -168,21 +168,40 @@ def collect(
                 if item == -2:
                     raise UserError(errors[i].as_py())
                 raise RowError(errors[i].as_py(), None if item < 0 else item)
-            done += int(pc.sum(pc.list_value_length(b.column("ids"))).as_py() or 0)
+            progress.add(int(pc.sum(pc.list_value_length(b.column("ids"))).as_py() or 0))
             parts.append(b if keep is None else keep(b))
-            if time.time() - last > PROGRESS_EVERY_S:
-                last = time.time()
-                log.info("%s: %d / %d items (%.0f items/s)", what, done, total, done / max(last - t0, 1e-9))
     except Exception as e:
-        err = find_user_error(e)
-        if isinstance(err, RowError):
-            raise catalog.with_file(err) from None
-        if err is not None:
-            raise err from None
+        raise_for_user(e, catalog)
         raise
     if not parts:
         raise UserError(f"{catalog.name}: zero rows")
     return pa.concat_tables(parts)
+
+
+class Progress:
+    """A pass's progress in the log, at most every PROGRESS_EVERY_S seconds."""
+
+    def __init__(self, what: str, total: int) -> None:
+        self.what, self.total, self.done = what, total, 0
+        self.t0 = self.last = time.time()
+
+    def add(self, items: int) -> None:
+        self.done += items
+        if time.time() - self.last > PROGRESS_EVERY_S:
+            self.last = time.time()
+            rate = self.done / max(self.last - self.t0, 1e-9)
+            log.info("%s: %d / %d items (%.0f items/s)", self.what, self.done, self.total, rate)
+
+
+def raise_for_user(e: BaseException, catalog: Catalog) -> None:
+    """If a pass failed on something the user can fix, raise that as a one-line UserError: a bad
+    row's message gets the name of the file holding its ItemID. Otherwise return (the caller
+    re-raises the original)."""
+    err = find_user_error(e)
+    if isinstance(err, RowError):
+        raise catalog.with_file(err) from None
+    if err is not None:
+        raise err from None
 
 
 def flat(t: pa.Table, name: str) -> np.ndarray:

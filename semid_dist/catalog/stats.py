@@ -15,14 +15,13 @@ every few thousand rows. Tasks are spread over the cluster's nodes and retried o
 from __future__ import annotations
 
 import logging
-import time
 
 import numpy as np
 
 from semid_dist import blas
 from semid_dist.catalog import plumbing, source
-from semid_dist.catalog.schema import Catalog, RowError, batch_to_arrays
-from semid_dist.errors import UserError, find_user_error
+from semid_dist.catalog.schema import Catalog, batch_to_arrays
+from semid_dist.errors import UserError
 from semid_dist.math.rq_stats import RQStats, Scales, accumulate
 
 log = logging.getLogger("semid_dist")
@@ -87,8 +86,8 @@ def stats_pass(
     task = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, scheduling_strategy="SPREAD")(unit_stats)
     books_ref = ray.put(np.ascontiguousarray(codebooks_LKD, np.float32))
     total = RQStats.zeros(codebooks_LKD.shape[0], codebooks_LKD.shape[1], catalog.dim)
-    todo, running, done_rows, slots = list(units), {}, 0, gpus or plumbing.parallelism()
-    t0 = last = time.time()
+    todo, running, slots = list(units), {}, gpus or plumbing.parallelism()
+    progress = plumbing.Progress(what, n_items)
     try:
         while todo or running:
             while todo and len(running) < slots:
@@ -97,19 +96,10 @@ def stats_pass(
             ready, _ = ray.wait(list(running), num_returns=1)
             unit = running.pop(ready[0])
             total.add(ray.get(ready[0]))
-            done_rows += unit.rows
-            if time.time() - last > plumbing.PROGRESS_EVERY_S:
-                last = time.time()
-                log.info(
-                    "%s: %d / %d items (%.0f items/s)", what, done_rows, n_items, done_rows / (last - t0)
-                )
+            progress.add(unit.rows)
     except Exception as e:
         for ref in running:
             ray.cancel(ref, force=True)
-        err = find_user_error(e)
-        if isinstance(err, RowError):
-            raise catalog.with_file(err) from None
-        if err is not None:
-            raise err from None
+        plumbing.raise_for_user(e, catalog)
         raise
     return total
