@@ -5,6 +5,7 @@
         semantic_id_mappings.json       the original format {"<ItemID>": [c0, ..., dedup]}
         semantic_id_mappings.parquet    ItemID, semantic_id, fingerprint, tokenizer
         <dataset>.index.json            LC-Rec style tokens
+        prefix_tree.parquet, tokens.json  the live IDs' prefix tree and token vocabulary
         retired_ids.parquet             every ID retired so far (never handed to another item)
         final_model.pt                  the tokenizer used that night (a byte-exact copy when reused)
         generation.json                 name, seq, parent, content digest, counts (deterministic)
