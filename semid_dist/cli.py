@@ -54,6 +54,8 @@ HELP = {
     "kmeans_stream_passes": "at most this many full-catalog Lloyd passes after the sample fit (stream)",
     "beam_size": "encode with beam search, keeping this many code paths per level; stored with the "
     "tokenizer, so encode, nightly and the API apply it (kmeans; 1: greedy)",
+    "keep_model": "best: publish the evaluation epoch with the lowest validation reconstruction error "
+    "(then the lower collision rate); last: the last epoch (tiger)",
     "num_workers": "Ray Train workers (tiger)",
     "resume": "continue from the latest checkpoint (tiger)",
     "max_failures": "restarts allowed after a worker failure (tiger)",

@@ -18,6 +18,7 @@ from semid_dist.errors import UserError, one_line
 MODES = ("tiger", "kmeans")
 DEVICES = ("auto", "cpu", "cuda")
 KMEANS_FITS = ("auto", "sample", "stream")
+KEEP_MODELS = ("best", "last")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 CHANGED_POLICIES = ("keep_if_same_codes", "reassign")  # == math.generations.POLICIES
 GENERATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -59,6 +60,7 @@ class Config:
     gumbel_temperature: float = 1.0
     gumbel_temperature_min: float = 0.1
     patience: int = 10  # early stopping on the validation split; 0 disables it
+    keep_model: str = "best"  # best | last: which evaluation epoch's model is published (tiger/trainer.py)
     eval_every: int = 10  # metrics over all items every N epochs and at the last (tiger/steps.py)
     val_fraction: float = 0.05
     num_workers: int = 1
@@ -173,6 +175,8 @@ class Config:
                 "generation",
                 "use letters, digits, '.', '_' or '-' (up to 128, not starting with '.', '_' or '-')",
             )
+        if self.keep_model not in KEEP_MODELS:
+            raise bad("keep_model", f"choose one of {', '.join(KEEP_MODELS)}")
         if self.changed_policy not in CHANGED_POLICIES:
             raise bad("changed_policy", f"choose one of {', '.join(CHANGED_POLICIES)}")
         return self

@@ -192,8 +192,18 @@ def test_cli_failure_then_resume_publishes_everything(
 
     payload = torch.load(out / "final_model.pt", weights_only=True)
     torch.testing.assert_close(
-        payload["state_dict"]["codebooks_LKH"], two.model.codebooks_LKH, rtol=1e-5, atol=1e-6
-    )  # resumed == uninterrupted
+        payload["state_dict"]["codebooks_LKH"], two.kept_model().codebooks_LKH, rtol=1e-5, atol=1e-6
+    )  # resumed == uninterrupted, and it kept the same epoch
+    # --keep_model best (the default): the evaluation epoch with the lowest validation error,
+    # then the lower collision rate; its model is checkpoint_epoch_<epoch>.pt's
+    results = json.loads((out / "training_results.json").read_text())
+    kept = results["training"]["kept_model"]
+    evaluated = [h for h in results["training"]["history"] if h.get("rel_recon") is not None]
+    assert [h["epoch"] for h in evaluated] == [2, 3]
+    best = min(evaluated, key=lambda h: (h["val_rel_recon"], h["dup_rate"]))
+    assert kept["epoch"] == best["epoch"] == two.loop.kept_epoch and kept["keep_model"] == "best"
+    in_ckpt = torch.load(out / f"checkpoint_epoch_{best['epoch']}.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(payload["state_dict"][k], in_ckpt[k]) for k in in_ckpt)
     tok = load_tokenizer(str(out / "final_model.pt"))
     mapping = json.loads((out / "semantic_id_mappings.json").read_text())
     ids, x = make_catalog(N_ITEMS, DIM, seed=5, n_clusters=8)

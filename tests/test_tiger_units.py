@@ -346,3 +346,16 @@ def test_collectives_are_identity_at_world_one(values):
     t = torch.arange(6.0).reshape(3, 2)
     assert comm.sum_(t) is t and comm.broadcast0_(t) is t and comm.gather_rows(t) is t
     assert comm.sum_numbers(values) == values
+
+
+def test_keep_model_score_ranks_evaluation_epochs():
+    """--keep_model best: only epochs with the catalog-wide evaluation compete; the validation
+    error decides, the collision rate breaks ties; without a validation split the catalog's
+    error stands in."""
+    no_eval = {"epoch": 1, "val_rel_recon": 0.1, "rel_recon": None, "dup_rate": None}
+    a = {"epoch": 2, "val_rel_recon": 0.30, "rel_recon": 0.31, "dup_rate": 0.02}
+    b = {"epoch": 3, "val_rel_recon": 0.30, "rel_recon": 0.29, "dup_rate": 0.01}
+    c = {"epoch": 4, "val_rel_recon": None, "rel_recon": 0.25, "dup_rate": 0.05}
+    assert steps.model_score(no_eval) is None
+    assert min([a, b], key=steps.model_score)["epoch"] == 3  # tie on validation: fewer collisions
+    assert steps.model_score(c) == (0.25, 0.05)

@@ -30,6 +30,8 @@ class LoopState:
     bad_epochs: int = 0  # epochs since the validation recon last improved
     stopped_early: bool = False
     usage_LK: list = field(default_factory=list)  # code counts per level, last evaluation
+    kept_epoch: int = 0  # the evaluation epoch --keep_model best keeps (0: none yet)
+    kept_score: list = field(default_factory=list)  # its steps.model_score
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -42,11 +44,15 @@ def save(
     state: LoopState,
     model_args: dict,
     config: dict,
+    kept_model: dict | None = None,
 ) -> str:
+    """kept_model: the state dict of the epoch --keep_model best keeps, so a resumed run keeps
+    the same choice."""
     path = os.path.join(directory, STATE_FILE)
     torch.save(
         {
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "kept_model": kept_model or {},
             "optimizer": opt.state_dict(),
             "loop": state.to_dict(),
             "model_args": model_args,

@@ -345,3 +345,13 @@ def divergence(record: dict) -> str | None:
         f"--learning_rate {record['lr']:g} is too high for AdamW, try about 1e-3 (TIGER's 0.4 is an "
         "Adagrad-style rate)"
     )
+
+
+def model_score(record: dict) -> tuple[float, float] | None:
+    """--keep_model best's key for an epoch: (the validation relative reconstruction error, or
+    the catalog's without a validation split; the collision rate), lower is better; None for an
+    epoch without the catalog-wide evaluation. All-reduced figures: every rank agrees."""
+    if record.get("rel_recon") is None:
+        return None
+    val = record.get("val_rel_recon")
+    return (float(val if val is not None else record["rel_recon"]), float(record["dup_rate"]))

@@ -35,6 +35,10 @@ from semid_dist.tokenizer import Tokenizer
 
 log = logging.getLogger("semid_dist")
 
+KEEP_RULE = (
+    "the lowest validation relative reconstruction error among the evaluation epochs "
+    "(--eval_every and the last), then the lower collision rate"
+)
 # Test hook: a worker raises once at this global step (tests of restarts; never set by users).
 FAIL_AT_STEP_ENV = "SEMID_DIST_TEST_FAIL_AT_STEP"
 
@@ -94,6 +98,15 @@ class TrainRun:
     checkpoints: list[tuple[int, Any]]  # (epoch, ray.train.Checkpoint), by epoch
     run_dir: str
     fit_info: dict
+    kept: dict | None = None  # the state dict of the evaluation epoch loop.kept_epoch
+
+    def kept_model(self) -> RQVAE:
+        """The model --keep_model best publishes: the kept epoch's (the last when none was)."""
+        if not self.kept:
+            return self.model
+        model = RQVAE(**self.model_args)
+        model.load_state_dict(self.kept)
+        return model
 
 
 def fit(job) -> tuple[Tokenizer, dict]:
@@ -127,7 +140,19 @@ def fit(job) -> tuple[Tokenizer, dict]:
             f.write(plots.code_usage(np.asarray(run.loop.usage_LK)))
         run.fit_info["plots"] = [plots.CURVES, plots.USAGE]
     run.fit_info["checkpoint_files"] = [f"checkpoint_epoch_{e}.pt" for e, _ in run.checkpoints]
-    tokenizer = Tokenizer("tiger", cfg.to_dict(), model=run.model.cpu(), model_args=run.model_args)
+    model = run.kept_model() if cfg.keep_model == "best" else run.model
+    history = {r["epoch"]: r for r in run.loop.history}
+    epoch = run.loop.kept_epoch if cfg.keep_model == "best" and run.kept else run.loop.epoch
+    run.fit_info["kept_model"] = {
+        "keep_model": cfg.keep_model,
+        "epoch": epoch,
+        "why": KEEP_RULE if cfg.keep_model == "best" and run.kept else "the last epoch (--keep_model last)",
+        "val_rel_recon": history.get(epoch, {}).get("val_rel_recon"),
+        "rel_recon": history.get(epoch, {}).get("rel_recon"),
+        "collision_rate": history.get(epoch, {}).get("dup_rate"),
+    }
+    log.info("tiger: keeping the model of epoch %d (%s)", epoch, run.fit_info["kept_model"]["why"])
+    tokenizer = Tokenizer("tiger", cfg.to_dict(), model=model.cpu(), model_args=run.model_args)
     return tokenizer, run.fit_info
 
 
@@ -228,6 +253,7 @@ def train(
         checkpoints=ckpts,
         run_dir=run_dir,
         fit_info=info,
+        kept=saved.get("kept_model") or None,
     )
 
 

@@ -80,6 +80,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
     state = checkpoint.LoopState()
+    kept: dict | None = None  # the state dict of the epoch --keep_model best keeps
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -87,6 +88,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         state = checkpoint.loop_state(saved)
+        kept = saved.get("kept_model") or None
     net = _ddp(model, device) if comm.distributed else model
 
     # 3. Codebook initialisation (TIGER): k-means on the first batches' latents.
@@ -136,6 +138,10 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         if usage_LK is not None:
             state.usage_LK = usage_LK.tolist()
         state.history.append(record)
+        score = steps.model_score(record)
+        if score is not None and (not state.kept_score or list(score) < state.kept_score):
+            state.kept_epoch, state.kept_score = record["epoch"], list(score)
+            kept = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         hooks.end_epoch()
         if rank == 0:
             _progress(
@@ -144,10 +150,10 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             )
         last = state.stopped_early or state.epoch == cfg.epochs
         if state.epoch % cfg.save_every == 0 or last:
-            _report(model, opt, state, loop_cfg, rank)
+            _report(model, opt, state, loop_cfg, rank, kept)
             reported = True
     if not reported:  # resumed a finished run: hand the driver its final state again
-        _report(model, opt, state, loop_cfg, rank)
+        _report(model, opt, state, loop_cfg, rank, kept)
 
 
 def _ddp(model: RQVAE, device: torch.device) -> torch.nn.Module:
@@ -229,7 +235,7 @@ def _early_stopping(state: checkpoint.LoopState, val: float | None, patience: in
         state.stopped_early = state.bad_epochs >= patience
 
 
-def _report(model, opt, state: checkpoint.LoopState, loop_cfg: dict, rank: int) -> None:
+def _report(model, opt, state: checkpoint.LoopState, loop_cfg: dict, rank: int, kept: dict | None) -> None:
     """Every rank reports (report() is a barrier); rank 0 attaches the checkpoint."""
     import ray.train
 
@@ -239,7 +245,7 @@ def _report(model, opt, state: checkpoint.LoopState, loop_cfg: dict, rank: int) 
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory(prefix="tiger-ckpt-") as d:
-        checkpoint.save(d, model, opt, state, loop_cfg["model_args"], loop_cfg["config"])
+        checkpoint.save(d, model, opt, state, loop_cfg["model_args"], loop_cfg["config"], kept)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
