@@ -48,23 +48,7 @@ def scan_stage(r: Run, catalog: Catalog, n_items: int) -> ScanResult:
     ItemID twice."""
     cfg = r.cfg
     target = modes.sample_target(cfg, catalog.dim, n_items)
-    if cfg.mode == "kmeans" and modes.kmeans_fit_kind(cfg, catalog.dim, n_items) == "stream":
-        log.info(
-            "kmeans: streamed fit: a warm start on a sample of about %d rows (%.0f per centroid), then "
-            "Lloyd passes over every item",
-            target,
-            target / cfg.n_clusters,
-        )
-    elif cfg.mode == "kmeans" and target < min(cfg.sample_per_centroid * cfg.n_clusters, n_items):
-        log.warning(
-            "kmeans: sample cut to %d rows (%.0f per centroid instead of %d) to stay within "
-            "--kmeans_sample_gb %g; raise it for a larger sample, or refine on every item with "
-            "--kmeans_fit stream",
-            target,
-            target / cfg.n_clusters,
-            cfg.sample_per_centroid,
-            cfg.kmeans_sample_gb,
-        )
+    modes.announce_sample(cfg, catalog.dim, n_items, target)
     with r.stage("scan"):
         scan = scan_pass(
             catalog, cfg.seed, target, n_items, maxabs=modes.wants_maxabs(cfg, catalog.dim, n_items)

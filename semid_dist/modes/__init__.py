@@ -2,9 +2,9 @@
 the pipeline depends on the mode (the encode pass, dedup and export take any Tokenizer).
 
 A mode is a module with ``fit(job: FitJob) -> (Tokenizer, info dict)``, named in MODES and in
-config.MODES; one that fits on a sample of the catalog also has
-``sample_target(cfg, dim, n_items)``,
-the rows the scan pass keeps for it. docs/architecture.md says what else a new mode needs.
+config.MODES; one that fits on a sample of the catalog also has ``sample_target(cfg, dim,
+n_items)``, the rows the scan pass keeps for it (and optionally ``wants_maxabs`` and
+``announce_sample``). docs/architecture.md says what else a new mode needs.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ def wants_maxabs(cfg: Config, dim: int, n_items: int) -> bool:
     return module.wants_maxabs(cfg, dim, n_items) if hasattr(module, "wants_maxabs") else False
 
 
-def kmeans_fit_kind(cfg: Config, dim: int, n_items: int) -> str:
-    """sample or stream, for a kmeans run (modes.kmeans.fit_kind)."""
-    from semid_dist.modes import kmeans
-
-    return kmeans.fit_kind(cfg, dim, n_items)
+def announce_sample(cfg: Config, dim: int, n_items: int, rows: int) -> None:
+    """Say in the log what the scan pass keeps for the fit, where the mode has something to say."""
+    module = importlib.import_module(MODES[cfg.mode])
+    if hasattr(module, "announce_sample"):
+        module.announce_sample(cfg, dim, n_items, rows)

@@ -63,6 +63,27 @@ def fit_kind(cfg: Config, dim: int, n_items: int) -> str:
     )
 
 
+def announce_sample(cfg: Config, dim: int, n_items: int, rows: int) -> None:
+    """The scan's sample in the log: a streamed fit's warm start, or a sample fit's cut sample."""
+    if fit_kind(cfg, dim, n_items) == "stream":
+        log.info(
+            "kmeans: streamed fit: a warm start on a sample of about %d rows (%.0f per centroid), then "
+            "Lloyd passes over every item",
+            rows,
+            rows / cfg.n_clusters,
+        )
+    elif rows < min(cfg.sample_per_centroid * cfg.n_clusters, n_items):
+        log.warning(
+            "kmeans: sample cut to %d rows (%.0f per centroid instead of %d) to stay within "
+            "--kmeans_sample_gb %g; raise it for a larger sample, or refine on every item with "
+            "--kmeans_fit stream",
+            rows,
+            rows / cfg.n_clusters,
+            cfg.sample_per_centroid,
+            cfg.kmeans_sample_gb,
+        )
+
+
 def wants_maxabs(cfg: Config, dim: int, n_items: int) -> bool:
     """The streamed fit needs the catalog's largest |value| from the scan (math/rq_stats.py)."""
     return fit_kind(cfg, dim, n_items) == "stream"
