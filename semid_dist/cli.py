@@ -54,6 +54,11 @@ HELP = {
     "kmeans_stream_passes": "at most this many full-catalog Lloyd passes after the sample fit (stream)",
     "beam_size": "encode with beam search, keeping this many code paths per level; stored with the "
     "tokenizer, so encode, nightly and the API apply it (kmeans; 1: greedy)",
+    "collision_policy": "suffix: items sharing all L codes get a dedup code 1, 2, ...; relocate: the one "
+    "nearest its codes keeps them, the others move to free last-level codes under the same prefix "
+    "when one is among their candidates (math/relocate.py)",
+    "relocate_candidates": "last-level candidates per item kept by the encode pass (relocate)",
+    "s3_retry_budget_s": "seconds S3 errors are retried before the run stops with an error",
     "keep_model": "best: publish the evaluation epoch with the lowest validation reconstruction error "
     "(then the lower collision rate); last: the last epoch (tiger)",
     "num_workers": "Ray Train workers (tiger)",

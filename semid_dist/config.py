@@ -21,6 +21,7 @@ KMEANS_FITS = ("auto", "sample", "stream")
 KEEP_MODELS = ("best", "last")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 CHANGED_POLICIES = ("keep_if_same_codes", "reassign")  # == math.generations.POLICIES
+COLLISION_POLICIES = ("suffix", "relocate")  # math/relocate.py
 GENERATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -52,6 +53,9 @@ class Config:
     kmeans_fit: str = "auto"  # sample | stream | auto: stream when the sample would be cut (modes/kmeans.py)
     kmeans_stream_passes: int = 2  # at most this many full-catalog Lloyd passes (stream)
     beam_size: int = 1  # paths kept per level when encoding (kmeans; 1: greedy, math/beam.py)
+    # --- both modes: IDs ---
+    collision_policy: str = "suffix"  # suffix | relocate (math/relocate.py)
+    relocate_candidates: int = 16  # last-level candidates per item the encode pass keeps (relocate)
     # --- tiger mode ---
     beta: float = 0.25
     ema_decay: float = 0.99
@@ -71,6 +75,7 @@ class Config:
     # --- data and cluster ---
     ray_address: str = ""  # empty: RAY_ADDRESS or a local single-node Ray
     s3_endpoint_url: str = ""  # overrides AWS_ENDPOINT_URL
+    s3_retry_budget_s: float = 120.0  # how long S3 errors are retried before the run gives up
     encode_batch_size: int = 16384
     item_titles: str = ""  # optional parquet (ItemID, title) shown in the run summary
     examples: int = 5
@@ -142,6 +147,7 @@ class Config:
             "encode_batch_size",
             "kmeans_stream_passes",
             "beam_size",
+            "relocate_candidates",
         )
         for name in positive:
             if int(getattr(self, name)) < 1:
@@ -177,6 +183,12 @@ class Config:
             )
         if self.keep_model not in KEEP_MODELS:
             raise bad("keep_model", f"choose one of {', '.join(KEEP_MODELS)}")
+        if self.collision_policy not in COLLISION_POLICIES:
+            raise bad("collision_policy", f"choose one of {', '.join(COLLISION_POLICIES)}")
+        if self.relocate_candidates > 1024:
+            raise bad("relocate_candidates", "must be <= 1024")
+        if not self.s3_retry_budget_s > 0:
+            raise bad("s3_retry_budget_s", "must be > 0")
         if self.changed_policy not in CHANGED_POLICIES:
             raise bad("changed_policy", f"choose one of {', '.join(CHANGED_POLICIES)}")
         return self
