@@ -159,6 +159,12 @@ def print_summary(results: dict) -> None:
     print(f"  codes used per level:        {used}")
     print(f"  perplexity per level:        {ppl}")
     print(f"  relative recon. error:       {m['relative_reconstruction_error']:.4f}")
+    pol = m.get("collisions", {})
+    if pol.get("policy") == "relocate":
+        print(
+            f"  collision policy relocate:   {pol['moved']} items moved, {pol['suffix_items']} need a suffix;"
+            f" collision rate {100 * pol['rate_after']:.2f}%, recon. error {pol['error_after']:.4f}"
+        )
     print(f"  wall time:                   {results['timings_s']['total']:.1f} s")
     print(f"  outputs:                     {results['output_dir']}")
     print(f"  log:                         {results['log_path']}")

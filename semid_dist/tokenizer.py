@@ -113,6 +113,35 @@ class Tokenizer:
         return self.encode_with_error(x)[0]
 
     @torch.no_grad()
+    def last_level_candidates(
+        self, x: np.ndarray | torch.Tensor, codes_NL: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's own last code and its k-1 nearest other last-level codes under the same
+        first L-1 codes ((N, k) int32, own code first), with the squared reconstruction error
+        each would give (float32): math/relocate.py. kmeans: the exact error, ranked by it.
+        tiger: the k codes nearest in the latent space, each scored by the decoder's error."""
+        from semid_dist.math.relocate import _top_candidates, last_level_candidates_np
+
+        x_ND = self._as_tensor(x)
+        if self.mode == "kmeans":
+            books = self.codebooks_LKD.detach().cpu().float().numpy()
+            return last_level_candidates_np(x_ND.cpu().numpy(), books, np.asarray(codes_NL), k)
+        model, n = self.model, x_ND.shape[0]
+        books = model.codebooks_LKH.detach()
+        c = torch.as_tensor(np.asarray(codes_NL), dtype=torch.long, device=x_ND.device)
+        z_NH = model.encoder(x_ND)
+        prefix_NH = torch.zeros_like(z_NH)
+        for level in range(model.n_layers - 1):
+            prefix_NH += books[level][c[:, level]]
+        d_NK = torch.cdist(z_NH - prefix_NH, books[-1]).square().cpu().numpy()
+        k = min(k, books.shape[1])
+        cand, _ = _top_candidates(d_NK, c[:, -1].cpu().numpy(), k)  # nearest in the latent space
+        q = prefix_NH[:, None, :] + books[-1][torch.as_tensor(cand, dtype=torch.long, device=x_ND.device)]
+        x_hat = model.decoder(q.reshape(n * k, -1)).reshape(n, k, -1)
+        err = ((x_ND[:, None, :] - x_hat).double() ** 2).sum(-1).float().cpu().numpy()
+        return cand, err
+
+    @torch.no_grad()
     def decode(self, codes_NL: np.ndarray | torch.Tensor) -> np.ndarray:
         """The reconstruction of the given codes (sum of centroids, or the decoder output)."""
         c = torch.as_tensor(np.asarray(codes_NL), dtype=torch.long)

@@ -271,9 +271,9 @@ def test_encode_on_device_actors_gives_the_codes_of_the_fused_pass(ray_session, 
     assert np.isclose(actors.sq_norm_sum, fused.sq_norm_sum, rtol=1e-6)
     assert encode.encode_device("auto") == ("cpu", 0)  # no GPU in this Ray
     # the nightly job's pass (with embedding fingerprints) on the same actors
-    fused_fp = encode.encode_pass(info, tok, info.num_rows, fingerprints=True)
+    fused_fp = encode.encode_pass(info, tok, info.num_rows, encode.Extras(fingerprints=True))
     actors_fp = encode.encode_pass_on_devices(
-        info, tok, info.num_rows, "cpu", 2, batch_size=300, fingerprints=True
+        info, tok, info.num_rows, "cpu", 2, batch_size=300, extras=encode.Extras(fingerprints=True)
     )
     assert fused_fp.fp_N is not None and np.array_equal(actors_fp.fp_N, fused_fp.fp_N)
     assert len(np.unique(fused_fp.fp_N)) == len(ids)

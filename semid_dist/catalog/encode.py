@@ -1,7 +1,9 @@
 """The encode pass: every item through the tokenizer, on CPUs or on one actor per GPU.
 
-The driver keeps ItemIDs, codes and the reconstruction-error sums (and, for the nightly job,
-embedding fingerprints), never the N x D matrix. On CPUs the pass is fused with the read; a
+The driver keeps ItemIDs, codes and the reconstruction-error sums (and, when asked: embedding
+fingerprints for the nightly job, each item's last-level candidates for the relocate collision
+policy, the embeddings of a hash sample of at most 10,000 items for the quality report), never
+the N x D matrix. On CPUs the pass is fused with the read; a
 kmeans tokenizer ships to the tasks as its numpy codebooks (``math/nearest_np.py``), so a
 worker that only reads and encodes never imports torch. On GPUs the map is an actor pool, one
 actor per GPU holding the tokenizer there; actors cannot be fused with the read. Results do not
@@ -25,6 +27,26 @@ from semid_dist.errors import UserError
 log = logging.getLogger("semid_dist")
 
 
+@dataclass(frozen=True)
+class Extras:
+    """What the encode pass emits besides ItemIDs, codes and error sums."""
+
+    fingerprints: bool = False  # the embeddings' 64-bit fingerprints (the nightly job)
+    candidates: int = 0  # last-level candidates per item, <= codes per level (collision policy relocate)
+    sample: int = 0  # up to this many items' embeddings and codes, a hash sample (the quality report)
+    seed: int = 0  # of the hash sample
+    n_items: int = 0  # the catalog's size, for the sample's fraction
+
+    @property
+    def fraction(self) -> float:
+        """Share of items a block keeps for the sample: a margin over sample / n_items, so
+        that the driver can cut it to the `sample` smallest hashes."""
+        return min(1.0, 1.2 * self.sample / max(self.n_items, 1) + 1e-4) if self.sample else 0.0
+
+
+SAMPLE_SALT = 7919  # the quality sample's hash seed differs from the fit sample's
+
+
 @dataclass
 class EncodeResult:
     ids_N: np.ndarray  # sorted by ItemID
@@ -32,6 +54,11 @@ class EncodeResult:
     sq_err_sum: float
     sq_norm_sum: float
     fp_N: np.ndarray | None = None  # embedding fingerprints (uint64), rows match ids_N; nightly only
+    cand_NK: np.ndarray | None = None  # uint16 last-level candidates, own code first (relocate only)
+    cand_err_NK: np.ndarray | None = None  # float32 squared error with each candidate
+    sample_ids: np.ndarray | None = None  # the quality sample: ItemIDs (sorted),
+    sample_x: np.ndarray | None = None  # their embeddings (float32)
+    sample_codes: np.ndarray | None = None  # and their codes before the collision policy
 
 
 def sq_norms(x_ND: np.ndarray) -> float:
@@ -53,6 +80,11 @@ class NumpyRQ:
 
         return beam_encode_np(x_ND, self.codebooks_LKD, self.beam_size)
 
+    def last_level_candidates(self, x_ND: np.ndarray, codes_NL: np.ndarray, k: int):
+        from semid_dist.math.relocate import last_level_candidates_np
+
+        return last_level_candidates_np(x_ND, self.codebooks_LKD, codes_NL, k)
+
 
 def encoder_of(tokenizer):
     """What the CPU tasks get: a kmeans tokenizer as a NumpyRQ, a tiger tokenizer as is."""
@@ -67,7 +99,7 @@ def encode_rows(encoder, x_ND: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return encoder.encode_with_error(x_ND)
 
 
-def empty_encode(fingerprints: bool = False) -> dict:
+def empty_encode(extras: Extras = Extras()) -> dict:
     """The columns of an encode result row with no items (what an error row carries)."""
     out = {
         "ids": lists(np.zeros(0, np.int64), pa.int64()),
@@ -75,14 +107,21 @@ def empty_encode(fingerprints: bool = False) -> dict:
         "sq_err": [0.0],
         "sq_norm": [0.0],
     }
-    if fingerprints:
+    if extras.fingerprints:
         out["fp"] = lists(np.zeros(0, np.uint64), pa.uint64())
+    if extras.candidates:
+        out["cand"] = lists(np.zeros(0, np.uint16), pa.uint16())
+        out["cand_err"] = lists(np.zeros(0, np.float32), pa.float32())
+    if extras.sample:
+        out["s_ids"] = lists(np.zeros(0, np.int64), pa.int64())
+        out["s_x"] = lists(np.zeros(0, np.float32), pa.float32())
     return out
 
 
-def encode_block(block: pa.Table, dim: int, encoder, fingerprints: bool = False) -> dict:
-    """Codes of a block's items, their squared errors and norms summed, and with fingerprints
-    the 64-bit fingerprint of every embedding (the nightly job's change detection)."""
+def encode_block(block: pa.Table, dim: int, encoder, extras: Extras = Extras()) -> dict:
+    """Codes of a block's items, their squared errors and norms summed, and the extras asked
+    for: the 64-bit fingerprint of every embedding (the nightly job's change detection), the
+    last-level candidates of every item (relocate), the rows of the quality sample."""
     ids_N, x_ND = batch_to_arrays(block, dim)
     codes_NL, sq_err_N = encode_rows(encoder, x_ND)
     out = {
@@ -91,55 +130,80 @@ def encode_block(block: pa.Table, dim: int, encoder, fingerprints: bool = False)
         "sq_err": [float(np.asarray(sq_err_N).sum(dtype=np.float64))],
         "sq_norm": [sq_norms(x_ND)],
     }
-    if fingerprints:
+    if extras.fingerprints:
         from semid_dist.math.generations import embedding_fingerprints
 
         out["fp"] = lists(embedding_fingerprints(x_ND), pa.uint64())
+    if extras.candidates:
+        cand, err = encoder.last_level_candidates(x_ND, np.asarray(codes_NL), extras.candidates)
+        out["cand"] = lists(np.asarray(cand).astype(np.uint16).ravel(), pa.uint16())
+        out["cand_err"] = lists(np.asarray(err, np.float32).ravel(), pa.float32())
+    if extras.sample:
+        from semid_dist.math.sampling import hash_unit
+
+        keep = hash_unit(ids_N, extras.seed + SAMPLE_SALT) < extras.fraction
+        out["s_ids"] = lists(ids_N[keep], pa.int64())
+        out["s_x"] = lists(np.ascontiguousarray(x_ND[keep], np.float32).ravel(), pa.float32())
     return out
 
 
-def encode_result(t: pa.Table, n_layers: int) -> EncodeResult:
+def encode_result(t: pa.Table, n_layers: int, extras: Extras = Extras(), dim: int = 0) -> EncodeResult:
     ids_N = flat(t, "ids").astype(np.int64, copy=False)
     codes_NL = flat(t, "codes").astype(np.int64).reshape(-1, n_layers)
     order = np.argsort(ids_N, kind="stable")
-    fp_N = flat(t, "fp").astype(np.uint64, copy=False)[order] if "fp" in t.column_names else None
-    return EncodeResult(
+    res = EncodeResult(
         ids_N=ids_N[order],
         codes_NL=codes_NL[order],
         sq_err_sum=total(t, "sq_err"),
         sq_norm_sum=total(t, "sq_norm"),
-        fp_N=fp_N,
     )
+    if extras.fingerprints:
+        res.fp_N = flat(t, "fp").astype(np.uint64, copy=False)[order]
+    if extras.candidates:
+        k = extras.candidates
+        res.cand_NK = flat(t, "cand").reshape(-1, k)[order]
+        res.cand_err_NK = flat(t, "cand_err").reshape(-1, k)[order]
+    if extras.sample:
+        s_ids = flat(t, "s_ids").astype(np.int64, copy=False)
+        s_x = flat(t, "s_x").reshape(-1, dim)
+        from semid_dist.math.sampling import hash_unit
+
+        h = hash_unit(s_ids, extras.seed + SAMPLE_SALT)
+        pick = np.lexsort([s_ids, h])[: extras.sample]  # the smallest hashes
+        pick = pick[np.argsort(s_ids[pick])]
+        res.sample_ids, res.sample_x = s_ids[pick], s_x[pick]
+        res.sample_codes = res.codes_NL[np.searchsorted(res.ids_N, res.sample_ids)]
+    return res
 
 
-def encode_pass(catalog: Catalog, tokenizer, n_items: int, fingerprints: bool = False) -> EncodeResult:
+def encode_pass(catalog: Catalog, tokenizer, n_items: int, extras: Extras = Extras()) -> EncodeResult:
     """The encode pass over the first n_items rows on CPUs, fused with the read: codes of every
-    item (and with fingerprints their embedding fingerprints), sorted by ItemID."""
+    item (and the extras asked for), sorted by ItemID."""
     t = plumbing.map_catalog(
         plumbing.dataset(catalog, n_items),
         encode_block,
-        empty_encode(fingerprints),
+        empty_encode(extras),
         "encode",
         n_items,
         catalog,
         dim=catalog.dim,
         encoder=encoder_of(tokenizer),
-        fingerprints=fingerprints,
+        extras=extras,
     )
-    return encode_result(t, tokenizer.n_layers)
+    return encode_result(t, tokenizer.n_layers, extras, catalog.dim)
 
 
 class DeviceEncoder:
     """Ray Data actor for the encode pass on an accelerator: the tokenizer (kmeans codebooks or
     the RQ-VAE) moves to the device once; each batch is encoded there in one call."""
 
-    def __init__(self, tokenizer, dim: int, device: str, fingerprints: bool = False):
+    def __init__(self, tokenizer, dim: int, device: str, extras: Extras = Extras()):
         self.tokenizer, self.dim = tokenizer.to(device), dim
-        self.encode = guarded(encode_block, empty_encode(fingerprints))
-        self.fingerprints = fingerprints
+        self.encode = guarded(encode_block, empty_encode(extras))
+        self.extras = extras
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.encode(batch, dim=self.dim, encoder=self.tokenizer, fingerprints=self.fingerprints)
+        return self.encode(batch, dim=self.dim, encoder=self.tokenizer, extras=self.extras)
 
 
 def encode_device(cfg_device: str) -> tuple[str, int]:
@@ -164,7 +228,7 @@ def encode_pass_on_devices(
     device: str,
     actors: int,
     batch_size: int,
-    fingerprints: bool = False,
+    extras: Extras = Extras(),
 ) -> EncodeResult:
     """The encode pass with `actors` actors (one GPU each when device is cuda) that hold the
     tokenizer on the device. Not fused with the read (actors cannot be): the read tasks' blocks
@@ -178,13 +242,14 @@ def encode_pass_on_devices(
             "tokenizer": tokenizer,
             "dim": catalog.dim,
             "device": device,
-            "fingerprints": fingerprints,
+            "extras": extras,
         },
         concurrency=actors,
         num_gpus=1 if device == "cuda" else 0,
     )
     log.info("encode: %d actor(s) on %s, batches of %d", actors, device, batch_size)
-    return encode_result(plumbing.collect(mapped, "encode", n_items, catalog), tokenizer.n_layers)
+    t = plumbing.collect(mapped, "encode", n_items, catalog)
+    return encode_result(t, tokenizer.n_layers, extras, catalog.dim)
 
 
 def encode_catalog(
@@ -193,10 +258,10 @@ def encode_catalog(
     n_items: int,
     where: tuple[str, int],
     batch_size: int,
-    fingerprints: bool = False,
+    extras: Extras = Extras(),
 ) -> EncodeResult:
     """The encode pass where encode_device() said: actors on the GPUs, else the fused CPU pass."""
     device, gpus = where
     if device == "cuda":
-        return encode_pass_on_devices(catalog, tokenizer, n_items, device, gpus, batch_size, fingerprints)
-    return encode_pass(catalog, tokenizer, n_items, fingerprints)
+        return encode_pass_on_devices(catalog, tokenizer, n_items, device, gpus, batch_size, extras)
+    return encode_pass(catalog, tokenizer, n_items, extras)

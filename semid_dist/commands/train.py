@@ -7,15 +7,18 @@ fit stages (``scan_stage``, ``fit_stage``) with ``semid nightly``.
 from __future__ import annotations
 
 import logging
+import time
+
+import numpy as np
 
 from semid_dist import export, modes
-from semid_dist.catalog.encode import encode_catalog
+from semid_dist.catalog.encode import EncodeResult, Extras, encode_catalog
 from semid_dist.catalog.scan import ScanResult, scan_pass
 from semid_dist.catalog.schema import Catalog
 from semid_dist.config import Config
 from semid_dist.errors import UserError
 from semid_dist.math.dedup import dedup_codes, row_groups
-from semid_dist.math.metrics import quality_report
+from semid_dist.math.metrics import collision_stats, quality_report
 from semid_dist.run import Run
 from semid_dist.tokenizer import Tokenizer
 
@@ -76,14 +79,16 @@ def export_ids(
     results. Without a scan pass before (scanned=False), duplicates are checked on the encode
     pass's ItemIDs."""
     with r.stage("encode"):
-        enc = encode_catalog(catalog, tokenizer, n_items, where, cfg.encode_batch_size)
+        enc = encode_catalog(catalog, tokenizer, n_items, where, cfg.encode_batch_size, extras(cfg, n_items))
         if not scanned:
             catalog.check_unique_ids(enc.ids_N)
     with r.stage("dedup"):
-        dedup_N = dedup_codes(enc.ids_N, enc.codes_NL)
-        sid_NM = export.semantic_ids(enc.codes_NL, dedup_N)
+        codes_NL, dedup_N, collisions = apply_policy(cfg, enc)
+        sid_NM = export.semantic_ids(codes_NL, dedup_N)
+        # the tokenizer's codes as encoded; what the collision policy changed is in "collisions"
         quality = quality_report(enc.codes_NL, tokenizer.n_codes, enc.sq_err_sum, enc.sq_norm_sum)
         quality["max_dedup_code"] = int(dedup_N.max()) if dedup_N.size else 0
+        quality["collisions"] = collisions
         assert row_groups(sid_NM)[1].all(), "dedup left a duplicate ID"
     with r.stage("export"):
         export.write_mappings(r.pub, enc.ids_N, sid_NM, cfg.dataset_name)
@@ -98,7 +103,79 @@ def export_ids(
         [lv["codes_used"] for lv in quality["levels"]],
         quality["relative_reconstruction_error"],
     )
+    log_policy(collisions)
     r.publish(results, {"mode": cfg.mode, "items": n_items})
     results["output_dir"] = cfg.output_dir
     results["log_path"] = r.log_path
     return results
+
+
+QUALITY_SAMPLE = 10_000  # items whose embeddings the encode pass keeps for the semantic coherence
+
+
+def extras(cfg: Config, n_items: int, fingerprints: bool = False) -> Extras:
+    """What the encode pass keeps besides the codes: candidates under relocate, the quality
+    sample always."""
+    k = min(cfg.relocate_candidates, cfg.n_codes) if cfg.collision_policy == "relocate" else 0
+    return Extras(fingerprints, k, QUALITY_SAMPLE, cfg.seed, n_items)
+
+
+def apply_policy(cfg: Config, enc: EncodeResult) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The codes and dedup codes of every item under --collision_policy, and what the policy did
+    (training_results.json's metrics.collisions)."""
+    from semid_dist.math.relocate import relocate
+
+    t0 = time.perf_counter()
+    rate_before = collision_stats(enc.codes_NL)["collision_rate"]
+    err_before = enc.sq_err_sum / enc.sq_norm_sum if enc.sq_norm_sum > 0 else 0.0
+    if cfg.collision_policy == "suffix":
+        dedup_N = dedup_codes(enc.ids_N, enc.codes_NL)
+        return (
+            enc.codes_NL,
+            dedup_N,
+            {
+                "policy": "suffix",
+                "rate_before": rate_before,
+                "rate_after": rate_before,
+                "moved": 0,
+                "suffix_items": int((dedup_N > 0).sum()),
+                "error_before": err_before,
+                "error_after": err_before,
+                "seconds": round(time.perf_counter() - t0, 3),
+            },
+        )
+    rel = relocate(enc.ids_N, enc.codes_NL, enc.cand_NK, enc.cand_err_NK)
+    err_after = (enc.sq_err_sum + rel.err_delta) / enc.sq_norm_sum if enc.sq_norm_sum > 0 else 0.0
+    return (
+        rel.codes_NL,
+        rel.dedup_N,
+        {
+            "policy": "relocate",
+            "candidates": int(enc.cand_NK.shape[1]),
+            "rate_before": rate_before,
+            "rate_after": collision_stats(rel.codes_NL)["collision_rate"],
+            "moved": int(rel.moved_N.sum()),
+            "suffix_items": int(rel.suffix_N.sum()),
+            "error_before": err_before,
+            "error_after": float(err_after),
+            "seconds": round(time.perf_counter() - t0, 3),
+        },
+    )
+
+
+def log_policy(c: dict) -> None:
+    if c["policy"] == "suffix":
+        log.info("collision policy suffix: %d items carry a dedup code > 0", c["suffix_items"])
+        return
+    log.info(
+        "collision policy relocate (%d candidates): collision rate %.3f%% -> %.3f%%, %d items moved, "
+        "%d still need a suffix, relative reconstruction error %.4f -> %.4f, %.2f s",
+        c["candidates"],
+        100 * c["rate_before"],
+        100 * c["rate_after"],
+        c["moved"],
+        c["suffix_items"],
+        c["error_before"],
+        c["error_after"],
+        c["seconds"],
+    )
