@@ -240,3 +240,62 @@ def test_policy_names_agree_with_config_and_are_checked():
             1,
             policy="whatever",
         )
+
+
+def _relocate_night(rng, n, L=2, K=6, k=4):
+    """Random codes and candidates (own code first, errors ascending) for n items."""
+    codes = rng.integers(0, K, size=(n, L)).astype(np.int64)
+    others = np.argsort(rng.random((n, K)), axis=1)
+    cand = np.empty((n, k), np.int64)
+    cand[:, 0] = codes[:, -1]
+    for i in range(n):
+        cand[i, 1:] = [c for c in others[i] if c != codes[i, -1]][: k - 1]
+    err = np.sort(rng.random((n, k)).astype(np.float32), axis=1)
+    return codes, cand, err
+
+
+def test_relocate_lineage_first_night_equals_train_and_later_nights_keep_ids():
+    from semid_dist.math.relocate import relocate
+
+    rng = np.random.default_rng(3)
+    n, L = 40, 2
+    ids = np.arange(100, 100 + n, dtype=np.int64)
+    fps = rng.integers(0, 2**63, n).astype(np.uint64)
+    codes, cand, err = _relocate_night(rng, n, L)
+    empty = gen.IdTable.empty(L + 1), gen.RetiredTable.empty(L + 1)
+    a1 = gen.assign(*empty, ids, fps, codes, 1, 1, "keep_if_same_codes", cand, err)
+    rel = relocate(ids, codes, cand, err)
+    np.testing.assert_array_equal(a1.mapping.sid[:, :L], rel.codes_NL)  # night 1 == semid train
+    np.testing.assert_array_equal(a1.mapping.sid[:, L], rel.dedup_N)
+    assert (a1.mapping.sid[:, :L] != codes).any(axis=1).sum() > 5  # items were moved
+
+    # night 2: 10 removed, 10 changed (new fingerprints, same raw codes), 25 new items
+    keep = np.ones(n, bool)
+    keep[:10] = False
+    ids2 = np.concatenate([ids[keep], np.arange(1000, 1025)])
+    fps2 = np.concatenate([fps[keep], rng.integers(0, 2**63, 25).astype(np.uint64)])
+    fps2[:10] ^= np.uint64(1)  # changed
+    c_new, cand_new, err_new = _relocate_night(rng, 25, L)
+    codes2 = np.concatenate([codes[keep], c_new])
+    cand2 = np.concatenate([cand[keep], cand_new])
+    err2 = np.concatenate([err[keep], err_new])
+    a2 = gen.assign(a1.mapping, a1.retired, ids2, fps2, codes2, 1, 2, "keep_if_same_codes", cand2, err2)
+    prev = {int(i): tuple(s) for i, s in zip(a1.mapping.ids, a1.mapping.sid.tolist(), strict=True)}
+    now = {int(i): tuple(s) for i, s in zip(a2.mapping.ids, a2.mapping.sid.tolist(), strict=True)}
+    stable = ids[keep][10:]
+    assert all(now[int(i)] == prev[int(i)] for i in stable), "a kept ID moved"
+    # keep_if_same_codes compares the codes after the policy: a changed item keeps its ID exactly
+    # when whole-catalog relocation tonight puts it on its ID's codes
+    after = relocate(ids2, codes2, cand2, err2).codes_NL
+    for r, i in enumerate(ids[keep][:10]):
+        same = tuple(after[r].tolist()) == prev[int(i)][:L]
+        assert (now[int(i)] == prev[int(i)]) == same
+    # new items never take a live or a retired ID (assign asserts that), and a new item takes a
+    # dedup code only when all its candidate slots are held
+    held = {s[:L] for s in now.values()} | {tuple(s[:L]) for s in a2.retired.sid.tolist()}
+    for r in range(n - 10, len(ids2)):
+        sid = now[int(ids2[r])]
+        if sid[L] > 0:
+            assert all((*codes2[r, :-1].tolist(), int(c)) in held for c in cand2[r, 1:])
+    assert a2.counts["fresh_ids"] >= 25
+    assert 0 < a2.counts["changed_kept_id"] < 10, a2.counts  # both sides of the rule were exercised

@@ -90,6 +90,7 @@ def run(cfg: Config, log_dir: str = "logs") -> dict:
             )
         if existing:
             cfg = cfg.replace(changed_policy=existing["changed_policy"])
+        cfg = _lineage_collision_policy(cfg, existing or (parent.manifest if parent else None))
         tokenizer, model_bytes, source, fit_info, scan = _pick_tokenizer(
             r, root, existing, parent, catalog, n_items
         )
@@ -118,17 +119,37 @@ def run(cfg: Config, log_dir: str = "logs") -> dict:
             )
 
         with r.stage("encode"):
-            enc = encode_catalog(catalog, tokenizer, n_items, where, cfg.encode_batch_size, fingerprints=True)
+            extras = train.extras(cfg, n_items, fingerprints=True)
+            enc = encode_catalog(catalog, tokenizer, n_items, where, cfg.encode_batch_size, extras)
             if scan is None:
                 catalog.check_unique_ids(enc.ids_N)
         with r.stage("assign"):
             prev = parent.mapping if parent else gen.IdTable.empty(width)
             retired = parent.retired if parent else gen.RetiredTable.empty(width)
-            a = gen.assign(prev, retired, enc.ids_N, enc.fp_N, enc.codes_NL, tok_fp, seq, cfg.changed_policy)
+            a = gen.assign(
+                prev,
+                retired,
+                enc.ids_N,
+                enc.fp_N,
+                enc.codes_NL,
+                tok_fp,
+                seq,
+                cfg.changed_policy,
+                enc.cand_NK,
+                enc.cand_err_NK,
+            )
             digest = content_digest(a, name, seq, parent_name, tok_fp)
             quality = quality_report(enc.codes_NL, tokenizer.n_codes, enc.sq_err_sum, enc.sq_norm_sum)
             quality["max_dedup_code"] = a.counts["max_dedup_code"]
             quality["published_ids"] = collision_stats(a.mapping.sid[:, :-1])
+            fresh = a.status_N == gen.FRESH
+            quality["collisions"] = {
+                "policy": cfg.collision_policy,
+                "rate_before": quality["collision_rate"],
+                "rate_after": quality["published_ids"]["collision_rate"],
+                "moved": int((fresh & (a.mapping.sid[:, :-1] != enc.codes_NL).any(axis=1)).sum()),
+                "suffix_items": int((a.mapping.sid[:, -1] > 0).sum()),
+            }
         counts = a.counts
         log.info(
             "generation %s: %d items: %d stable, %d new, %d changed (%d kept their ID), %d removed, "
@@ -153,6 +174,7 @@ def run(cfg: Config, log_dir: str = "logs") -> dict:
             "tokenizer_fingerprint": f"{tok_fp:016x}",
             "id_width": width,
             "changed_policy": cfg.changed_policy,
+            "collision_policy": cfg.collision_policy,
             "counts": counts,
         }
         generation = {
@@ -223,3 +245,18 @@ def _payload_bytes(tok) -> bytes:
     buf = io.BytesIO()
     torch.save(tok.payload(), buf)
     return buf.getvalue()
+
+
+def _lineage_collision_policy(cfg: Config, first: dict | None) -> Config:
+    """A lineage keeps the collision policy of its first night (generations written before the
+    policy existed used suffix): later nights inherit it, whatever --collision_policy says."""
+    if first is None:
+        return cfg
+    policy = first.get("collision_policy", "suffix")
+    if cfg.collision_policy != policy:
+        log.warning(
+            "--collision_policy %s ignored: this lineage uses %s since its first night",
+            cfg.collision_policy,
+            policy,
+        )
+    return cfg.replace(collision_policy=policy)

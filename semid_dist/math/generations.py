@@ -19,6 +19,16 @@ from tonight's tokenizer), decide tonight's semantic ID of every item. The rules
    retired). Fresh items are served in ItemID order, so the result is deterministic; with no
    history it equals ``math.dedup.dedup_codes``.
 
+Under the collision policy ``relocate`` (math/relocate.py; a lineage keeps the policy of its
+first night), two things change, and nothing else: in rule 2, "tonight's codes" are the codes
+after the policy, i.e. where relocation over the whole of tonight's catalog puts the item (as
+a first night would); in rule 4, the fresh items are relocated among themselves, with every
+L-code tuple of an ID ever issued (live or retired) held: a fresh item keeps its codes only if
+no such ID has them and it is the nearest fresh item on them, otherwise it moves to a free
+candidate, and only an item with no free candidate takes a dedup code (the smallest free one,
+the item that kept the codes served first). With no history this equals ``semid train``'s
+relocation.
+
 IDs of removed items, and old IDs of changed items that did not keep them, are **retired**:
 they are appended to the retired list and never handed to another item (downstream models may
 still hold them). The invariant that makes rule 4 safe: every ID ever issued is either live in
@@ -38,6 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from semid_dist.math.dedup import lex_order, row_groups
+from semid_dist.math.relocate import relocate
 
 STABLE, KEPT, RECLAIMED, FRESH = 0, 1, 2, 3
 STATUS_NAMES = ("stable", "kept", "reclaimed", "fresh")
@@ -207,8 +218,12 @@ def assign(
     tok: int,
     seq: int,
     policy: str = "keep_if_same_codes",
+    cand_NK: np.ndarray | None = None,
+    err_NK: np.ndarray | None = None,
 ) -> Assignment:
-    """Tonight's semantic IDs (rules in the module docstring). ids_N sorted, unique."""
+    """Tonight's semantic IDs (rules in the module docstring). ids_N sorted, unique. With the
+    last-level candidates (cand_NK, err_NK: math/relocate.py) the collision policy is relocate,
+    without them suffix."""
     if policy not in POLICIES:
         raise ValueError(f"changed-item policy {policy!r}: choose one of {', '.join(POLICIES)}")
     n, L = codes_NL.shape
@@ -227,7 +242,8 @@ def assign(
     changed = in_prev & ~stable
     kept = np.zeros(n, bool)
     if policy == "keep_if_same_codes" and changed.any():
-        kept = changed & (prev.tok[pos] == tok) & (prev.sid[pos, :L] == codes_NL).all(axis=1)
+        after_NL = codes_NL if cand_NK is None else relocate(ids_N, codes_NL, cand_NK, err_NK).codes_NL
+        kept = changed & (prev.tok[pos] == tok) & (prev.sid[pos, :L] == after_NL).all(axis=1)
 
     sid_NM = np.zeros((n, M), np.int64)
     tok_N = np.full(n, tok, np.uint64)
@@ -244,8 +260,14 @@ def assign(
 
     fresh = rest[back < 0]  # ascending, so in ItemID order
     used_UM = np.concatenate([prev.sid, retired.sid]).astype(np.int64)
-    sid_NM[fresh, :L] = codes_NL[fresh]
-    sid_NM[fresh, L] = fresh_dedup_codes(codes_NL[fresh].astype(np.int64), used_UM)
+    if cand_NK is None:
+        sid_NM[fresh, :L] = codes_NL[fresh]
+        sid_NM[fresh, L] = fresh_dedup_codes(codes_NL[fresh].astype(np.int64), used_UM)
+    elif fresh.size:
+        rel = relocate(ids_N[fresh], codes_NL[fresh], cand_NK[fresh], err_NK[fresh], used_UM[:, :L])
+        serve = np.lexsort([ids_N[fresh], ~rel.stays_N])  # the item that kept its codes first
+        sid_NM[fresh, :L] = rel.codes_NL
+        sid_NM[fresh[serve], L] = fresh_dedup_codes(rel.codes_NL[serve], used_UM)
 
     # retire: previous IDs whose item is gone, or changed and not kept
     gone_P = np.ones(len(prev), bool)
