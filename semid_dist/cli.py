@@ -79,6 +79,9 @@ COMMANDS = {
     "nightly": "semid_dist.commands.nightly",
 }
 
+# read-only sub-commands with their own argparse: main(argv) -> exit status
+TOOLS = {"report": "semid_dist.commands.report", "inspect": "semid_dist.commands.inspect"}
+
 
 def _arg_type(tp):
     if tp in (int, "int"):
@@ -186,6 +189,10 @@ def print_summary(results: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TOOLS:  # their own flags: no Config, no Ray
+        import importlib
+
+        return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
     debug = "DEBUG" in [a.upper() for a in argv]
     try:
         cfg, extra = parse_config(argv)

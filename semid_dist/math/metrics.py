@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from semid_dist.math.dedup import row_groups
+from semid_dist.math.quality import gini
 
 
 def collision_stats(codes_NL: np.ndarray) -> dict:
@@ -21,7 +22,8 @@ def collision_stats(codes_NL: np.ndarray) -> dict:
 
 
 def level_stats(codes_NL: np.ndarray, n_codes: int) -> list[dict]:
-    """Per level: codes used, perplexity exp(H) of the code distribution, dead codes."""
+    """Per level: codes used, perplexity exp(H) of the code distribution, dead codes, and the Gini
+    coefficient of code usage over all n_codes codes (0: even; dead codes count as 0)."""
     out = []
     n = max(codes_NL.shape[0], 1)
     for level in range(codes_NL.shape[1]):
@@ -34,6 +36,7 @@ def level_stats(codes_NL: np.ndarray, n_codes: int) -> list[dict]:
                 "codes_used": used,
                 "dead_codes": int(n_codes - used),
                 "perplexity": float(np.exp(-(p * np.log(p)).sum())) if used else 0.0,
+                "gini": gini(counts),
             }
         )
     return out

@@ -1,0 +1,214 @@
+"""``semid inspect``: what one item's semantic ID means, or which items a prefix holds.
+
+    semid inspect --run RUN --item ITEMID [--data_path CATALOG] [--item_titles FILE] [--neighbours 10]
+    semid inspect --run RUN --prefix 12,34 [--item_titles FILE]
+
+RUN is a published output dir or a nightly output root (its LATEST generation). For an item:
+its semantic ID, how many items share its prefix at each depth 1..L (with a few of them), and
+its nearest neighbours with their IDs: by embedding cosine when --data_path is given, else by
+the cosine of the tokenizer's reconstructions (final_model.pt decodes every item's codes).
+Everything is read on this machine (the mappings, the titles and, with --data_path, the catalog).
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import numpy as np
+
+from semid_dist import export
+from semid_dist.commands.report import ArgParser, resolve_run
+from semid_dist.errors import UserError, one_line
+from semid_dist.storage import Storage, join
+
+EXAMPLES = 3  # items shown per prefix depth
+
+
+class Run:
+    """A published run's mappings: ItemIDs (N,) and semantic IDs (N, L+1), sorted by ItemID."""
+
+    def __init__(self, run: str, store: Storage):
+        import pyarrow.parquet as pq
+
+        self.dir, self.name = resolve_run(run, store)
+        self.store = store
+        uri = join(self.dir, export.MAPPING_PARQUET)
+        try:
+            t = pq.read_table(
+                io.BytesIO(store.read_bytes(uri, "mappings file")), columns=["ItemID", "semantic_id"]
+            )
+            ids_N = t.column("ItemID").to_numpy().astype(np.int64)
+            flat = t.column("semantic_id").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            sid_NM = flat.astype(np.int64).reshape(len(ids_N), -1)
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"{uri}: not a semantic ID mappings file ({one_line(e)})") from e
+        order = np.argsort(ids_N, kind="stable")
+        self.ids_N, self.sid_NM = ids_N[order], sid_NM[order]
+        self.n_levels = sid_NM.shape[1] - 1  # the last column is the dedup code
+
+    def row_of(self, item: int) -> int:
+        i = int(np.searchsorted(self.ids_N, item))
+        if i == len(self.ids_N) or self.ids_N[i] != item:
+            raise UserError(f"{self.name}: ItemID {item} is not in the published mappings")
+        return i
+
+    def under(self, prefix: list[int]) -> np.ndarray:
+        """Rows whose semantic ID starts with prefix, in semantic ID order (then ItemID)."""
+        p = np.asarray(prefix, np.int64)
+        rows = np.flatnonzero((self.sid_NM[:, : len(p)] == p).all(axis=1))
+        keys = [self.ids_N[rows]] + [self.sid_NM[rows, j] for j in range(self.sid_NM.shape[1] - 1, -1, -1)]
+        return rows[np.lexsort(keys)]
+
+
+def parse_prefix(text: str, width: int) -> list[int]:
+    try:
+        codes = [int(part) for part in text.replace(" ", "").split(",")]
+    except ValueError:
+        raise UserError(f"--prefix {text!r}: expected codes separated by commas, e.g. 12,34") from None
+    if not 1 <= len(codes) <= width or min(codes) < 0:
+        raise UserError(f"--prefix {text!r}: expected 1 to {width} non-negative codes separated by commas")
+    return codes
+
+
+def read_titles(path: str, store: Storage) -> dict[int, str]:
+    import pyarrow.parquet as pq
+
+    if not path:
+        return {}
+    try:
+        t = pq.read_table(io.BytesIO(store.read_bytes(path, "titles file")), columns=["ItemID", "title"])
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{path}: expected a parquet file with ItemID and title ({one_line(e)})") from e
+    return dict(zip(t.column("ItemID").to_pylist(), t.column("title").to_pylist(), strict=True))
+
+
+def read_embeddings(data_path: str, store: Storage, wanted_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ItemIDs, embeddings) of the catalog's items that are in wanted_N (sorted), read here."""
+    from semid_dist.catalog.schema import EMB_COL, ID_COL, RowError, batch_to_arrays, inspect_catalog
+
+    catalog = inspect_catalog(store.list_parquet(data_path), store)
+    ids, xs = [], []
+    for path in catalog.files:
+        for batch in catalog.open(path).iter_batches(batch_size=65536, columns=[ID_COL, EMB_COL]):
+            try:
+                ids_B, x_BD = batch_to_arrays(batch, catalog.dim)
+            except RowError as e:
+                raise UserError(f"{path}: {e.args[0]}") from e
+            keep = np.isin(ids_B, wanted_N)
+            ids.append(ids_B[keep])
+            xs.append(x_BD[keep].copy())
+    return np.concatenate(ids), np.concatenate(xs).reshape(-1, catalog.dim)
+
+
+def reconstructions(run: Run) -> np.ndarray:
+    """Every item's reconstruction from its L codes (the dedup code is not the tokenizer's)."""
+    from semid_dist.math.dedup import row_groups
+    from semid_dist.tokenizer import read_tokenizer
+
+    tok = read_tokenizer(join(run.dir, export.MODEL), run.store)[0]
+    codes_NL = run.sid_NM[:, : run.n_levels]
+    group_N, first, order = row_groups(codes_NL)
+    unique_GL = codes_NL[order[first]]  # one row per distinct code tuple, in group order
+    x_hat = np.concatenate([tok.decode(unique_GL[i : i + 8192]) for i in range(0, len(unique_GL), 8192)])
+    return x_hat[group_N]
+
+
+def nearest(x_ND: np.ndarray, i: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k rows nearest row i by cosine similarity (itself excluded), and the similarities."""
+    x = x_ND / np.maximum(np.linalg.norm(x_ND, axis=1, keepdims=True), 1e-12)
+    sim_N = x @ x[i]
+    sim_N[i] = -np.inf
+    k = min(k, len(sim_N) - 1)
+    top = np.argpartition(-sim_N, k - 1)[:k] if k > 0 else np.zeros(0, np.int64)
+    top = top[np.lexsort([top, -sim_N[top]])]  # most similar first; ties by row (ItemID order)
+    return top, sim_N[top]
+
+
+def _line(run: Run, row: int, titles: dict[int, str], extra: str = "") -> str:
+    item = int(run.ids_N[row])
+    title = titles.get(item)
+    return f"{item:>12}  {run.sid_NM[row].tolist()}{extra}" + (f"  {title}" if title else "")
+
+
+def show_item(run: Run, item: int, titles: dict, data_path: str, k: int) -> None:
+    row = run.row_of(item)
+    sid = run.sid_NM[row]
+    title = titles.get(item)
+    print(f"item {item}" + (f"  {title}" if title else ""))
+    print(f"semantic ID: {sid.tolist()}  ({run.n_levels} codes + dedup code {sid[-1]})  run: {run.name}")
+    print("items sharing its prefix:")
+    for depth in range(1, run.n_levels + 1):
+        rows = run.under(sid[:depth].tolist())
+        others = [r for r in rows if r != row][:EXAMPLES]
+        print(f"  depth {depth} {sid[:depth].tolist()}: {len(rows)} item(s)")
+        for r in others:
+            print("    " + _line(run, r, titles))
+    if k <= 0:
+        return
+    if data_path:
+        ids, x_ND = read_embeddings(data_path, run.store, run.ids_N)
+        order = np.argsort(ids, kind="stable")
+        ids, x_ND = ids[order], x_ND[order]
+        if not np.isin(item, ids):
+            raise UserError(f"{data_path}: ItemID {item} is not in the catalog")
+        rows_of = np.searchsorted(run.ids_N, ids)  # every kept id is in the mappings
+        how = f"embedding cosine, {len(ids)} items of {data_path}"
+        top, sim = nearest(x_ND, int(np.searchsorted(ids, item)), k)
+        top = rows_of[top]
+    else:
+        how = "cosine of the tokenizer's reconstructions (pass --data_path for the embeddings)"
+        top, sim = nearest(reconstructions(run), row, k)
+    print(f"nearest neighbours ({how}):")
+    for r, s in zip(top, sim, strict=True):
+        shared = int(np.cumprod(run.sid_NM[r, : run.n_levels] == sid[: run.n_levels]).sum())
+        print("  " + _line(run, int(r), titles, f"  cos {s:.3f}  shares {shared} code(s)"))
+
+
+def show_prefix(run: Run, prefix: list[int], titles: dict, limit: int) -> None:
+    rows = run.under(prefix)
+    print(f"prefix {prefix}: {len(rows)} item(s)  run: {run.name}")
+    shown = rows if limit <= 0 else rows[:limit]
+    for r in shown:
+        print("  " + _line(run, int(r), titles))
+    if len(shown) < len(rows):
+        print(f"  ... and {len(rows) - len(shown)} more (--limit 0 lists them all)")
+
+
+def build_parser() -> ArgParser:
+    p = ArgParser(prog="semid inspect", description="Look up an item's semantic ID or a prefix's items.")
+    p.add_argument("--run", required=True, help="published output dir or nightly output root")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--item", type=int, help="an ItemID")
+    what.add_argument("--prefix", help="leading codes separated by commas, e.g. 12,34")
+    p.add_argument("--data_path", default="", help="the catalog: neighbours by embedding cosine (--item)")
+    p.add_argument("--item_titles", default="", help="parquet with ItemID,title shown next to items")
+    p.add_argument("--neighbours", type=int, default=10, help="nearest neighbours shown (--item)")
+    p.add_argument("--limit", type=int, default=100, help="items listed under a prefix (0: all)")
+    p.add_argument("--s3_endpoint_url", default="", help="S3 endpoint override (default: AWS_ENDPOINT_URL)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        store = Storage.resolve(args.s3_endpoint_url)
+        run = Run(args.run, store)
+        prefix = parse_prefix(args.prefix, run.sid_NM.shape[1]) if args.prefix is not None else None
+        titles = read_titles(args.item_titles, store)
+        if prefix is None:
+            show_item(run, args.item, titles, args.data_path, args.neighbours)
+        else:
+            show_prefix(run, prefix, titles, args.limit)
+    except UserError as e:
+        print(f"semid: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
