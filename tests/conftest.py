@@ -111,3 +111,64 @@ def s3(tmp_path_factory):
             else:
                 os.environ[k] = v
         server.stop()
+
+
+# --- a multi-node Ray cluster on this host, for the `ray job submit` tests (tests/cluster.py) ----
+# Tiny data: one catalog on S3, 3,000 items x 32-d in 4 shards.
+CLUSTER_ITEMS, CLUSTER_DIM = 3000, 32
+# The worker nodes advertise little memory (a Ray resource, not a limit Ray enforces): enough for
+# a worker's shard of that catalog, too little for the larger one of the intake check's test.
+WORKER_NODE_MEMORY = 4_000_000
+TIGER_ARGS = [
+    "--mode", "tiger", "--n_layers", "2", "--n_embed", "16", "--latent_dim", "8",
+    "--batch_size", "256", "--epochs", "4", "--learning_rate", "3e-3", "--save_every", "1",
+    "--patience", "0", "--eval_every", "2", "--val_fraction", "0.1", "--seed", "7",
+    "--num_workers", "2", "--cpus_per_worker", "2",
+]  # fmt: skip
+KMEANS_ARGS = ["--mode", "kmeans", "--n_layers", "2", "--n_clusters", "16", "--max_iters", "5", "--seed", "3"]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3):
+    """A head and one worker node (3 CPUs each), the nodes' environment holding the S3
+    credentials as a cluster's Secret would; stopped by PID at the end of the session."""
+    from cluster import Cluster
+
+    base = tempfile.mkdtemp(prefix="sc-", dir="/tmp")  # short: Ray's unix socket paths
+    cluster = Cluster(base, s3.subprocess_env(), worker_memory=WORKER_NODE_MEMORY)
+    try:
+        cluster.add_worker()
+        cluster.wait_ready(2)
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cluster_catalog(s3, tmp_path_factory):
+    """The catalog on S3: (s3 uri, ids, x)."""
+    ids, x = make_catalog(CLUSTER_ITEMS, CLUSTER_DIM, seed=21)
+    d = tmp_path_factory.mktemp("cluster_catalog")
+    write_shards(str(d), ids, x, 4)
+    s3.filesystem().put(str(d) + "/", "semid-test/cluster/catalog/", recursive=True)
+    return "s3://semid-test/cluster/catalog/", ids, x
+
+
+@pytest.fixture(scope="session")
+def tiger_reference(ray_cluster, cluster_catalog):
+    """tiger, 2 workers over the 2 nodes, undisturbed: (job, output uri, train-worker actors)."""
+    out = "s3://semid-test/cluster/tiger-ref/"
+    job = ray_cluster.run("jobs.train", ["--data_path", cluster_catalog[0], "--output_dir", out, *TIGER_ARGS])
+    assert job.ok, job.logs()[-4000:]
+    return job, out, [a for a in ray_cluster.actors("RayTrainWorker") if a["job_id"] == job.info["job_id"]]
+
+
+@pytest.fixture(scope="session")
+def kmeans_reference(ray_cluster, cluster_catalog):
+    out = "s3://semid-test/cluster/kmeans-ref/"
+    job = ray_cluster.run(
+        "jobs.train", ["--data_path", cluster_catalog[0], "--output_dir", out, *KMEANS_ARGS]
+    )
+    assert job.ok, job.logs()[-4000:]
+    return job, out

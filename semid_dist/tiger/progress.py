@@ -45,6 +45,13 @@ class ProgressLog:
 
     @staticmethod
     def _log(r: dict) -> None:
+        if "resumed" in r:  # the workers (re)started from a checkpoint: a failure or --resume
+            log.info(
+                "tiger: resumed from checkpoint after epoch %d (step %d)",
+                r["resumed"]["epoch"],
+                r["resumed"]["step"],
+            )
+            return
         if "intake" in r:  # rank 0 has its rows in memory; the epochs start
             i = r["intake"]
             log.info(

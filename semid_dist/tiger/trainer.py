@@ -180,6 +180,7 @@ def train(
     """Run the TorchTrainer; return the trained model, its history and checkpoints.
     trace_dir and fail_at_step are test hooks (worker._Hooks)."""
     from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     use_gpu = _use_gpu(cfg)
     device = "cuda" if use_gpu else "cpu"
@@ -190,7 +191,9 @@ def train(
     args = steps.model_args(cfg, input_dim)
     arch = RQVAE(**args)
     log.info("tiger: model (%d parameters):\n%s", sum(p.numel() for p in arch.parameters()), arch)
-    progress = Queue(actor_options={"num_cpus": 0})
+    # On the driver's node: a queue on a node that is lost would lose every later progress line.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    progress = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     loop_cfg = {
         "config": cfg.to_dict(),
         "model_args": args,
@@ -200,8 +203,9 @@ def train(
         "trace_dir": trace_dir,
         "fail_at_step": fail_at_step,
         "store": store,
-        "expect_rows": -(-n_items // max(cfg.num_workers, 1)),
-    }  # a shard's size, about
+        "expect_rows": -(-n_items // max(cfg.num_workers, 1)),  # a shard's size, about
+        "n_items": n_items,
+    }
     trainer = _torch_trainer(cfg, loop_cfg, name, root, ds, store)
     log.info(
         "tiger: Ray Train, %d worker(s) on %s (%s), run %s",

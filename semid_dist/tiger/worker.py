@@ -51,6 +51,10 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     assert comm.world == world and comm.rank == rank, (comm.world, world, comm.rank, rank)
 
     # 1. This rank's rows, streamed once through Ray Data; the epochs then run from memory.
+    # First check they fit: a worker that runs out of memory mid-intake dies without a word.
+    check_shard_fits(
+        loop_cfg.get("n_items", 0), loop_cfg["model_args"]["input_dim"], world, ctx.get_local_world_size()
+    )
     t_read = time.perf_counter()
     ids_N, x_ND = read_shard(
         ray.train.get_dataset_shard("train"),
@@ -89,6 +93,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         opt.load_state_dict(saved["optimizer"])
         state = checkpoint.loop_state(saved)
         kept = saved.get("kept_model") or None
+        if rank == 0:  # a restart after a failure, or --resume
+            _progress(loop_cfg.get("progress"), {"resumed": {"epoch": state.epoch, "step": state.step}})
     net = _ddp(model, device) if comm.distributed else model
 
     # 3. Codebook initialisation (TIGER): k-means on the first batches' latents.
@@ -167,6 +173,30 @@ def _ddp(model: RQVAE, device: torch.device) -> torch.nn.Module:
         else {"broadcast_buffers": False}
     )
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
+
+
+def check_shard_fits(n_items: int, dim: int, world: int, local_world: int) -> None:
+    """Before the intake: this rank's shard (read_shard's array: float32 rows plus int64 ids)
+    times the train workers on this node must fit the memory Ray gives the node (its `memory`
+    resource: by default 70% of the node's RAM less the object store). A UserError otherwise,
+    saying how many workers or how much memory the catalog needs."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    node = next((n for n in ray.nodes() if n.get("NodeID") == node_id), {})
+    memory = float(node.get("Resources", {}).get("memory", 0))
+    row_bytes = 4 * dim + 8
+    need = local_world * -(-n_items // max(world, 1)) * row_bytes
+    if memory <= 0 or need <= memory:
+        return
+    mb = lambda b: f"{b / 1e6:,.0f} MB" if b >= 1e7 else f"{b / 1e6:,.1f} MB"  # noqa: E731
+    workers = -(-n_items * row_bytes * local_world // int(memory))
+    raise UserError(
+        f"tiger: the catalog ({n_items} items x {dim} dims) does not fit in the workers' memory: "
+        f"{local_world} worker(s) on node {node.get('NodeManagerAddress', node_id)} need {mb(need)} for "
+        f"their shards, and Ray gives that node {mb(memory)} (its `memory` resource); use "
+        f"--num_workers {workers} or more (one per node), or nodes with at least {mb(need)} of memory"
+    )
 
 
 def read_shard(shard, dim: int, expect_rows: int = 0) -> tuple[np.ndarray, np.ndarray]:

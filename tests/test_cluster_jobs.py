@@ -1,0 +1,108 @@
+"""`ray job submit` on a two-node Ray cluster (tests/cluster.py), input and output on S3: tiger
+with one train worker per node, kmeans, jobs.encode with an existing tokenizer, two nights of
+jobs.nightly, and tiger's intake check against the memory Ray gives a node."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cluster import mapping, read_json
+from conftest import KMEANS_ARGS, TIGER_ARGS, make_catalog, write_shards
+
+pytestmark = pytest.mark.slow
+
+
+def test_job_api_needs_the_token(ray_cluster):
+    assert ray_cluster.api("/api/jobs/")[0] == 200
+    assert ray_cluster.api("/api/jobs/", token=None)[0] == 401
+    assert ray_cluster.api("/api/jobs/", token="0" * 64)[0] == 403
+
+
+def test_tiger_one_worker_per_node(ray_cluster, cluster_catalog, tiger_reference, s3):
+    job, out, workers = tiger_reference
+    nodes = {n.node_id for n in ray_cluster.nodes}
+    assert len(workers) == 2, workers
+    placed = {a["node_id"] for a in workers}
+    assert len(placed) == 2 and placed <= nodes, (placed, nodes)  # two different nodes of ours
+    log = job.logs()
+    for epoch in range(1, 5):
+        assert f"epoch {epoch}/4:" in log, log[-3000:]
+    assert "resumed from checkpoint" not in log
+    fs = s3.filesystem()
+    ids = cluster_catalog[1]
+    got = mapping(fs, out)
+    assert sorted(got) == sorted(ids.tolist()) and len(set(got.values())) == len(got)
+    results = read_json(fs, out + "training_results.json")
+    assert results["mode"] == "tiger" and results["training"]["num_workers"] == 2
+    assert results["training"]["run_dir"].startswith(out + ".ray_train/")  # checkpoints on S3
+    assert "AWS" not in json.dumps(job.info.get("runtime_env", {}))  # credentials stay on the nodes
+    print(f"tiger on 2 nodes: {job.seconds:.1f} s")
+
+
+def test_kmeans_then_encode_with_its_tokenizer(ray_cluster, cluster_catalog, kmeans_reference, s3):
+    job, out = kmeans_reference
+    fs = s3.filesystem()
+    ids = cluster_catalog[1]
+    ref = mapping(fs, out)
+    assert sorted(ref) == sorted(ids.tolist()) and len(set(ref.values())) == len(ref)
+    assert f"semid_dist kmeans: {len(ids)} items" in job.logs()
+    enc_out = "s3://semid-test/cluster/encoded/"
+    enc = ray_cluster.run(
+        "jobs.encode",
+        ["--data_path", cluster_catalog[0], "--output_dir", enc_out, "--tokenizer", out + "final_model.pt"],
+    )
+    assert enc.ok, enc.logs()[-4000:]
+    assert mapping(fs, enc_out) == ref  # the same tokenizer over the same items: the same IDs
+    print(f"kmeans {job.seconds:.1f} s, encode {enc.seconds:.1f} s")
+
+
+def test_nightly_two_nights(ray_cluster, cluster_catalog, s3, tmp_path):
+    fs = s3.filesystem()
+    uri, ids1, x1 = cluster_catalog
+    # night 2: 100 items removed, 50 new, the rest unchanged
+    new_ids, new_x = make_catalog(50, x1.shape[1], seed=22, first_id=10_000_000)
+    ids2, x2 = np.r_[ids1[100:], new_ids], np.r_[x1[100:], new_x]
+    write_shards(str(tmp_path / "night2"), ids2, x2, 3)
+    fs.put(str(tmp_path / "night2") + "/", "semid-test/cluster/night2/", recursive=True)
+    root = "s3://semid-test/cluster/nightly/"
+    args = ["--output_dir", root, *KMEANS_ARGS]
+    n1 = ray_cluster.run("jobs.nightly", ["--data_path", uri, "--generation", "night1", *args])
+    assert n1.ok, n1.logs()[-4000:]
+    assert read_json(fs, root + "LATEST")["generation"] == "night1"
+    n2 = ray_cluster.run(
+        "jobs.nightly", ["--data_path", "s3://semid-test/cluster/night2/", "--generation", "night2", *args]
+    )
+    assert n2.ok, n2.logs()[-4000:]
+    latest = read_json(fs, root + "LATEST")
+    assert latest["generation"] == "night2" and latest["parent"] == "night1"
+    g1 = mapping(fs, root + "generations/night1/")
+    g2 = mapping(fs, root + "generations/night2/")
+    assert set(g2) == set(ids2.tolist())
+    assert all(g2[i] == g1[i] for i in ids1[100:].tolist()), "unchanged items keep their IDs"
+    assert len(set(g2.values())) == len(g2)
+    print(f"nightly: night 1 {n1.seconds:.1f} s, night 2 {n2.seconds:.1f} s")
+
+
+def test_tiger_intake_checks_the_nodes_memory(ray_cluster, s3, tmp_path):
+    """A catalog whose per-worker shard exceeds what the worker node advertises stops before
+    the intake, with one line saying what it needs; nothing is published."""
+    fs = s3.filesystem()
+    ids, x = make_catalog(16_000, 128, seed=23)  # 8,000 rows x 520 bytes = 4.2 MB per worker
+    write_shards(str(tmp_path / "big"), ids, x, 2)
+    fs.put(str(tmp_path / "big") + "/", "semid-test/cluster/big/", recursive=True)
+    out = "s3://semid-test/cluster/too-big/"
+    job = ray_cluster.run(
+        "jobs.train", ["--data_path", "s3://semid-test/cluster/big/", "--output_dir", out, *TIGER_ARGS]
+    )
+    log = job.logs()
+    assert not job.ok and job.exit_code == 2, (job.info, log[-3000:])
+    errors = [ln for ln in log.splitlines() if ln.startswith("semid: error:")]
+    assert len(errors) == 1, log[-3000:]
+    assert "memory" in errors[0] and "--num_workers" in errors[0], errors[0]
+    assert "rows in the workers' memory" not in log  # stopped before the intake
+    fs.invalidate_cache()
+    assert not fs.exists(out.replace("s3://", "") + "_SUCCESS")
+    print(f"intake check: {errors[0]} ({job.seconds:.1f} s)")
