@@ -1,0 +1,179 @@
+"""`semid report` and `semid inspect` on a real published run, checked against its mappings."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections import Counter
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from published_runs import FILMS, N_LAYERS, TITLES, kmeans_run, semid
+
+from semid_dist.cli import main
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return kmeans_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def mapping(run_dir):
+    """ItemID -> semantic ID tuple, straight from the published parquet."""
+    t = pq.read_table(os.path.join(run_dir, "semantic_id_mappings.parquet"))
+    return dict(
+        zip(t.column("ItemID").to_pylist(), map(tuple, t.column("semantic_id").to_pylist()), strict=True)
+    )
+
+
+@pytest.fixture(scope="module")
+def titles():
+    t = pq.read_table(TITLES, columns=["ItemID", "title"])
+    return dict(zip(t.column("ItemID").to_pylist(), t.column("title").to_pylist(), strict=True))
+
+
+def inspect(capsys, *args) -> tuple[int, str, str]:
+    rc = main(["inspect", *args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def crowded_item(mapping) -> int:
+    """An item whose full L-code prefix is shared with others (so every depth has company)."""
+    counts = Counter(sid[:N_LAYERS] for sid in mapping.values())
+    return min(i for i, sid in mapping.items() if counts[sid[:N_LAYERS]] > 1)
+
+
+def test_inspect_item_prefix_counts_match_the_mappings(run_dir, mapping, titles, capsys):
+    item = crowded_item(mapping)
+    rc, out, _ = inspect(
+        capsys, "--run", run_dir, "--item", str(item), "--item_titles", TITLES, "--neighbours", "5"
+    )
+    assert rc == 0
+    sid = mapping[item]
+    assert out.splitlines()[0] == f"item {item}  {titles[item]}"
+    assert f"semantic ID: {list(sid)}" in out
+    for depth in range(1, N_LAYERS + 1):
+        n = sum(1 for s in mapping.values() if s[:depth] == sid[:depth])
+        assert f"depth {depth} {list(sid[:depth])}: {n} item(s)" in out
+    # the examples listed under each depth do share the prefix, and carry their titles
+    prefixes = out.split("nearest neighbours")[0]
+    for line in re.findall(r"^ {4}\s*(\d+)  (\[[\d, ]+\])  (.*)$", prefixes, re.M):
+        other, shown, title = int(line[0]), json.loads(line[1]), line[2]
+        assert tuple(shown) == mapping[other] and shown[0] == sid[0] and title == titles[other]
+    # neighbours by reconstruction: 5 lines, the items with the same L codes first (cosine 1)
+    neigh = out.split("nearest neighbours")[1].splitlines()[1:]
+    assert len(neigh) == 5 and "reconstructions" in out
+    same = sum(1 for s in mapping.values() if s[:N_LAYERS] == sid[:N_LAYERS]) - 1
+    for line in neigh[: min(same, 5)]:
+        assert "cos 1.000" in line and f"shares {N_LAYERS} code(s)" in line
+
+
+def test_inspect_neighbours_by_embedding_match_numpy(run_dir, mapping, capsys):
+    item = crowded_item(mapping)
+    rc, out, _ = inspect(
+        capsys, "--run", run_dir, "--item", str(item), "--data_path", FILMS, "--neighbours", "7"
+    )
+    assert rc == 0 and "embedding cosine" in out
+    got = [int(line.split()[0]) for line in out.split("nearest neighbours")[1].splitlines()[1:]]
+    cat = pq.read_table(os.path.join(FILMS, "item_emb.parquet"))
+    ids = np.array(cat.column("ItemID").to_pylist())
+    keep = np.isin(ids, list(mapping))
+    ids, x = ids[keep], np.array(cat.column("embedding").to_pylist(), np.float64)[keep]
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    sim = x @ x[ids == item][0]
+    order = [int(i) for i in ids[np.argsort(-sim, kind="stable")] if i != item]
+    assert got == order[:7]
+
+
+def test_inspect_prefix_lists_every_item_under_it(run_dir, mapping, titles, capsys):
+    sid = mapping[crowded_item(mapping)]
+    prefix = sid[:2]
+    rc, out, _ = inspect(
+        capsys,
+        "--run",
+        run_dir,
+        "--prefix",
+        ",".join(map(str, prefix)),
+        "--item_titles",
+        TITLES,
+        "--limit",
+        "0",
+    )
+    assert rc == 0
+    expected = {i for i, s in mapping.items() if s[:2] == prefix}
+    assert out.splitlines()[0].startswith(f"prefix {list(prefix)}: {len(expected)} item(s)")
+    listed = [int(line.split()[0]) for line in out.splitlines()[1:]]
+    assert sorted(listed) == sorted(expected)
+    assert [mapping[i] for i in listed] == sorted(mapping[i] for i in listed)  # in ID order
+    assert all(titles[i] in out for i in expected)
+    # a cut listing says how many more there are
+    rc, out, _ = inspect(capsys, "--run", run_dir, "--prefix", str(prefix[0]), "--limit", "3")
+    n = sum(1 for s in mapping.values() if s[0] == prefix[0])
+    assert rc == 0 and len(out.splitlines()) == 5 and f"and {n - 3} more" in out
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--item", "1"], "ItemID 1 is not in the published mappings"),
+        (["--prefix", "1,x"], "expected codes separated by commas"),
+        (["--prefix", ""], "expected codes separated by commas"),
+        (["--prefix", "0,0,0,0,0"], "expected 1 to 4 non-negative codes"),
+        (["--prefix", "-1"], "expected 1 to 4 non-negative codes"),
+    ],
+)
+def test_inspect_errors_are_one_line(run_dir, capsys, args, message):
+    rc, out, err = inspect(capsys, "--run", run_dir, *args)
+    assert rc == 2 and out == ""
+    assert err.startswith("semid: error: ") and message in err and err.count("\n") == 1
+
+
+def test_inspect_and_report_through_the_entry_point(run_dir, mapping, tmp_path):
+    """The installed `semid`: a missing run and a bad flag exit 2 with one line; report writes."""
+    p = semid("inspect", "--run", str(tmp_path / "missing"), "--item", "1")
+    assert p.returncode == 2 and p.stderr.startswith("semid: error: ") and p.stderr.count("\n") == 1
+    assert "no published run here" in p.stderr
+    p = semid("inspect", "--run", run_dir)  # neither --item nor --prefix
+    assert p.returncode == 2 and p.stderr.startswith("semid: error: ") and p.stderr.count("\n") == 1
+    out = tmp_path / "report.html"
+    p = semid("report", run_dir, "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    page = out.read_text()
+    assert "<h2>Summary</h2>" in page and "Code usage per level" in page
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+
+
+def nightly_root(run_dir: str, root) -> str:
+    """A nightly output root laid out around the published run: generations/g1 and LATEST."""
+    gen = root / "generations" / "g1"
+    shutil.copytree(run_dir, gen)
+    (root / "LATEST").write_text(json.dumps({"generation": "g1", "seq": 1}))
+    return str(root)
+
+
+def test_report_side_by_side_and_through_latest(run_dir, mapping, tmp_path, capsys):
+    root = nightly_root(run_dir, tmp_path / "nightly")
+    out = tmp_path / "cmp" / "report.html"
+    assert main(["report", run_dir, root, "--out", str(out)]) == 0
+    assert "2 run(s)" in capsys.readouterr().out
+    page = out.read_text()
+    assert "<h2>Comparison</h2>" in page and f"{root} (generation g1)" in page
+    results = json.load(open(os.path.join(run_dir, "training_results.json")))
+    rate = f"{100 * results['metrics']['collision_rate']:.2f}%"
+    assert page.count(rate) >= 2  # both columns of the comparison
+    # inspect follows LATEST too
+    item = crowded_item(mapping)
+    assert main(["inspect", "--run", root, "--item", str(item), "--neighbours", "0"]) == 0
+    assert f"semantic ID: {list(mapping[item])}" in capsys.readouterr().out
+    # a LATEST that names an unpublished generation, and a run without _SUCCESS, are one-line errors
+    (tmp_path / "nightly" / "LATEST").write_text(json.dumps({"generation": "g2", "seq": 2}))
+    assert main(["report", root, "--out", str(out)]) == 2
+    assert "not published" in capsys.readouterr().err
+    os.remove(tmp_path / "nightly" / "generations" / "g1" / "_SUCCESS")
+    assert main(["report", str(tmp_path / "nightly" / "generations" / "g1"), "--out", str(out)]) == 2
+    assert "no _SUCCESS" in capsys.readouterr().err
