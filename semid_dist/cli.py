@@ -164,9 +164,10 @@ def print_summary(results: dict) -> None:
     print(f"  relative recon. error:       {m['relative_reconstruction_error']:.4f}")
     pol = m.get("collisions", {})
     if pol.get("policy") == "relocate":
+        err = f", recon. error {pol['error_after']:.4f}" if "error_after" in pol else ""
         print(
             f"  collision policy relocate:   {pol['moved']} items moved, {pol['suffix_items']} need a suffix;"
-            f" collision rate {100 * pol['rate_after']:.2f}%, recon. error {pol['error_after']:.4f}"
+            f" collision rate {100 * pol['rate_after']:.2f}%{err}"
         )
     print(f"  wall time:                   {results['timings_s']['total']:.1f} s")
     print(f"  outputs:                     {results['output_dir']}")

@@ -1,0 +1,108 @@
+"""--collision_policy relocate end to end (CLI on the session's Ray): both modes, and nightly."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from semid_dist import load_tokenizer
+from semid_dist.cli import main
+from semid_dist.math.metrics import collision_stats
+
+KMEANS = ["--mode", "kmeans", "--n_layers", "2", "--n_clusters", "16", "--max_iters", "10", "--seed", "5"]
+TIGER = [
+    "--mode",
+    "tiger",
+    "--n_layers",
+    "2",
+    "--n_embed",
+    "16",
+    "--latent_dim",
+    "8",
+    "--epochs",
+    "3",
+    "--batch_size",
+    "100",
+    "--seed",
+    "5",
+]
+
+
+def train(data, out, *args):
+    log_dir = os.path.join(os.path.dirname(out), "logs")
+    assert main(["train", "--data_path", data, "--output_dir", out, "--log_dir", log_dir, *args]) == 0
+    with open(os.path.join(out, "training_results.json")) as f:
+        return json.load(f)
+
+
+def published(out):
+    t = pq.read_table(os.path.join(out, "semantic_id_mappings.parquet"))
+    return t.column("ItemID").to_numpy(), np.array(t.column("semantic_id").to_pylist(), np.int64)
+
+
+def recomputed_error(out, ids, x):
+    """sum ||x - decode(published L codes)||^2 / sum ||x||^2, from the published files alone."""
+    pub_ids, sid = published(out)
+    tok = load_tokenizer(os.path.join(out, "final_model.pt"))
+    order = np.argsort(ids)
+    rows = order[np.searchsorted(ids[order], pub_ids)]
+    x_hat = tok.decode(sid[:, :-1])
+    return float(((x[rows] - x_hat) ** 2).sum(dtype=np.float64) / (x**2).sum(dtype=np.float64))
+
+
+@pytest.mark.parametrize("mode", ["kmeans", "tiger"])
+def test_relocate_moves_colliders_to_free_codes_and_reports_it(ray_session, small_catalog, tmp_path, mode):
+    data, ids, x = small_catalog  # 600 items into 2 levels x 16 codes: many collisions
+    args = KMEANS if mode == "kmeans" else TIGER
+    suffix = train(data, str(tmp_path / "suffix"), *args)
+    reloc = train(data, str(tmp_path / "relocate"), *args, "--collision_policy", "relocate")
+    c = reloc["metrics"]["collisions"]
+    s = suffix["metrics"]["collisions"]
+    assert s["policy"] == "suffix" and c["policy"] == "relocate"
+    # the same tokenizer (same seed): the policies differ only in the IDs
+    assert reloc["metrics"]["relative_reconstruction_error"] == pytest.approx(
+        suffix["metrics"]["relative_reconstruction_error"], rel=1e-6
+    )
+    assert c["rate_before"] == pytest.approx(s["rate_before"]) and c["rate_before"] > 0.2
+    assert c["moved"] > 20 and c["rate_after"] < c["rate_before"]
+    assert c["suffix_items"] < s["suffix_items"]
+    _, sid_s = published(str(tmp_path / "suffix"))
+    pub_ids, sid = published(str(tmp_path / "relocate"))
+    assert len({tuple(r) for r in sid.tolist()}) == len(sid), "duplicate semantic ID"
+    np.testing.assert_array_equal(sid[:, 0], sid_s[:, 0])  # only the last level moves
+    moved = (sid[:, :-1] != sid_s[:, :-1]).any(axis=1)
+    assert moved.sum() == c["moved"] and (sid[moved, -1] == 0).all()
+    assert (sid[:, -1] > 0).sum() == c["suffix_items"]
+    assert collision_stats(sid[:, :-1])["collision_rate"] == pytest.approx(c["rate_after"])
+    # the reported errors are what the published codes reconstruct to
+    assert c["error_before"] == pytest.approx(recomputed_error(str(tmp_path / "suffix"), ids, x), rel=1e-3)
+    assert c["error_after"] == pytest.approx(recomputed_error(str(tmp_path / "relocate"), ids, x), rel=1e-3)
+    assert c["error_after"] >= c["error_before"]
+    log = open(os.path.join(tmp_path / "relocate", "logs", reloc["log_file"])).read()
+    assert f"{c['moved']} items moved, {c['suffix_items']} still need a suffix" in log
+
+
+def test_nightly_lineage_keeps_its_first_policy_and_night_one_equals_train(
+    ray_session, small_catalog, tmp_path
+):
+    data, ids, x = small_catalog
+    train(data, str(tmp_path / "train"), *KMEANS, "--collision_policy", "relocate")
+    root = str(tmp_path / "lineage")
+    log_dir = str(tmp_path / "logs")
+    night = ["nightly", "--data_path", data, "--output_dir", root, "--log_dir", log_dir, *KMEANS]
+    assert main([*night, "--generation", "n1", "--collision_policy", "relocate"]) == 0
+    g1 = os.path.join(root, "generations", "n1")
+    t_ids, t_sid = published(str(tmp_path / "train"))
+    n_ids, n_sid = published(g1)
+    np.testing.assert_array_equal(n_ids, t_ids)
+    np.testing.assert_array_equal(n_sid, t_sid)
+    # night 2 without the flag: the lineage's policy stays relocate, and the log says the flag lost
+    assert main([*night, "--generation", "n2"]) == 0
+    with open(os.path.join(root, "generations", "n2", "generation.json")) as f:
+        assert json.load(f)["collision_policy"] == "relocate"
+    logs = "".join(open(os.path.join(log_dir, f)).read() for f in os.listdir(log_dir))
+    assert logs.count("--collision_policy suffix ignored: this lineage uses relocate") == 1
+    n2_ids, n2_sid = published(os.path.join(root, "generations", "n2"))
+    np.testing.assert_array_equal(n2_sid, n_sid)  # nothing changed: every ID kept
