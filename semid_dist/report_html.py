@@ -195,15 +195,21 @@ def _levels(r: dict) -> str:
 
 
 def group_size_png(before: dict, after: dict | None) -> bytes:
-    """Groups of items sharing all L codes, by size, before and after the collision policy."""
+    """Groups of items sharing all L codes, by size, before and after the collision policy: one
+    bar slot per size that occurs (sizes can range from 1 to thousands)."""
     plt, fig, ax = _figure(1, (5.6, 3.4))
     a = ax[0]
     series = [("before policy", before)] + ([("after policy", after)] if after else [])
+    sizes = sorted({s for _, h in series for s in h.get("sizes", [])})
+    slot = {s: i for i, s in enumerate(sizes)}
     width = 0.8 / len(series)
     for i, (label, h) in enumerate(series):
-        xs = [s + (i - (len(series) - 1) / 2) * width for s in h.get("sizes", [])]
+        xs = [slot[s] + (i - (len(series) - 1) / 2) * width for s in h.get("sizes", [])]
         a.bar(xs, h.get("groups", []), width=width, label=label)
+    step = max(1, math.ceil(len(sizes) / 12))
+    a.set_xticks(range(0, len(sizes), step), [str(s) for s in sizes[::step]])
     a.set_yscale("log")
+    a.set_ylim(bottom=0.5)  # a single group of a size still shows as a bar
     a.set_xlabel("items sharing all L codes (group size)")
     a.set_ylabel("groups")
     a.set_title("group sizes (1 = unique)")
@@ -241,6 +247,8 @@ def _groups(r: dict) -> str:
         out += _img(group_size_png(gs["before"], gs.get("after")), "group sizes before and after the policy")
         rows = _group_rows(gs["before"], gs.get("after") or {})
         out += _table(["group size", "groups before", "groups after"], rows)
+        if gs.get("source"):
+            out += f'<p class="note">derived from the published {_esc(gs["source"])}</p>'
     else:
         out += _missing("group-size histogram")
     return out

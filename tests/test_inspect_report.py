@@ -146,6 +146,14 @@ def test_inspect_and_report_through_the_entry_point(run_dir, mapping, tmp_path):
     page = out.read_text()
     assert "<h2>Summary</h2>" in page and "Code usage per level" in page
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+    # the group-size histogram (recorded by the run, else derived from its mappings) is the mappings'
+    per_size = Counter(Counter(s[:N_LAYERS] for s in mapping.values()).values())
+    for size, groups in per_size.items():
+        assert f"<tr><td>{size}</td><td>{groups}</td><td>{groups}</td></tr>" in page
+    assert 'alt="group sizes before and after the policy"' in page
+    assert (
+        "Gini" in page and "<td>–</td></tr>" not in page.split("Code usage per level")[1].split("</table>")[0]
+    )
 
 
 def nightly_root(run_dir: str, root) -> str:

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from semid_dist import export
 from semid_dist.errors import UserError, one_line
 from semid_dist.publish import SUCCESS
 from semid_dist.storage import Storage, is_s3, join, strip_scheme
+
+log = logging.getLogger("semid_dist")
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -61,6 +64,42 @@ def read_results(run_dir: str, store: Storage) -> dict:
     return results
 
 
+def fill_from_mappings(results: dict, run_dir: str, store: Storage) -> None:
+    """A run published before the report existed: the Gini per level and, under the suffix policy
+    (the published codes are then the tokenizer's), the group-size histogram, from its
+    semantic_id_mappings.parquet (read whole; only when they are missing)."""
+    import io
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from semid_dist.math.quality import gini, group_size_histogram
+
+    m = results["metrics"]
+    levels = m.get("levels") or []
+    suffix = (m.get("collisions") or {}).get("policy", "suffix") == "suffix"
+    want_groups = "group_sizes" not in m and suffix
+    k = (results.get("config") or {}).get("n_embed" if results.get("mode") == "tiger" else "n_clusters")
+    want_gini = isinstance(k, int) and any("gini" not in lv for lv in levels)
+    if not (want_groups or want_gini):
+        return
+    uri = join(run_dir, export.MAPPING_PARQUET)
+    try:
+        col = pq.read_table(io.BytesIO(store.read_bytes(uri, "mappings file")), columns=["semantic_id"])[0]
+        flat = col.combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+        codes_NL = flat.reshape(len(col), -1)[:, :-1]  # the last code is the dedup code
+    except Exception as e:  # the report still renders, without these sections
+        log.warning("%s: cannot derive the group sizes and Gini (%s)", uri, one_line(e))
+        return
+    if want_groups:
+        h = group_size_histogram(codes_NL)
+        m["group_sizes"] = {"before": h, "after": h, "source": export.MAPPING_PARQUET}
+    if want_gini:
+        for lv in levels:
+            if "gini" not in lv and 0 <= lv.get("level", -1) < codes_NL.shape[1]:
+                lv["gini"] = gini(np.bincount(codes_NL[:, lv["level"]], minlength=k))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgParser(
         prog="semid report",
@@ -80,6 +119,7 @@ def run(args: argparse.Namespace) -> str:
     for r in args.runs:
         run_dir, title = resolve_run(r, store)
         results.append(read_results(run_dir, store))
+        fill_from_mappings(results[-1], run_dir, store)
         titles.append(title)
     page = report_html.render(results, titles)
     try:
