@@ -143,6 +143,7 @@ def run(cfg: Config, log_dir: str = "logs") -> dict:
             quality["max_dedup_code"] = a.counts["max_dedup_code"]
             quality["published_ids"] = collision_stats(a.mapping.sid[:, :-1])
             fresh = a.status_N == gen.FRESH
+            train.add_quality(quality, enc, a.mapping.sid[:, :-1])
             quality["collisions"] = {
                 "policy": cfg.collision_policy,
                 "rate_before": quality["collision_rate"],
@@ -207,6 +208,7 @@ def run(cfg: Config, log_dir: str = "logs") -> dict:
         else:
             with r.stage("export"):
                 write_generation(r.pub, a, model_bytes, manifest, cfg.dataset_name, tokenizer.n_codes)
+                train.write_report(r, results)
             generation["status"] = "published"
             r.publish(results, {"generation": name, "seq": seq, "items": n_items, "content_digest": digest})
         generation["latest"] = move_latest(root, name, seq, parent_name, digest, latest)

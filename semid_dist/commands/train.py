@@ -90,6 +90,8 @@ def export_ids(
         quality["max_dedup_code"] = int(dedup_N.max()) if dedup_N.size else 0
         quality["collisions"] = collisions
         assert row_groups(sid_NM)[1].all(), "dedup left a duplicate ID"
+    with r.stage("quality"):
+        add_quality(quality, enc, codes_NL)
     with r.stage("export"):
         export.write_mappings(r.pub, enc.ids_N, sid_NM, cfg.dataset_name)
         export.write_retrieval_files(r.pub, sid_NM, tokenizer.n_codes)
@@ -104,6 +106,7 @@ def export_ids(
         quality["relative_reconstruction_error"],
     )
     log_policy(collisions)
+    write_report(r, results)
     r.publish(results, {"mode": cfg.mode, "items": n_items})
     results["output_dir"] = cfg.output_dir
     results["log_path"] = r.log_path
@@ -179,3 +182,40 @@ def log_policy(c: dict) -> None:
         c["error_after"],
         c["seconds"],
     )
+
+
+def add_quality(quality: dict, enc: EncodeResult, codes_NL: np.ndarray) -> None:
+    """The quality report's figures: group sizes before and after the collision policy, and
+    the semantic coherence of the published codes on the encode pass's hash sample."""
+    from semid_dist.math.quality import coherence, group_size_histogram
+
+    quality["group_sizes"] = {
+        "before": group_size_histogram(enc.codes_NL),
+        "after": group_size_histogram(codes_NL),
+    }
+    if enc.sample_ids is not None and len(enc.sample_ids):
+        rows = np.searchsorted(enc.ids_N, enc.sample_ids)
+        quality["coherence"] = coherence(enc.sample_x, codes_NL[rows])
+        c = quality["coherence"]
+        if c["knn_same_first"] is not None:
+            log.info(
+                "semantic coherence (%d items, %d neighbours): %.1f%% share the first code (random "
+                "pairs %.1f%%), %.1f%% the first two (random %.2f%%)",
+                c["sample"],
+                c["k"],
+                100 * c["knn_same_first"],
+                100 * c["random_same_first"],
+                100 * c["knn_same_first_two"],
+                100 * c["random_same_first_two"],
+            )
+    enc.sample_x = None  # up to 30 MB the driver no longer needs
+
+
+def write_report(r: Run, results: dict) -> None:
+    """quality_report.html, published with the other outputs."""
+    from semid_dist import report_html
+
+    t0 = time.perf_counter()
+    results["timings_s"] = r.timings()  # so far; publish() records the final ones
+    report_html.write(r.pub, results)
+    log.info("quality report written (%.2f s)", time.perf_counter() - t0)
