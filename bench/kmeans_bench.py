@@ -270,6 +270,9 @@ def run_product(data: str, work: str, device: str, env: dict, src: str = REPO, f
         "relative_reconstruction_error": m["relative_reconstruction_error"],
         "codes_used": [lv["codes_used"] for lv in m["levels"]],
     }
+    side["policy"] = m.get("collisions")
+    side["quality_s"] = t.get("quality", 0.0)
+    side["driver"] = res.get("driver")
     side["output_bytes"] = sum(
         os.path.getsize(os.path.join(out, f)) for f in os.listdir(out) if os.path.isfile(os.path.join(out, f))
     )
@@ -509,6 +512,21 @@ def main() -> None:
         + f"{machine_line(res['machine'])}"
     )
     print(md)
+    prod = res["sides"].get("product")
+    if prod and prod.get("policy"):
+        c, wall = prod["policy"], prod["wall_s"]
+        print(
+            f"  collision policy {c['policy']}: collision rate {100 * c['rate_before']:.3f}% -> "
+            f"{100 * c['rate_after']:.3f}%, {c['moved']} moved, {c['suffix_items']} items need a suffix "
+            f"({100 * c['suffix_items'] / a.n:.3f}%), "
+            f"error {c['error_before']:.4f} -> {c['error_after']:.4f} "
+            f"({100 * (c['error_after'] / c['error_before'] - 1):+.2f}%), {c['seconds']:.2f} s "
+            f"({100 * c['seconds'] / wall:.1f}% of wall)"
+        )
+        print(f"  quality figures: {prod['quality_s']:.2f} s ({100 * prod['quality_s'] / wall:.1f}% of wall)")
+    if prod and prod.get("driver"):
+        d = prod["driver"]
+        print(f"  driver peak RSS {d['peak_rss_gb']:.2f} GB, {d['bytes_per_item']:.0f} bytes per item")
     for k, v in res["targets_met"].items():
         print(f"  target {k}: {'met' if v else 'NOT met'}")
     print(f"results: {base}.json")

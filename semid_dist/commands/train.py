@@ -106,6 +106,7 @@ def export_ids(
         quality["relative_reconstruction_error"],
     )
     log_policy(collisions)
+    results["driver"] = driver_memory(n_items)
     write_report(r, results)
     r.publish(results, {"mode": cfg.mode, "items": n_items})
     results["output_dir"] = cfg.output_dir
@@ -219,3 +220,12 @@ def write_report(r: Run, results: dict) -> None:
     results["timings_s"] = r.timings()  # so far; publish() records the final ones
     report_html.write(r.pub, results)
     log.info("quality report written (%.2f s)", time.perf_counter() - t0)
+
+
+def driver_memory(n_items: int) -> dict:
+    """The driver process's peak resident memory so far, and that over the items (an upper
+    bound on the driver's memory per item: it includes the interpreter, torch and Ray)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return {"peak_rss_gb": round(peak / 1e9, 3), "bytes_per_item": round(peak / max(n_items, 1), 1)}
