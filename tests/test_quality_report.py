@@ -11,7 +11,7 @@ from collections import Counter
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from published_runs import FILMS, N_CLUSTERS, N_LAYERS, kmeans_run
+from published_runs import FILMS, N_CLUSTERS, N_ITEMS, N_LAYERS, kmeans_run
 
 from semid_dist import report_html
 from semid_dist.math.metrics import level_stats
@@ -211,3 +211,22 @@ def test_write_publishes_the_report(run_dir, tmp_path):
     page = open(os.path.join(out, report_html.QUALITY_REPORT)).read()
     assert_self_contained(page)
     assert report_html.QUALITY_REPORT in json.load(open(os.path.join(out, "_SUCCESS")))["files"]
+
+
+def test_the_published_run_carries_its_report_and_quality_metrics(run_dir):
+    """`semid train` records the group sizes and coherence and publishes quality_report.html."""
+    results = json.load(open(os.path.join(run_dir, "training_results.json")))
+    m = results["metrics"]
+    t = pq.read_table(os.path.join(run_dir, "semantic_id_mappings.parquet"))
+    codes = np.array(t.column("semantic_id").to_pylist())[:, :N_LAYERS]
+    per_size = Counter(Counter(map(tuple, codes)).values())  # suffix policy: published = tokenizer codes
+    expected = {"sizes": sorted(per_size), "groups": [per_size[s] for s in sorted(per_size)]}
+    assert m["group_sizes"] == {"before": expected, "after": expected}
+    c = m["coherence"]
+    assert c["sample"] == N_ITEMS and c["k"] == 10  # every item is in the 10k sample
+    assert 0 <= c["random_same_first_two"] <= c["random_same_first"] < c["knn_same_first"] <= 1
+    for lv, col in zip(m["levels"], codes.T, strict=True):
+        assert lv["gini"] == pytest.approx(gini_ref(np.bincount(col, minlength=N_CLUSTERS)))
+    page = open(os.path.join(run_dir, report_html.QUALITY_REPORT)).read()
+    assert_self_contained(page)
+    assert len(images(page)) == 2 and "not recorded" not in page
