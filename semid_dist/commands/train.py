@@ -90,12 +90,13 @@ def export_ids(
         quality["max_dedup_code"] = int(dedup_N.max()) if dedup_N.size else 0
         quality["collisions"] = collisions
         assert row_groups(sid_NM)[1].all(), "dedup left a duplicate ID"
-    with r.stage("quality"):
-        add_quality(quality, enc, codes_NL)
+    figures = background(add_quality, quality, enc, codes_NL)  # overlaps the export's writing
     with r.stage("export"):
         export.write_mappings(r.pub, enc.ids_N, sid_NM, cfg.dataset_name)
         export.write_retrieval_files(r.pub, sid_NM, tokenizer.n_codes)
         export.write_torch(r.pub, export.MODEL, tokenizer.payload())
+    with r.stage("quality"):  # what the figures add to the wall time, beyond the export
+        figures()
     results = r.results(cfg, cfg.mode, catalog, n_items, quality, fit_info, where, enc.ids_N, sid_NM)
     log.info(
         "collision rate before dedup %.3f%%, max bucket %d, codes used per level %s, "
@@ -185,10 +186,37 @@ def log_policy(c: dict) -> None:
     )
 
 
+def background(fn, *args):
+    """Run fn(*args) on a thread; returns a function that waits for it and re-raises its error.
+    The quality figures are numpy and faiss, which release the GIL: on a thread they use the cores
+    the export's formatting and writing (one core) leaves idle."""
+    import threading
+
+    box: dict = {}
+
+    def target():
+        try:
+            fn(*args)
+        except BaseException as e:  # handed to the waiting thread
+            box["error"] = e
+
+    t = threading.Thread(target=target, name="semid-quality", daemon=True)
+    t.start()
+
+    def wait() -> None:
+        t.join()
+        if "error" in box:
+            raise box["error"]
+
+    return wait
+
+
 def add_quality(quality: dict, enc: EncodeResult, codes_NL: np.ndarray) -> None:
     """The quality report's figures: group sizes before and after the collision policy, and
     the semantic coherence of the published codes on the encode pass's hash sample."""
     from semid_dist.math.quality import coherence, group_size_histogram
+
+    t0 = time.perf_counter()
 
     quality["group_sizes"] = {
         "before": group_size_histogram(enc.codes_NL),
@@ -210,6 +238,7 @@ def add_quality(quality: dict, enc: EncodeResult, codes_NL: np.ndarray) -> None:
                 100 * c["random_same_first_two"],
             )
     enc.sample_x = None  # up to 30 MB the driver no longer needs
+    quality["figures_seconds"] = round(time.perf_counter() - t0, 3)
 
 
 def write_report(r: Run, results: dict) -> None:
