@@ -106,3 +106,24 @@ def test_nightly_lineage_keeps_its_first_policy_and_night_one_equals_train(
     assert logs.count("--collision_policy suffix ignored: this lineage uses relocate") == 1
     n2_ids, n2_sid = published(os.path.join(root, "generations", "n2"))
     np.testing.assert_array_equal(n2_sid, n_sid)  # nothing changed: every ID kept
+
+
+def test_relocated_ids_do_not_depend_on_sharding_row_order_or_workers(ray_session, small_catalog, tmp_path):
+    from conftest import write_shards
+
+    data, ids, x = small_catalog
+    a = str(tmp_path / "a")
+    train(data, a, *KMEANS, "--collision_policy", "relocate")
+    perm = np.random.default_rng(4).permutation(len(ids))
+    shuffled = str(tmp_path / "shuffled")
+    write_shards(shuffled, ids[perm], x[perm], 7)  # other row order, 7 shards: other tasks
+    b = str(tmp_path / "b")
+    tok = os.path.join(a, "final_model.pt")
+    log_dir = str(tmp_path / "logs")
+    argv = ["encode", "--data_path", shuffled, "--output_dir", b, "--tokenizer", tok, "--log_dir", log_dir]
+    assert main([*argv, "--collision_policy", "relocate"]) == 0
+    a_ids, a_sid = published(a)
+    b_ids, b_sid = published(b)
+    np.testing.assert_array_equal(a_ids, b_ids)
+    np.testing.assert_array_equal(a_sid, b_sid)
+    assert json.load(open(os.path.join(b, "training_results.json")))["metrics"]["collisions"]["moved"] > 20
