@@ -116,13 +116,22 @@ class Publisher:
         self._remove_staging()
 
     def abort(self) -> None:
-        self._remove_staging()
+        """After a failure: one try at removing the staging area, no retry budget (the run may
+        have failed because S3 is down); a staging prefix left behind is named in the log."""
+        if not self.s3:
+            self._remove_staging()
+            return
+        from semid_dist.s3retry import fail_fast
+
+        with fail_fast():
+            self._remove_staging()
 
     def _remove_staging(self) -> None:
-        try:
+        try:  # no exists() first: s3fs answers False to every error, an outage included
             self.fs.invalidate_cache()
-            if self.fs.exists(self.staging):
-                self.fs.rm(self.staging, recursive=True)
+            self.fs.rm(self.staging, recursive=True)
+        except FileNotFoundError:
+            pass
         except Exception as e:  # best effort: the staging prefix is hidden and run-specific
             where = ("s3://" if self.s3 else "") + self.staging
             log.warning(

@@ -48,7 +48,7 @@ class Run:
     def __init__(self, cfg: Config, log_dir: str = "logs") -> None:
         self.cfg = cfg
         self.log_dir = log_dir
-        self.store = Storage.resolve(cfg.s3_endpoint_url)
+        self.store = Storage.resolve(cfg.s3_endpoint_url, cfg.s3_retry_budget_s)
         self.stages: dict[str, float] = {}
         self.pub: Publisher | None = None
         self.log_path = ""

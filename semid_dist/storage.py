@@ -11,6 +11,7 @@ uses them, so it can be shipped to Ray tasks as is.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -20,6 +21,7 @@ import fsspec
 from semid_dist.errors import UserError, one_line
 
 SEED_FILE = "item_emb.parquet"  # the original tool's layout: <data_path>/item_emb.parquet
+DEFAULT_RETRY_BUDGET_S = 120.0  # Config.s3_retry_budget_s
 
 log = logging.getLogger("semid_dist")
 
@@ -51,21 +53,29 @@ class Storage:
     AWS itself."""
 
     endpoint_url: str | None = None
+    retry_budget_s: float = DEFAULT_RETRY_BUDGET_S  # how long S3 errors are retried (see fs())
 
     @classmethod
-    def resolve(cls, override: str = "") -> Storage:
+    def resolve(cls, override: str = "", retry_budget_s: float = DEFAULT_RETRY_BUDGET_S) -> Storage:
         """--s3_endpoint_url when given, else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL."""
         ep = override or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        return cls(ep or None)
+        return cls(ep or None, float(retry_budget_s))
 
     def fs(self, path: str) -> fsspec.AbstractFileSystem:
-        """An fsspec filesystem for path (s3fs for S3 URIs, the local one otherwise)."""
+        """An fsspec filesystem for path (s3fs for S3 URIs, the local one otherwise). On S3, a
+        request that fails for a transient reason (no connection, a timeout, a 5xx) is retried
+        until S3 has been failing for retry_budget_s (semid_dist/s3retry.py)."""
         if not is_s3(path):
             return fsspec.filesystem("file")
-        import s3fs
-
         kw = {"endpoint_url": self.endpoint_url} if self.endpoint_url else {}
-        fs = s3fs.S3FileSystem(client_kwargs=kw, config_kwargs={"retries": {"max_attempts": 3}})
+        # botocore does not retry: BudgetedS3FileSystem does, against the clock, not a count
+        from semid_dist.s3retry import BudgetedS3FileSystem
+
+        fs = BudgetedS3FileSystem(
+            client_kwargs=kw,
+            config_kwargs={"retries": {"total_max_attempts": 1}, "connect_timeout": 10, "read_timeout": 60},
+            retry_budget_s=self.retry_budget_s,
+        )
         _quiet_orphaned_task_errors(fs.loop)
         return fs
 
@@ -94,6 +104,10 @@ class Storage:
                 region = None
         if region:
             kw["region"] = region
+        # The AWS SDK's default strategy waits 25 ms x 2^n before retry n: as many retries as
+        # fit in the budget (12 for 120 s: 102 s of waits, the last one 51 s).
+        attempts = max(1, int(math.log2(self.retry_budget_s / 0.025 + 2)))
+        kw["retry_strategy"] = pafs.AwsDefaultS3RetryStrategy(max_attempts=attempts)
         return pafs.S3FileSystem(**kw)
 
     def read_bytes(self, uri: str, what: str = "file") -> bytes:
@@ -178,6 +192,8 @@ _ACCESS_DENIED = (
 def describe_s3_error(path: str, e: BaseException) -> UserError:
     """One line for an S3 failure (botocore/s3fs/pyarrow messages carry no credentials)."""
     text = one_line(e)
+    if type(e).__name__ == "S3Unavailable":  # s3retry: the message names the object already
+        return UserError(text)
     if isinstance(e, PermissionError) or any(code in text for code in _ACCESS_DENIED):
         return UserError(f"{path}: access denied by S3 (check the AWS credentials/profile): {text}")
     if "NoSuchBucket" in text or "bucket does not exist" in text.lower():

@@ -347,6 +347,23 @@ class Cluster:
     def run(self, module: str, args: list[str], timeout: float = 300, **kw) -> Job:
         return self.submit(module, args, **kw).wait(timeout)
 
+    def worker(self) -> Node:
+        """The worker node that is up (the tests replace a lost one)."""
+        up = [n for n in self.nodes if n is not self.head and n.proc.poll() is None]
+        assert len(up) == 1, [n.name for n in up]
+        return up[0]
+
+    def lose_worker(self) -> tuple[Node, float]:
+        """SIGKILL the worker node's process tree, wait until the GCS declares it dead, start a
+        fresh node in its place; returns (the new node, seconds until the loss was noticed)."""
+        lost = self.worker()
+        lost.kill()
+        noticed = self.wait_dead(lost)
+        fresh = self.add_worker()
+        self.wait_ready(2)
+        assert fresh.node_id and fresh.node_id != lost.node_id
+        return fresh, noticed
+
     def stop(self) -> None:
         for node in reversed(self.nodes):
             node.stop()
@@ -364,3 +381,42 @@ def mapping(fs, out: str) -> dict[int, tuple]:
     assert fs.exists(f"{root}/_SUCCESS"), f"{out}: no _SUCCESS"
     raw = json.loads(fs.cat_file(f"{root}/semantic_id_mappings.json"))
     return {int(k): tuple(v) for k, v in raw.items()}
+
+
+class Hold:
+    """The SEMID_DIST_TEST_HOLD hook: the named passes (or tiger's "tiger_epoch_N") wait at
+    their first block until release(); markers name the node each waiting process is on."""
+
+    def __init__(self, names: str, base: str):
+        self.dir = os.path.join(base, f"hold-{time.monotonic_ns()}")
+        os.makedirs(self.dir)
+        self.env = {"SEMID_DIST_TEST_HOLD": f"{names}:{self.dir}"}
+
+    def markers(self) -> list[str]:
+        return [m for m in os.listdir(self.dir) if m != "release"]
+
+    def wait(self, job: Job, node_id: str | None = None, timeout: float = 180) -> list[str]:
+        """Wait for a process to be held (on node_id, when given)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [m for m in self.markers() if node_id is None or node_id in m]
+            if found:
+                return found
+            assert job.status() in ("PENDING", "RUNNING"), f"job ended before the hold:\n{job.logs()[-3000:]}"
+            time.sleep(0.2)
+        raise AssertionError(
+            f"nothing held after {timeout}s (markers {self.markers()}):\n{job.logs()[-3000:]}"
+        )
+
+    def wait_all(self, job: Job, n: int, settle: float = 0.0) -> None:
+        """Wait for n held processes, then settle seconds (e.g. for Ray Train's controller to
+        take the checkpoint the held workers just reported: it polls every 2 s)."""
+        deadline = time.monotonic() + 120
+        while len(self.markers()) < n:
+            assert time.monotonic() < deadline, self.markers()
+            assert job.status() in ("PENDING", "RUNNING"), job.logs()[-3000:]
+            time.sleep(0.2)
+        time.sleep(settle)
+
+    def release(self) -> None:
+        open(os.path.join(self.dir, "release"), "w").close()

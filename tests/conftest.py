@@ -114,14 +114,15 @@ def s3(tmp_path_factory):
 
 
 # --- a multi-node Ray cluster on this host, for the `ray job submit` tests (tests/cluster.py) ----
-# Tiny data: one catalog on S3, 3,000 items x 32-d in 4 shards.
+# Tiny data: one catalog on S3, 3,000 items x 32-d in 24 shards (a read task reads 2 files: the
+# tests that lose S3 or a node mid-pass hold each task after its first block, SEMID_DIST_TEST_HOLD).
 CLUSTER_ITEMS, CLUSTER_DIM = 3000, 32
 # The worker nodes advertise little memory (a Ray resource, not a limit Ray enforces): enough for
 # a worker's shard of that catalog, too little for the larger one of the intake check's test.
 WORKER_NODE_MEMORY = 4_000_000
 TIGER_ARGS = [
     "--mode", "tiger", "--n_layers", "2", "--n_embed", "16", "--latent_dim", "8",
-    "--batch_size", "256", "--epochs", "4", "--learning_rate", "3e-3", "--save_every", "1",
+    "--batch_size", "256", "--epochs", "3", "--learning_rate", "3e-3", "--save_every", "1",
     "--patience", "0", "--eval_every", "2", "--val_fraction", "0.1", "--seed", "7",
     "--num_workers", "2", "--cpus_per_worker", "2",
 ]  # fmt: skip
@@ -150,7 +151,7 @@ def cluster_catalog(s3, tmp_path_factory):
     """The catalog on S3: (s3 uri, ids, x)."""
     ids, x = make_catalog(CLUSTER_ITEMS, CLUSTER_DIM, seed=21)
     d = tmp_path_factory.mktemp("cluster_catalog")
-    write_shards(str(d), ids, x, 4)
+    write_shards(str(d), ids, x, 24)
     s3.filesystem().put(str(d) + "/", "semid-test/cluster/catalog/", recursive=True)
     return "s3://semid-test/cluster/catalog/", ids, x
 

@@ -324,7 +324,14 @@ class S3Server:
             f"-s3.config={ident_path}",
         ]
         self.endpoint_url = f"http://{self.host}:{p['s3']}"
+        self._spawn()
+        atexit.register(self.stop)
+        self._wait_ready(t0)
+        if self.bucket:
+            self.make_bucket(self.bucket)
+        self.startup_seconds = time.monotonic() - t0
 
+    def _spawn(self) -> None:
         env = {
             k: v for k, v in os.environ.items() if k not in _WEED_ENV_FALLBACKS and not k.startswith("AWS_")
         }
@@ -333,7 +340,7 @@ class S3Server:
             and sys.platform.startswith("linux")
             and threading.current_thread() is threading.main_thread()
         )
-        self._out_fh = open(self.dir / "weed.out", "wb")
+        self._out_fh = open(self.dir / "weed.out", "ab")
         self._proc = subprocess.Popen(
             self.command,
             cwd=self.dir,
@@ -344,11 +351,32 @@ class S3Server:
             start_new_session=True,  # own process group: stop() signals exactly that group
             preexec_fn=_set_parent_death_signal if use_pdeathsig else None,
         )
-        atexit.register(self.stop)
+
+    # ------------------------------------------------------------------ outages
+    def kill(self) -> None:
+        """An outage: SIGKILL to weed's process group. The directory (data, keys) and the ports
+        stay, so restart() brings the same server back with the same objects."""
+        proc = self._proc
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        self._proc = None
+        self._client = None
+        self._remove_grpc_sockets()
+        if self._out_fh is not None:
+            self._out_fh.close()
+            self._out_fh = None
+
+    def restart(self) -> float:
+        """weed again after kill(): same ports, keys and data; returns seconds until S3 answers."""
+        if self.running:
+            return 0.0
+        t0 = time.monotonic()
+        self._spawn()
         self._wait_ready(t0)
-        if self.bucket:
-            self.make_bucket(self.bucket)
-        self.startup_seconds = time.monotonic() - t0
+        return time.monotonic() - t0
 
     def _wait_ready(self, t0: float) -> None:
         from botocore.exceptions import BotoCoreError, ClientError

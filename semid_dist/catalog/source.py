@@ -111,9 +111,14 @@ def plan_units(catalog: Catalog, n_items: int, tasks: int | None = None) -> list
     return units
 
 
-def read_unit(unit: Unit, fs, read_batch: int = READ_BATCH):
+# pyarrow's messages for S3 failures that its client retried (storage.Storage.arrow_fs)
+_RETRIED = ("NETWORK_CONNECTION", "HTTP status 5", "SLOW_DOWN", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE")
+
+
+def read_unit(unit: Unit, fs, read_batch: int = READ_BATCH, retry_budget_s: float = 0.0):
     """The unit's (ItemID, embedding) rows, read_batch at a time, as pyarrow Tables. A file
-    that cannot be read ends the unit with one error block that names it."""
+    that cannot be read ends the unit with one error block that names it (and, for an S3
+    outage, the retry budget that ran out)."""
     for piece in unit.pieces:
         try:
             source = fs.open_input_file(strip_scheme(piece.path)) if fs is not None else piece.path
@@ -133,7 +138,10 @@ def read_unit(unit: Unit, fs, read_batch: int = READ_BATCH):
                 left -= batch.num_rows
                 yield pa.Table.from_batches([batch])
         except (OSError, pa.ArrowException) as e:
-            yield pa.table({ERROR_COL: [f"{piece.path}: cannot read parquet ({one_line(e)})"]})
+            why = one_line(e)
+            if retry_budget_s and any(m in why for m in _RETRIED):
+                why = f"S3 unreachable for the retry budget, --s3_retry_budget_s {retry_budget_s:g}: {why}"
+            yield pa.table({ERROR_COL: [f"{piece.path}: cannot read parquet ({why})"]})
             return
 
 
@@ -152,6 +160,7 @@ class CatalogSource(Datasource):
         self.read_batch = read_batch
         self.row_bytes = 8 + 4 * catalog.dim
         self.fs = catalog.store.arrow_fs(catalog.files[0])
+        self.retry_budget_s = catalog.store.retry_budget_s if self.fs is not None else 0.0
 
     def estimate_inmemory_data_size(self) -> int:
         return sum(u.rows for u in self.units) * self.row_bytes
@@ -159,10 +168,10 @@ class CatalogSource(Datasource):
     def get_read_tasks(
         self, parallelism: int, per_task_row_limit: int | None = None, data_context=None
     ) -> list[ReadTask]:
-        fs, read_batch = self.fs, self.read_batch
+        fs, read_batch, budget = self.fs, self.read_batch, self.retry_budget_s
         return [
             ReadTask(
-                lambda unit=unit: read_unit(unit, fs, read_batch),
+                lambda unit=unit: read_unit(unit, fs, read_batch, budget),
                 BlockMetadata(
                     num_rows=unit.rows,
                     size_bytes=unit.rows * self.row_bytes,

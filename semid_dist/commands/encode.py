@@ -39,7 +39,7 @@ def run(cfg: Config, log_dir: str = "logs") -> dict:
         raise UserError(
             "encode needs --tokenizer: the final_model.pt of an earlier train run (local path or s3://)"
         )
-    tok, raw = read_tokenizer(cfg.tokenizer, Storage.resolve(cfg.s3_endpoint_url))
+    tok, raw = read_tokenizer(cfg.tokenizer, Storage.resolve(cfg.s3_endpoint_url, cfg.s3_retry_budget_s))
     sha256 = hashlib.sha256(raw).hexdigest()
     cfg = as_run(cfg, tok)
     with Run(cfg, log_dir) as r:

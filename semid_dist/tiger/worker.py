@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from semid_dist import storage
+from semid_dist.catalog import plumbing
 from semid_dist.catalog.schema import batch_to_arrays
 from semid_dist.config import Config
 from semid_dist.errors import UserError
@@ -158,6 +159,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         if state.epoch % cfg.save_every == 0 or last:
             _report(model, opt, state, loop_cfg, rank, kept)
             reported = True
+        if os.environ.get(plumbing.HOLD_ENV):
+            plumbing.hold(f"tiger_epoch_{state.epoch}")
     if not reported:  # resumed a finished run: hand the driver its final state again
         _report(model, opt, state, loop_cfg, rank, kept)
 
