@@ -92,7 +92,11 @@ def _arg_type(tp):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="semid", description="Train semantic-ID tokenizers (tiger / kmeans).")
+    p = argparse.ArgumentParser(
+        prog="semid",
+        description="Train semantic-ID tokenizers (tiger / kmeans). Reading published runs: "
+        "semid report -h, semid inspect -h.",
+    )
     p.add_argument(
         "command",
         nargs="?",

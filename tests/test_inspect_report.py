@@ -117,6 +117,25 @@ def test_inspect_prefix_lists_every_item_under_it(run_dir, mapping, titles, caps
     assert rc == 0 and len(out.splitlines()) == 5 and f"and {n - 3} more" in out
 
 
+def test_bad_flags_are_one_line(run_dir, capsys):
+    for argv in (["inspect", "--run", run_dir], ["inspect", "--run", run_dir, "--item", "x"], ["report"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.startswith("semid: error: ") and err.count("\n") == 1
+
+
+def test_file_names_are_exports():
+    from semid_dist import export
+    from semid_dist.commands import report
+
+    assert (report.RESULTS, report.MAPPING_PARQUET, report.MODEL) == (
+        export.RESULTS,
+        export.MAPPING_PARQUET,
+        export.MODEL,
+    )
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -138,8 +157,6 @@ def test_inspect_and_report_through_the_entry_point(run_dir, mapping, tmp_path):
     p = semid("inspect", "--run", str(tmp_path / "missing"), "--item", "1")
     assert p.returncode == 2 and p.stderr.startswith("semid: error: ") and p.stderr.count("\n") == 1
     assert "no published run here" in p.stderr
-    p = semid("inspect", "--run", run_dir)  # neither --item nor --prefix
-    assert p.returncode == 2 and p.stderr.startswith("semid: error: ") and p.stderr.count("\n") == 1
     out = tmp_path / "report.html"
     p = semid("report", run_dir, "--out", str(out))
     assert p.returncode == 0, p.stderr
@@ -185,3 +202,20 @@ def test_report_side_by_side_and_through_latest(run_dir, mapping, tmp_path, caps
     os.remove(tmp_path / "nightly" / "generations" / "g1" / "_SUCCESS")
     assert main(["report", str(tmp_path / "nightly" / "generations" / "g1"), "--out", str(out)]) == 2
     assert "no _SUCCESS" in capsys.readouterr().err
+
+
+def test_report_and_inspect_read_s3(run_dir, mapping, s3, tmp_path, capsys):
+    """A nightly root on S3 (the endpoint from AWS_ENDPOINT_URL, as the s3 fixture sets it)."""
+    fs = s3.filesystem()
+    root = f"{s3.bucket}/report-test/nightly"
+    fs.put(run_dir + "/", f"{root}/generations/g1/", recursive=True)
+    fs.pipe_file(f"{root}/LATEST", json.dumps({"generation": "g1", "seq": 1}).encode())
+    out = tmp_path / "s3.html"
+    assert main(["report", f"s3://{root}", "--out", str(out)]) == 0
+    assert f"s3://{root} (generation g1)" in out.read_text()
+    prefix = next(iter(mapping.values()))[:1]
+    assert main(["inspect", "--run", f"s3://{root}", "--prefix", str(prefix[0]), "--limit", "0"]) == 0
+    n = sum(1 for s in mapping.values() if s[:1] == prefix)
+    assert f"prefix {list(prefix)}: {n} item(s)" in capsys.readouterr().out
+    assert main(["inspect", "--run", f"s3://{s3.bucket}/report-test/none", "--item", "1"]) == 2
+    assert "no published run here" in capsys.readouterr().err

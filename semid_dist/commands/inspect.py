@@ -17,8 +17,7 @@ import sys
 
 import numpy as np
 
-from semid_dist import export
-from semid_dist.commands.report import ArgParser, resolve_run
+from semid_dist.commands.report import MAPPING_PARQUET, MODEL, ArgParser, resolve_run
 from semid_dist.errors import UserError, one_line
 from semid_dist.storage import Storage, join
 
@@ -33,7 +32,7 @@ class Run:
 
         self.dir, self.name = resolve_run(run, store)
         self.store = store
-        uri = join(self.dir, export.MAPPING_PARQUET)
+        uri = join(self.dir, MAPPING_PARQUET)
         try:
             t = pq.read_table(
                 io.BytesIO(store.read_bytes(uri, "mappings file")), columns=["ItemID", "semantic_id"]
@@ -110,7 +109,7 @@ def reconstructions(run: Run) -> np.ndarray:
     from semid_dist.math.dedup import row_groups
     from semid_dist.tokenizer import read_tokenizer
 
-    tok = read_tokenizer(join(run.dir, export.MODEL), run.store)[0]
+    tok = read_tokenizer(join(run.dir, MODEL), run.store)[0]
     codes_NL = run.sid_NM[:, : run.n_levels]
     group_N, first, order = row_groups(codes_NL)
     unique_GL = codes_NL[order[first]]  # one row per distinct code tuple, in group order
@@ -157,13 +156,13 @@ def show_item(run: Run, item: int, titles: dict, data_path: str, k: int) -> None
         if not np.isin(item, ids):
             raise UserError(f"{data_path}: ItemID {item} is not in the catalog")
         rows_of = np.searchsorted(run.ids_N, ids)  # every kept id is in the mappings
-        how = f"embedding cosine, {len(ids)} items of {data_path}"
+        how = f"by embedding cosine over {len(ids)} items of {data_path}"
         top, sim = nearest(x_ND, int(np.searchsorted(ids, item)), k)
         top = rows_of[top]
     else:
-        how = "cosine of the tokenizer's reconstructions (pass --data_path for the embeddings)"
+        how = "by the cosine of the tokenizer's reconstructions; --data_path: by the embeddings"
         top, sim = nearest(reconstructions(run), row, k)
-    print(f"nearest neighbours ({how}):")
+    print(f"nearest neighbours, {how}:")
     for r, s in zip(top, sim, strict=True):
         shared = int(np.cumprod(run.sid_NM[r, : run.n_levels] == sid[: run.n_levels]).sum())
         print("  " + _line(run, int(r), titles, f"  cos {s:.3f}  shares {shared} code(s)"))

@@ -11,12 +11,15 @@ import json
 import logging
 import sys
 
-from semid_dist import export
 from semid_dist.errors import UserError, one_line
 from semid_dist.publish import SUCCESS
 from semid_dist.storage import Storage, is_s3, join, strip_scheme
 
 log = logging.getLogger("semid_dist")
+
+# the names semid_dist/export.py gives these files (a test checks); not imported from there, as
+# export imports torch: seconds that `semid report` and `semid inspect --prefix` do not need
+RESULTS, MAPPING_PARQUET, MODEL = "training_results.json", "semantic_id_mappings.parquet", "final_model.pt"
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -30,19 +33,19 @@ class ArgParser(argparse.ArgumentParser):
 def resolve_run(run: str, store: Storage) -> tuple[str, str]:
     """(the published output dir, how to name it) for RUN: a published output dir as is, a nightly
     output root's LATEST generation. A missing or unpublished run is a UserError."""
-    from semid_dist.lineage import GENERATIONS, Lineage
-
     fs = store.fs(run)
     path = strip_scheme(run).rstrip("/")
     try:
         if fs.exists(join(path, SUCCESS)):
             return run.rstrip("/"), run
-        if fs.exists(join(path, export.RESULTS)):
+        if fs.exists(join(path, RESULTS)):
             raise UserError(f"{run}: not published (no {SUCCESS}): a run still writing, or a failed one")
     except UserError:
         raise
     except Exception as e:
         raise UserError(f"{run}: cannot read: {one_line(e)}") from e
+    from semid_dist.lineage import GENERATIONS, Lineage  # imports torch: only for a nightly root
+
     latest = Lineage(run, store).latest()
     if latest is None:
         what = "S3 prefix" if is_s3(run) else "path"
@@ -55,12 +58,12 @@ def resolve_run(run: str, store: Storage) -> tuple[str, str]:
 
 
 def read_results(run_dir: str, store: Storage) -> dict:
-    raw = store.read_bytes(join(run_dir, export.RESULTS), "training results file")
+    raw = store.read_bytes(join(run_dir, RESULTS), "training results file")
     try:
         results = json.loads(raw)
         assert isinstance(results, dict) and isinstance(results.get("metrics"), dict)
     except Exception as e:
-        raise UserError(f"{join(run_dir, export.RESULTS)}: not a semid_dist results file") from e
+        raise UserError(f"{join(run_dir, RESULTS)}: not a semid_dist results file") from e
     return results
 
 
@@ -83,7 +86,7 @@ def fill_from_mappings(results: dict, run_dir: str, store: Storage) -> None:
     want_gini = isinstance(k, int) and any("gini" not in lv for lv in levels)
     if not (want_groups or want_gini):
         return
-    uri = join(run_dir, export.MAPPING_PARQUET)
+    uri = join(run_dir, MAPPING_PARQUET)
     try:
         col = pq.read_table(io.BytesIO(store.read_bytes(uri, "mappings file")), columns=["semantic_id"])[0]
         flat = col.combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.int64)
@@ -93,7 +96,7 @@ def fill_from_mappings(results: dict, run_dir: str, store: Storage) -> None:
         return
     if want_groups:
         h = group_size_histogram(codes_NL)
-        m["group_sizes"] = {"before": h, "after": h, "source": export.MAPPING_PARQUET}
+        m["group_sizes"] = {"before": h, "after": h, "source": MAPPING_PARQUET}
     if want_gini:
         for lv in levels:
             if "gini" not in lv and 0 <= lv.get("level", -1) < codes_NL.shape[1]:
