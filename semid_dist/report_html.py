@@ -331,8 +331,7 @@ def render(results: dict | list[dict], titles: list[str] | None = None) -> str:
     runs = [results] if isinstance(results, dict) else list(results)
     if not runs:
         raise ValueError("no runs to report")
-    for r in runs:
-        r.setdefault("metrics", {})
+    runs = [r if isinstance(r.get("metrics"), dict) else {**r, "metrics": {}} for r in runs]
     names = list(titles) if titles else []
     names += [_title(r, i) for i, r in enumerate(runs)][len(names) :]
     cols = f"grid-template-columns: repeat({len(runs)}, minmax(440px, 1fr));"

@@ -88,6 +88,10 @@ def test_inspect_neighbours_by_embedding_match_numpy(run_dir, mapping, capsys):
     sim = x @ x[ids == item][0]
     order = [int(i) for i in ids[np.argsort(-sim, kind="stable")] if i != item]
     assert got == order[:7]
+    # a catalog that is not one: one line, and nothing else printed
+    not_a_catalog = os.path.join(run_dir, "semantic_id_mappings.parquet")
+    rc, out, err = inspect(capsys, "--run", run_dir, "--item", str(item), "--data_path", not_a_catalog)
+    assert rc == 2 and out == "" and "missing column 'embedding'" in err and err.count("\n") == 1
 
 
 def test_inspect_prefix_lists_every_item_under_it(run_dir, mapping, titles, capsys):

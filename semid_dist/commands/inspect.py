@@ -86,26 +86,47 @@ def read_titles(path: str, store: Storage) -> dict[int, str]:
     return dict(zip(t.column("ItemID").to_pylist(), t.column("title").to_pylist(), strict=True))
 
 
-def read_embeddings(data_path: str, store: Storage, wanted_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(ItemIDs, embeddings) of the catalog's items that are in wanted_N (sorted), read here."""
+def _batches(data_path: str, store: Storage):
+    """(path, ItemIDs, embeddings) of every batch of the catalog, validated, read here."""
     from semid_dist.catalog.schema import EMB_COL, ID_COL, RowError, batch_to_arrays, inspect_catalog
 
     catalog = inspect_catalog(store.list_parquet(data_path), store)
-    ids, xs = [], []
     for path in catalog.files:
-        for batch in catalog.open(path).iter_batches(batch_size=65536, columns=[ID_COL, EMB_COL]):
+        for batch in catalog.open(path).iter_batches(batch_size=16384, columns=[ID_COL, EMB_COL]):
             try:
-                ids_B, x_BD = batch_to_arrays(batch, catalog.dim)
+                yield path, *batch_to_arrays(batch, catalog.dim)
             except RowError as e:
                 raise UserError(f"{path}: {e.args[0]}") from e
-            keep = np.isin(ids_B, wanted_N)
-            ids.append(ids_B[keep])
-            xs.append(x_BD[keep].copy())
-    return np.concatenate(ids), np.concatenate(xs).reshape(-1, catalog.dim)
 
 
-def reconstructions(run: Run) -> np.ndarray:
-    """Every item's reconstruction from its L codes (the dedup code is not the tokenizer's)."""
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def embedding_neighbours(data_path: str, store: Storage, item: int, ids_N: np.ndarray, k: int):
+    """The k items of ids_N (sorted) nearest item by embedding cosine, streamed over the catalog
+    (two passes, a batch at a time: the catalog never has to fit in memory); (ItemIDs, cosines,
+    items compared)."""
+    q = next((x_BD[ids_B == item][0] for _, ids_B, x_BD in _batches(data_path, store) if item in ids_B), None)
+    if q is None:
+        raise UserError(f"{data_path}: ItemID {item} is not in the catalog")
+    q = _unit(q)
+    best_ids, best_sim, seen = np.zeros(0, np.int64), np.zeros(0), 0
+    for _, ids_B, x_BD in _batches(data_path, store):
+        keep = np.isin(ids_B, ids_N) & (ids_B != item)
+        seen += int(keep.sum())
+        best_ids = np.concatenate([best_ids, ids_B[keep]])
+        best_sim = np.concatenate([best_sim, _unit(x_BD[keep]) @ q])
+        top = np.lexsort([best_ids, -best_sim])[:k]  # most similar first; ties by ItemID
+        best_ids, best_sim = best_ids[top], best_sim[top]
+    return best_ids, best_sim, seen + 1
+
+
+def reconstruction_neighbours(run: Run, row: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k rows nearest row by the cosine of the tokenizer's reconstructions of their L codes
+    (the dedup code is not the tokenizer's), and the cosines. Each distinct code tuple is decoded
+    once, a chunk at a time."""
     from semid_dist.math.dedup import row_groups
     from semid_dist.tokenizer import read_tokenizer
 
@@ -113,15 +134,12 @@ def reconstructions(run: Run) -> np.ndarray:
     codes_NL = run.sid_NM[:, : run.n_levels]
     group_N, first, order = row_groups(codes_NL)
     unique_GL = codes_NL[order[first]]  # one row per distinct code tuple, in group order
-    x_hat = np.concatenate([tok.decode(unique_GL[i : i + 8192]) for i in range(0, len(unique_GL), 8192)])
-    return x_hat[group_N]
-
-
-def nearest(x_ND: np.ndarray, i: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k rows nearest row i by cosine similarity (itself excluded), and the similarities."""
-    x = x_ND / np.maximum(np.linalg.norm(x_ND, axis=1, keepdims=True), 1e-12)
-    sim_N = x @ x[i]
-    sim_N[i] = -np.inf
+    q = _unit(tok.decode(codes_NL[row : row + 1]))[0]
+    sim_G = np.concatenate(
+        [_unit(tok.decode(unique_GL[i : i + 8192])) @ q for i in range(0, len(unique_GL), 8192)]
+    )
+    sim_N = sim_G[group_N]
+    sim_N[row] = -np.inf
     k = min(k, len(sim_N) - 1)
     top = np.argpartition(-sim_N, k - 1)[:k] if k > 0 else np.zeros(0, np.int64)
     top = top[np.lexsort([top, -sim_N[top]])]  # most similar first; ties by row (ItemID order)
@@ -137,6 +155,16 @@ def _line(run: Run, row: int, titles: dict[int, str], extra: str = "") -> str:
 def show_item(run: Run, item: int, titles: dict, data_path: str, k: int) -> None:
     row = run.row_of(item)
     sid = run.sid_NM[row]
+    top, sim, how = np.zeros(0, np.int64), np.zeros(0), ""
+    if k > 0 and data_path:  # before any output: a catalog error is the only thing printed
+        ids, sim, n = embedding_neighbours(data_path, run.store, item, run.ids_N, k)
+        how = f"by embedding cosine over {n} items of {data_path}"
+        top = np.searchsorted(run.ids_N, ids)  # every one is in the mappings
+    elif k > 0:
+        how = (
+            "by the cosine of the tokenizer's reconstructions of their codes (--data_path: of the embeddings)"
+        )
+        top, sim = reconstruction_neighbours(run, row, k)
     title = titles.get(item)
     print(f"item {item}" + (f"  {title}" if title else ""))
     print(f"semantic ID: {sid.tolist()}  ({run.n_levels} codes + dedup code {sid[-1]})  run: {run.name}")
@@ -149,20 +177,7 @@ def show_item(run: Run, item: int, titles: dict, data_path: str, k: int) -> None
             print("    " + _line(run, r, titles))
     if k <= 0:
         return
-    if data_path:
-        ids, x_ND = read_embeddings(data_path, run.store, run.ids_N)
-        order = np.argsort(ids, kind="stable")
-        ids, x_ND = ids[order], x_ND[order]
-        if not np.isin(item, ids):
-            raise UserError(f"{data_path}: ItemID {item} is not in the catalog")
-        rows_of = np.searchsorted(run.ids_N, ids)  # every kept id is in the mappings
-        how = f"by embedding cosine over {len(ids)} items of {data_path}"
-        top, sim = nearest(x_ND, int(np.searchsorted(ids, item)), k)
-        top = rows_of[top]
-    else:
-        how = "by the cosine of the tokenizer's reconstructions; --data_path: by the embeddings"
-        top, sim = nearest(reconstructions(run), row, k)
-    print(f"nearest neighbours, {how}:")
+    print(f"nearest neighbours {how}:")
     for r, s in zip(top, sim, strict=True):
         shared = int(np.cumprod(run.sid_NM[r, : run.n_levels] == sid[: run.n_levels]).sum())
         print("  " + _line(run, int(r), titles, f"  cos {s:.3f}  shares {shared} code(s)"))
