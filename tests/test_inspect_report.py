@@ -167,14 +167,35 @@ def test_inspect_and_report_through_the_entry_point(run_dir, mapping, tmp_path):
     page = out.read_text()
     assert "<h2>Summary</h2>" in page and "Code usage per level" in page
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
-    # the group-size histogram (recorded by the run, else derived from its mappings) is the mappings'
-    per_size = Counter(Counter(s[:N_LAYERS] for s in mapping.values()).values())
+    assert "after policy (relocate)" in page and 'alt="group sizes before and after the policy"' in page
+
+
+def test_report_derives_gini_and_group_sizes_of_older_runs(run_dir, mapping, tmp_path, capsys):
+    """A results file without the quality sections and without a collision policy, as runs
+    published before them wrote: the Gini per level and the group sizes come from the mappings."""
+    old = tmp_path / "old"
+    shutil.copytree(run_dir, old)
+    results = json.load(open(old / "training_results.json"))
+    for key in ("group_sizes", "coherence", "collisions"):
+        del results["metrics"][key]
+    for lv in results["metrics"]["levels"]:
+        del lv["gini"]
+    (old / "training_results.json").write_text(json.dumps(results))
+    out = tmp_path / "old.html"
+    assert main(["report", str(old), "--out", str(out)]) == 0
+    page = out.read_text()
+    codes = [s[:N_LAYERS] for s in mapping.values()]
+    per_size = Counter(Counter(codes).values())
     for size, groups in per_size.items():
         assert f"<tr><td>{size}</td><td>{groups}</td><td>{groups}</td></tr>" in page
-    assert 'alt="group sizes before and after the policy"' in page
-    assert (
-        "Gini" in page and "<td>–</td></tr>" not in page.split("Code usage per level")[1].split("</table>")[0]
-    )
+    assert "derived from the published semantic_id_mappings.parquet" in page
+    levels = page.split("Code usage per level")[1].split("</table>")[0]
+    for level in range(N_LAYERS):
+        counts = np.bincount([c[level] for c in codes], minlength=results["config"]["n_clusters"])
+        x = np.sort(counts).astype(float)
+        ref = np.abs(x[:, None] - x[None, :]).sum() / (2 * len(x) ** 2 * x.mean())
+        assert f"<td>{ref:.3f}</td></tr>" in levels
+    assert "semantic coherence: not recorded" in page
 
 
 def nightly_root(run_dir: str, root) -> str:

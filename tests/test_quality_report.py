@@ -123,20 +123,28 @@ def run_dir(tmp_path_factory):
 
 
 def full_results(run_dir: str) -> dict:
-    """The run's results with the sections the train command adds (group sizes, coherence),
-    computed here from the run's own mappings and the catalog's embeddings."""
+    """The run's results, with the sections the train command records (group sizes, coherence,
+    Gini) checked to be there."""
     results = json.load(open(os.path.join(run_dir, "training_results.json")))
-    t = pq.read_table(os.path.join(run_dir, "semantic_id_mappings.parquet"))
-    codes = np.array(t.column("semantic_id").to_pylist())[:, :N_LAYERS]
+    m = results["metrics"]
+    assert {"group_sizes", "coherence", "collisions"} <= set(m) and all("gini" in lv for lv in m["levels"])
+    return results
+
+
+def tokenizer_codes(run_dir: str) -> np.ndarray:
+    """The codes the published tokenizer gives the published items, before the collision policy."""
+    from semid_dist import load_tokenizer
+
+    ids = pq.read_table(os.path.join(run_dir, "semantic_id_mappings.parquet")).column("ItemID").to_pylist()
     cat = pq.read_table(os.path.join(FILMS, "item_emb.parquet"))
     emb = dict(zip(cat.column("ItemID").to_pylist(), cat.column("embedding").to_pylist(), strict=True))
-    x = np.array([emb[i] for i in t.column("ItemID").to_pylist()], np.float32)
-    m = results["metrics"]
-    m["group_sizes"] = {"before": group_size_histogram(codes), "after": group_size_histogram(codes)}
-    m["coherence"] = coherence(x, codes, 10)
-    for lv, counts in zip(m["levels"], codes.T, strict=True):
-        lv.setdefault("gini", gini(np.bincount(counts, minlength=N_CLUSTERS)))
-    return results
+    x = np.array([emb[i] for i in ids], np.float32)
+    return load_tokenizer(os.path.join(run_dir, "final_model.pt")).encode(x)
+
+
+def histogram_ref(codes) -> dict:
+    per_size = Counter(Counter(map(tuple, codes)).values())
+    return {"sizes": sorted(per_size), "groups": [per_size[s] for s in sorted(per_size)]}
 
 
 def images(page: str) -> list[bytes]:
@@ -214,19 +222,25 @@ def test_write_publishes_the_report(run_dir, tmp_path):
 
 
 def test_the_published_run_carries_its_report_and_quality_metrics(run_dir):
-    """`semid train` records the group sizes and coherence and publishes quality_report.html."""
-    results = json.load(open(os.path.join(run_dir, "training_results.json")))
-    m = results["metrics"]
+    """`semid train` records the group sizes, coherence and Gini and publishes quality_report.html;
+    recomputed here from the published mappings and the published tokenizer's codes."""
+    m = full_results(run_dir)["metrics"]
     t = pq.read_table(os.path.join(run_dir, "semantic_id_mappings.parquet"))
-    codes = np.array(t.column("semantic_id").to_pylist())[:, :N_LAYERS]
-    per_size = Counter(Counter(map(tuple, codes)).values())  # suffix policy: published = tokenizer codes
-    expected = {"sizes": sorted(per_size), "groups": [per_size[s] for s in sorted(per_size)]}
-    assert m["group_sizes"] == {"before": expected, "after": expected}
+    after = np.array(t.column("semantic_id").to_pylist())[:, :N_LAYERS]
+    before = tokenizer_codes(run_dir)
+    assert m["group_sizes"] == {"before": histogram_ref(before), "after": histogram_ref(after)}
+    assert m["collisions"]["policy"] == "relocate" and m["collisions"]["moved"] > 0
+    assert m["collisions"]["rate_after"] == pytest.approx(1 - len(set(map(tuple, after))) / N_ITEMS)
+    assert m["collision_rate"] == pytest.approx(1 - len(set(map(tuple, before))) / N_ITEMS)
     c = m["coherence"]
     assert c["sample"] == N_ITEMS and c["k"] == 10  # every item is in the 10k sample
     assert 0 <= c["random_same_first_two"] <= c["random_same_first"] < c["knn_same_first"] <= 1
-    for lv, col in zip(m["levels"], codes.T, strict=True):
+    for lv, col in zip(m["levels"], before.T, strict=True):  # the tokenizer's codes' usage
         assert lv["gini"] == pytest.approx(gini_ref(np.bincount(col, minlength=N_CLUSTERS)))
     page = open(os.path.join(run_dir, report_html.QUALITY_REPORT)).read()
     assert_self_contained(page)
-    assert len(images(page)) == 2 and "not recorded" not in page
+    assert len(images(page)) == 2 and "not recorded" not in page and "after policy (relocate)" in page
+    for size in sorted(set(m["group_sizes"]["before"]["sizes"]) | set(m["group_sizes"]["after"]["sizes"])):
+        b = dict(zip(*m["group_sizes"]["before"].values(), strict=True)).get(size, 0)
+        a = dict(zip(*m["group_sizes"]["after"].values(), strict=True)).get(size, 0)
+        assert f"<tr><td>{size}</td><td>{b}</td><td>{a}</td></tr>" in page
