@@ -68,9 +68,9 @@ def read_results(run_dir: str, store: Storage) -> dict:
 
 
 def fill_from_mappings(results: dict, run_dir: str, store: Storage) -> None:
-    """A run published before the report existed: the Gini per level and, under the suffix policy
-    (the published codes are then the tokenizer's), the group-size histogram, from its
-    semantic_id_mappings.parquet (read whole; only when they are missing)."""
+    """A run published before the report existed: its Gini per level and group-size histogram,
+    from its semantic_id_mappings.parquet (read whole; only when they are missing), under the
+    suffix policy, whose published codes are the tokenizer's."""
     import io
 
     import numpy as np
@@ -83,7 +83,7 @@ def fill_from_mappings(results: dict, run_dir: str, store: Storage) -> None:
     suffix = (m.get("collisions") or {}).get("policy", "suffix") == "suffix"
     want_groups = "group_sizes" not in m and suffix
     k = (results.get("config") or {}).get("n_embed" if results.get("mode") == "tiger" else "n_clusters")
-    want_gini = isinstance(k, int) and any("gini" not in lv for lv in levels)
+    want_gini = suffix and isinstance(k, int) and any("gini" not in lv for lv in levels)
     if not (want_groups or want_gini):
         return
     uri = join(run_dir, MAPPING_PARQUET)
