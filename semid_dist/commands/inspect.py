@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from semid_dist.commands.report import MAPPING_PARQUET, MODEL, ArgParser, resolve_run
+from semid_dist.commands.report import MAPPING_PARQUET, MODEL, ArgParser, add_s3_flags, resolve_run, storage
 from semid_dist.errors import UserError, one_line
 from semid_dist.storage import Storage, join
 
@@ -203,14 +203,14 @@ def build_parser() -> ArgParser:
     p.add_argument("--item_titles", default="", help="parquet with ItemID,title shown next to items")
     p.add_argument("--neighbours", type=int, default=10, help="nearest neighbours shown (--item)")
     p.add_argument("--limit", type=int, default=100, help="items listed under a prefix (0: all)")
-    p.add_argument("--s3_endpoint_url", default="", help="S3 endpoint override (default: AWS_ENDPOINT_URL)")
+    add_s3_flags(p)
     return p
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
-        store = Storage.resolve(args.s3_endpoint_url)
+        store = storage(args)
         run = Run(args.run, store)
         prefix = parse_prefix(args.prefix, run.sid_NM.shape[1]) if args.prefix is not None else None
         titles = read_titles(args.item_titles, store)

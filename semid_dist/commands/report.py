@@ -1,7 +1,8 @@
 """``semid report RUN [RUN2 ...] --out FILE.html``: the quality report of published runs, side by side.
 
 RUN is a published output dir (local or s3://) or a nightly output root, whose LATEST generation
-is reported. Only training_results.json is read (semid_dist/report_html.py renders it).
+is reported. training_results.json is read (semid_dist/report_html.py renders it), and the
+mappings of a run published before the quality metrics existed.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 
 from semid_dist.errors import UserError, one_line
 from semid_dist.publish import SUCCESS
-from semid_dist.storage import Storage, is_s3, join, strip_scheme
+from semid_dist.storage import DEFAULT_RETRY_BUDGET_S, Storage, is_s3, join, strip_scheme
 
 log = logging.getLogger("semid_dist")
 
@@ -28,6 +29,20 @@ class ArgParser(argparse.ArgumentParser):
     def error(self, message: str):
         print(f"semid: error: {self.prog}: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def add_s3_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--s3_endpoint_url", default="", help="S3 endpoint override (default: AWS_ENDPOINT_URL)")
+    p.add_argument(
+        "--s3_retry_budget_s",
+        type=float,
+        default=DEFAULT_RETRY_BUDGET_S,
+        help=f"seconds S3 errors are retried before the command stops (default: {DEFAULT_RETRY_BUDGET_S:g})",
+    )
+
+
+def storage(args: argparse.Namespace) -> Storage:
+    return Storage.resolve(args.s3_endpoint_url, args.s3_retry_budget_s)
 
 
 def resolve_run(run: str, store: Storage) -> tuple[str, str]:
@@ -48,6 +63,8 @@ def resolve_run(run: str, store: Storage) -> tuple[str, str]:
 
     latest = Lineage(run, store).latest()
     if latest is None:
+        if is_s3(run):  # s3fs answers "no such file" to a missing bucket or refused keys too
+            store.check_bucket(run)
         what = "S3 prefix" if is_s3(run) else "path"
         raise UserError(f"{run}: no published run here ({what} has no {SUCCESS} and no nightly LATEST)")
     name = latest["generation"]
@@ -110,14 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("runs", nargs="+", metavar="RUN", help="published output dir or nightly output root")
     p.add_argument("--out", required=True, help="the HTML file to write (local path or s3://)")
-    p.add_argument("--s3_endpoint_url", default="", help="S3 endpoint override (default: AWS_ENDPOINT_URL)")
+    add_s3_flags(p)
     return p
 
 
 def run(args: argparse.Namespace) -> str:
     from semid_dist import report_html
 
-    store = Storage.resolve(args.s3_endpoint_url)
+    store = storage(args)
     results, titles = [], []
     for r in args.runs:
         run_dir, title = resolve_run(r, store)
