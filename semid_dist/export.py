@@ -22,8 +22,13 @@ ROW_GROUP = 65536  # readers of a list<> column hold a whole row group: keep the
 
 
 def semantic_ids(codes_NL: np.ndarray, dedup_N: np.ndarray) -> np.ndarray:
-    """(N, L+1): the L codes followed by the dedup code."""
-    return np.concatenate([codes_NL, dedup_N[:, None]], axis=1).astype(np.int64)
+    """(N, L+1) int32: the L codes followed by the dedup code (int32: 4 bytes a code keep the
+    driver's memory per item small; codes are < 65,536 and a dedup code < N)."""
+    assert codes_NL.shape[0] < 2**31
+    out = np.empty((codes_NL.shape[0], codes_NL.shape[1] + 1), np.int32)
+    out[:, :-1] = codes_NL
+    out[:, -1] = dedup_N
+    return out
 
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"  # one per level in the LC-Rec style tokens
@@ -71,7 +76,7 @@ def index_json(ids_N: np.ndarray, sid_NM: np.ndarray) -> str:
 
 def mapping_table(ids_N: np.ndarray, sid_NM: np.ndarray) -> pa.Table:
     m = sid_NM.shape[1]
-    codes = pa.FixedSizeListArray.from_arrays(pa.array(sid_NM.astype(np.int32).ravel()), m)
+    codes = pa.FixedSizeListArray.from_arrays(pa.array(sid_NM.astype(np.int32, copy=False).ravel()), m)
     return pa.table({"ItemID": pa.array(ids_N, pa.int64()), "semantic_id": codes})
 
 

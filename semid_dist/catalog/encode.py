@@ -50,7 +50,7 @@ SAMPLE_SALT = 7919  # the quality sample's hash seed differs from the fit sample
 @dataclass
 class EncodeResult:
     ids_N: np.ndarray  # sorted by ItemID
-    codes_NL: np.ndarray  # rows match ids_N
+    codes_NL: np.ndarray  # rows match ids_N; uint16
     sq_err_sum: float
     sq_norm_sum: float
     fp_N: np.ndarray | None = None  # embedding fingerprints (uint64), rows match ids_N; nightly only
@@ -149,7 +149,11 @@ def encode_block(block: pa.Table, dim: int, encoder, extras: Extras = Extras()) 
 
 def encode_result(t: pa.Table, n_layers: int, extras: Extras = Extras(), dim: int = 0) -> EncodeResult:
     ids_N = flat(t, "ids").astype(np.int64, copy=False)
-    codes_NL = flat(t, "codes").astype(np.int64).reshape(-1, n_layers)
+    # codes < 65,536 (Config caps the codes per level): 2 bytes each keep the driver small
+    codes = flat(t, "codes")
+    wide = codes.size and int(codes.max()) >= 2**16
+    codes_NL = codes.astype(np.int32 if wide else np.uint16).reshape(-1, n_layers)
+    del codes
     order = np.argsort(ids_N, kind="stable")
     res = EncodeResult(
         ids_N=ids_N[order],

@@ -107,8 +107,8 @@ def export_ids(
         quality["relative_reconstruction_error"],
     )
     log_policy(collisions)
-    results["driver"] = driver_memory(n_items)
     write_report(r, results)
+    results["driver"] = driver_memory(n_items)
     r.publish(results, {"mode": cfg.mode, "items": n_items})
     results["output_dir"] = cfg.output_dir
     results["log_path"] = r.log_path
@@ -245,10 +245,9 @@ def write_report(r: Run, results: dict) -> None:
     """quality_report.html, published with the other outputs."""
     from semid_dist import report_html
 
-    t0 = time.perf_counter()
-    results["timings_s"] = r.timings()  # so far; publish() records the final ones
-    report_html.write(r.pub, results)
-    log.info("quality report written (%.2f s)", time.perf_counter() - t0)
+    with r.stage("report"):
+        results["timings_s"] = r.timings()  # so far; publish() records the final ones
+        report_html.write(r.pub, results)
 
 
 def driver_memory(n_items: int) -> dict:
