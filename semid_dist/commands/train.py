@@ -34,6 +34,7 @@ def run(cfg: Config, log_dir: str = "logs") -> dict:
         where = r.connect()
         scan = scan_stage(r, catalog, n_items)
         tokenizer, fit_info = fit_stage(r, catalog, n_items, scan)
+        del scan  # its ItemIDs and sample: not needed for the encode pass and after
         return export_ids(r, cfg, catalog, n_items, where, tokenizer, fit_info, scanned=True)
 
 
