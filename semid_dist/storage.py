@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import fsspec
+from pyarrow import fs as pafs
 
 from semid_dist.errors import UserError, one_line
 
@@ -89,8 +90,6 @@ class Storage:
         cross-region redirects the way botocore does."""
         if not is_s3(path):
             return None
-        from pyarrow import fs as pafs
-
         kw = {}
         if self.endpoint_url:
             ep = self.endpoint_url
@@ -106,9 +105,8 @@ class Storage:
             kw["region"] = region
         # The AWS SDK's default strategy waits 25 ms x 2^n before retry n: as many retries as
         # fit in the budget (12 for 120 s: 102 s of waits, the last one 51 s).
-        attempts = max(1, int(math.log2(self.retry_budget_s / 0.025 + 2)))
-        kw["retry_strategy"] = pafs.AwsDefaultS3RetryStrategy(max_attempts=attempts)
-        return pafs.S3FileSystem(**kw)
+        kw["retries"] = max(1, int(math.log2(self.retry_budget_s / 0.025 + 2)))
+        return _ArrowS3(**kw)
 
     def read_bytes(self, uri: str, what: str = "file") -> bytes:
         """The whole object at uri; a missing one, a folder or a failed read is a UserError
@@ -187,6 +185,24 @@ _ACCESS_DENIED = (
     "InvalidToken",
     "ExpiredToken",
 )
+
+
+class _ArrowS3(pafs.S3FileSystem):
+    """pyarrow's S3FileSystem with a retry count, pickled as the arguments it was made with:
+    pyarrow's own pickling drops the retry strategy (a Ray task would get the default 3
+    attempts) and carries the credentials it resolved, which must stay in the environment of
+    the process that uses them."""
+
+    def __init__(self, retries: int = 3, **kw) -> None:
+        self._args = {"retries": retries, **kw}
+        super().__init__(retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=retries), **kw)
+
+    def __reduce__(self):
+        return _arrow_s3, (self._args,)
+
+
+def _arrow_s3(args: dict) -> _ArrowS3:
+    return _ArrowS3(**args)
 
 
 def describe_s3_error(path: str, e: BaseException) -> UserError:

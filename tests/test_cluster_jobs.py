@@ -48,7 +48,14 @@ def test_kmeans_then_encode_with_its_tokenizer(ray_cluster, cluster_catalog, kme
     ids = cluster_catalog[1]
     ref = mapping(fs, out)
     assert sorted(ref) == sorted(ids.tolist()) and len(set(ref.values())) == len(ref)
-    assert f"semid_dist kmeans: {len(ids)} items" in job.logs()
+    assert f"semid_dist kmeans: {len(ids)} items" in job.logs()  # the driver's summary, streamed back
+    manifest = read_json(fs, out + "_SUCCESS")
+    assert {"semantic_id_mappings.json", "semantic_id_mappings.parquet", "final_model.pt"} <= set(
+        manifest["files"]
+    )
+    assert read_json(fs, out + "training_results.json")["input"]["files"] == 24
+    for name in manifest["files"]:  # no credential in anything published
+        assert s3.secret_key.encode() not in fs.cat_file(out.replace("s3://", "") + name), name
     enc_out = "s3://semid-test/cluster/encoded/"
     enc = ray_cluster.run(
         "jobs.encode",

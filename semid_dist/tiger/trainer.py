@@ -25,10 +25,11 @@ from semid_dist import export, storage
 from semid_dist.catalog import plumbing
 from semid_dist.catalog.source import training_dataset
 from semid_dist.config import Config
-from semid_dist.errors import UserError, find_user_error
+from semid_dist.errors import UserError
 from semid_dist.math.rqvae import RQVAE
 from semid_dist.storage import Storage
 from semid_dist.tiger import batches, checkpoint, plots, steps
+from semid_dist.tiger.failures import TigerTrainingError, dead_nodes, training_failed
 from semid_dist.tiger.progress import ProgressLog
 from semid_dist.tiger.worker import RESTART_EVERY, train_loop_per_worker
 from semid_dist.tokenizer import Tokenizer
@@ -84,10 +85,6 @@ HYPERPARAMETERS = (
     "max_iters",
     "num_workers",
 )
-
-
-class TigerTrainingError(RuntimeError):
-    """Training failed on a worker more often than --max_failures allows."""
 
 
 @dataclass
@@ -214,11 +211,12 @@ def train(
         "nccl" if use_gpu else "gloo",
         run_dir,
     )
+    dead_before = dead_nodes()
     try:
         with ProgressLog(progress):
             result = trainer.fit()
     except ray.train.TrainingFailedError as e:
-        raise _training_failed(e, cfg, run_dir) from None
+        raise training_failed(e, cfg, run_dir, dead_before) from None
     finally:
         progress.shutdown()
     if result.checkpoint is None:
@@ -328,32 +326,6 @@ def _prepare_run_dir(cfg: Config, run_dir: str, store: Storage) -> None:
             "tiger: starting afresh; removing the earlier run in %s (use --resume to continue it)", run_dir
         )
         fs.rm(path, recursive=True)
-
-
-def _training_failed(e: Exception, cfg: Config, run_dir: str) -> Exception:
-    failures = getattr(e, "worker_failures", None) or {}
-    for exc in failures.values():
-        user = find_user_error(exc)
-        if user is not None:
-            return user
-    if failures:
-        rank, exc = sorted(failures.items())[0]
-        what = f"worker rank {rank}: {_first_line(exc)}"
-    else:
-        what = _first_line(e)
-    return TigerTrainingError(
-        f"tiger training failed ({what}) after {cfg.max_failures} restart(s) allowed by "
-        f"--max_failures; checkpoints are kept in {run_dir}: rerun with --resume to continue"
-    )
-
-
-def _first_line(exc: BaseException) -> str:
-    cause = getattr(exc, "cause", None)  # RayTaskError keeps the worker's own exception here
-    exc = cause if isinstance(cause, BaseException) else exc
-    text = str(exc).strip()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    # Ray's wrappers put the traceback first and the original "Type: message" last.
-    return (lines[-1] if lines else type(exc).__name__)[:300]
 
 
 class _EveryRowDataConfig(ray.train.DataConfig):
