@@ -79,7 +79,7 @@ class Run:
         t0 = time.perf_counter()
         yield
         self.stages[name] = round(time.perf_counter() - t0, 3)
-        log.info("stage %s: %.2f s", name, self.stages[name])
+        log.info("stage %s: %.2f s (driver peak RSS so far %.2f GB)", name, self.stages[name], peak_rss_gb())
 
     def timings(self) -> dict[str, float]:
         return {**self.stages, "total": round(time.perf_counter() - self._t0, 3)}
@@ -238,3 +238,10 @@ def close_logging() -> None:
         if isinstance(h, logging.FileHandler):
             log.removeHandler(h)
             h.close()
+
+
+def peak_rss_gb() -> float:
+    """The driver process's peak resident memory so far (the kernel's high-water mark)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux

@@ -254,7 +254,7 @@ def write_report(r: Run, results: dict) -> None:
 def driver_memory(n_items: int) -> dict:
     """The driver process's peak resident memory so far, and that over the items (an upper
     bound on the driver's memory per item: it includes the interpreter, torch and Ray)."""
-    import resource
+    from semid_dist.run import peak_rss_gb
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return {"peak_rss_gb": round(peak / 1e9, 3), "bytes_per_item": round(peak / max(n_items, 1), 1)}
+    peak = peak_rss_gb()
+    return {"peak_rss_gb": round(peak, 3), "bytes_per_item": round(peak * 1e9 / max(n_items, 1), 1)}
