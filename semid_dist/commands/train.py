@@ -91,7 +91,9 @@ def export_ids(
         quality["max_dedup_code"] = int(dedup_N.max()) if dedup_N.size else 0
         quality["collisions"] = collisions
         assert row_groups(sid_NM)[1].all(), "dedup left a duplicate ID"
-    figures = background(add_quality, quality, enc, codes_NL)  # overlaps the export's writing
+        del dedup_N  # in sid_NM now
+        add_group_sizes(quality, enc.codes_NL, codes_NL)  # before the export: their sorts' memory
+    figures = background(add_coherence, quality, enc, codes_NL)  # overlaps the export's writing
     with r.stage("export"):
         export.write_mappings(r.pub, enc.ids_N, sid_NM, cfg.dataset_name)
         export.write_retrieval_files(r.pub, sid_NM, tokenizer.n_codes)
@@ -215,14 +217,23 @@ def background(fn, *args):
 def add_quality(quality: dict, enc: EncodeResult, codes_NL: np.ndarray) -> None:
     """The quality report's figures: group sizes before and after the collision policy, and
     the semantic coherence of the published codes on the encode pass's hash sample."""
-    from semid_dist.math.quality import coherence, group_size_histogram
+    add_group_sizes(quality, enc.codes_NL, codes_NL)
+    add_coherence(quality, enc, codes_NL)
+
+
+def add_group_sizes(quality: dict, before_NL: np.ndarray, after_NL: np.ndarray) -> None:
+    from semid_dist.math.quality import group_size_histogram
+
+    before = group_size_histogram(before_NL)
+    after = before if after_NL is before_NL else group_size_histogram(after_NL)
+    quality["group_sizes"] = {"before": before, "after": after}
+
+
+def add_coherence(quality: dict, enc: EncodeResult, codes_NL: np.ndarray) -> None:
+    """The semantic coherence of the published codes on the encode pass's hash sample."""
+    from semid_dist.math.quality import coherence
 
     t0 = time.perf_counter()
-
-    quality["group_sizes"] = {
-        "before": group_size_histogram(enc.codes_NL),
-        "after": group_size_histogram(codes_NL),
-    }
     if enc.sample_ids is not None and len(enc.sample_ids):
         rows = np.searchsorted(enc.ids_N, enc.sample_ids)
         quality["coherence"] = coherence(enc.sample_x, codes_NL[rows])
@@ -239,7 +250,7 @@ def add_quality(quality: dict, enc: EncodeResult, codes_NL: np.ndarray) -> None:
                 100 * c["random_same_first_two"],
             )
     enc.sample_x = None  # up to 30 MB the driver no longer needs
-    quality["figures_seconds"] = round(time.perf_counter() - t0, 3)
+    quality["coherence_seconds"] = round(time.perf_counter() - t0, 3)
 
 
 def write_report(r: Run, results: dict) -> None:

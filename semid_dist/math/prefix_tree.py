@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from semid_dist.math.dedup import row_groups
+from semid_dist.math.dedup import lex_order
 
 
 @dataclass
@@ -24,19 +24,24 @@ class Level:
 
 
 def prefix_tree(sid_NM: np.ndarray) -> list[Level]:
-    """The tree of the IDs (N, M): one Level per depth 0 .. M-1. One sort of the rows
-    (dedup.row_groups), then each depth is read off the sorted rows."""
+    """The tree of the IDs (N, M): one Level per depth 0 .. M-1. One sort of the rows, then each
+    depth is read off the sorted rows. Memory beyond the sorted copy: one flag per row, and the
+    distinct prefixes of each depth (the rows themselves at the last, since IDs are unique)."""
     n, m = sid_NM.shape
-    s = sid_NM[row_groups(sid_NM)[2]] if n else sid_NM
+    s = sid_NM[lex_order(sid_NM)] if n else sid_NM
     levels = []
+    first = np.zeros(n, bool)  # the first row of every distinct prefix of depth + 1 codes
+    if n:
+        first[0] = True
     for depth in range(m):
-        first = np.ones(n, bool)  # the first row of every distinct prefix of depth + 1 codes
         if n > 1:
-            first[1:] = (s[1:, : depth + 1] != s[:-1, : depth + 1]).any(axis=1)
-        u = s[first, : depth + 1]
+            first[1:] |= s[1:, depth] != s[:-1, depth]
+        u = s if first.all() else s[first, : depth + 1]
         new = np.ones(len(u), bool)  # the first of every distinct prefix of depth codes among them
-        if len(u) > 1:
-            new[1:] = (u[1:, :depth] != u[:-1, :depth]).any(axis=1) if depth else False
+        if len(u) > 1 and depth:
+            new[1:] = (u[1:, :depth] != u[:-1, :depth]).any(axis=1)
+        elif len(u) > 1:
+            new[1:] = False
         starts = np.flatnonzero(new)
         levels.append(
             Level(
