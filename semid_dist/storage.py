@@ -80,14 +80,15 @@ class Storage:
         _quiet_orphaned_task_errors(fs.loop)
         return fs
 
-    def arrow_fs(self, path: str):
+    def arrow_fs(self, path: str, retry_budget_s: float | None = None):
         """A pyarrow filesystem for reading S3 (pyarrow's native client is faster than s3fs);
         None for local paths.
 
         pyarrow's S3FileSystem() ignores AWS_ENDPOINT_URL, so the endpoint is passed explicitly,
         with its scheme (http for MinIO/SeaweedFS). Without an endpoint (real AWS) and without a
         configured region, the bucket's region is looked up: pyarrow does not follow S3's
-        cross-region redirects the way botocore does."""
+        cross-region redirects the way botocore does. Its client retries a failed request for
+        about retry_budget_s (default: the run's budget)."""
         if not is_s3(path):
             return None
         kw = {}
@@ -105,7 +106,8 @@ class Storage:
             kw["region"] = region
         # The AWS SDK's default strategy waits 25 ms x 2^n before retry n: as many retries as
         # fit in the budget (12 for 120 s: 102 s of waits, the last one 51 s).
-        kw["retries"] = max(1, int(math.log2(self.retry_budget_s / 0.025 + 2)))
+        budget = self.retry_budget_s if retry_budget_s is None else retry_budget_s
+        kw["retries"] = max(1, int(math.log2(budget / 0.025 + 2)))
         return _ArrowS3(**kw)
 
     def read_bytes(self, uri: str, what: str = "file") -> bytes:

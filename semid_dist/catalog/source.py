@@ -19,6 +19,7 @@ Ray Data wraps a task's exception and the message naming the file would be lost.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -111,38 +112,112 @@ def plan_units(catalog: Catalog, n_items: int, tasks: int | None = None) -> list
     return units
 
 
-# pyarrow's messages for S3 failures that its client retried (storage.Storage.arrow_fs)
+# pyarrow's messages for S3 failures worth retrying (no connection, 5xx, slow-down)
 _RETRIED = ("NETWORK_CONNECTION", "HTTP status 5", "SLOW_DOWN", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE")
+SDK_RETRY_S = 0.5  # the S3 client's own retries in a read task; read_unit retries past them
 
 
-def read_unit(unit: Unit, fs, read_batch: int = READ_BATCH, retry_budget_s: float = 0.0):
+class OutageClock:
+    """When the current S3 outage started, shared by every read task of the run (a Ray actor on
+    the driver's node): each task on its own would spend a whole retry budget, and the tasks
+    that start after others gave up would spend another; with one clock the run gives up once
+    S3 has been failing for the budget, whatever the tasks were doing."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+
+    def failing(self) -> float:
+        if self.since is None:
+            self.since = time.time()
+        return self.since
+
+    def ok(self) -> None:
+        self.since = None
+
+
+_clock: tuple = (None, None)  # (Ray job id, the clock's handle)
+
+
+def outage_clock():
+    """The run's OutageClock (one per driver process and Ray job, made on first use)."""
+    global _clock
+    import ray
+
+    ctx = ray.get_runtime_context()
+    if _clock[0] != ctx.get_job_id():
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ctx.get_node_id(), soft=True)
+        _clock = (
+            ctx.get_job_id(),
+            ray.remote(OutageClock).options(num_cpus=0, scheduling_strategy=here).remote(),
+        )
+    return _clock[1]
+
+
+def _outage_left(clock, budget: float, since: list) -> float:
+    """Seconds of the budget left in this outage (by the run's clock, else this task's)."""
+    import ray
+
+    if not since:
+        since.append(time.time())
+    try:
+        start = ray.get(clock.failing.remote(), timeout=10)
+    except Exception:  # the clock is gone: this task's own start
+        start = since[0]
+    return start + budget - time.time()
+
+
+def _read_piece(piece: Piece, fs, read_batch: int, skip: int):
+    """The piece's rows after the first `skip`, read_batch at a time."""
+    source = fs.open_input_file(strip_scheme(piece.path)) if fs is not None else piece.path
+    pf = pq.ParquetFile(source, buffer_size=READ_BUFFER, pre_buffer=False)
+    batches = pf.iter_batches(
+        batch_size=read_batch, row_groups=piece.row_groups, columns=[ID_COL, EMB_COL], use_threads=False
+    )
+    at = 0
+    for batch in batches:
+        if at >= piece.rows:
+            break
+        batch = batch.slice(0, piece.rows - at)
+        at, first = at + batch.num_rows, at
+        if at > skip:
+            yield pa.Table.from_batches([batch.slice(max(0, skip - first))])
+
+
+def read_unit(unit: Unit, fs, read_batch: int = READ_BATCH, retry_budget_s: float = 0.0, clock=None):
     """The unit's (ItemID, embedding) rows, read_batch at a time, as pyarrow Tables. A file
-    that cannot be read ends the unit with one error block that names it (and, for an S3
-    outage, the retry budget that ran out)."""
+    that cannot be read ends the unit with one error block that names it. With a clock
+    (OutageClock), an S3 outage is retried (the piece reopened after the rows already read)
+    until S3 has been failing for retry_budget_s by that clock."""
+    since: list = []
     for piece in unit.pieces:
-        try:
-            source = fs.open_input_file(strip_scheme(piece.path)) if fs is not None else piece.path
-            pf = pq.ParquetFile(source, buffer_size=READ_BUFFER, pre_buffer=False)
-            batches = pf.iter_batches(
-                batch_size=read_batch,
-                row_groups=piece.row_groups,
-                columns=[ID_COL, EMB_COL],
-                use_threads=False,
-            )
-            left = piece.rows
-            for batch in batches:
-                if left <= 0:
-                    break
-                if batch.num_rows > left:
-                    batch = batch.slice(0, left)
-                left -= batch.num_rows
-                yield pa.Table.from_batches([batch])
-        except (OSError, pa.ArrowException) as e:
-            why = one_line(e)
-            if retry_budget_s and any(m in why for m in _RETRIED):
-                why = f"S3 unreachable for the retry budget, --s3_retry_budget_s {retry_budget_s:g}: {why}"
-            yield pa.table({ERROR_COL: [f"{piece.path}: cannot read parquet ({why})"]})
-            return
+        done, delay = 0, 0.5
+        while True:
+            try:
+                for t in _read_piece(piece, fs, read_batch, done):
+                    done += t.num_rows
+                    if since:  # S3 answers again
+                        since.clear()
+                        try:
+                            clock.ok.remote()
+                        except Exception:  # the clock is gone: nothing to reset
+                            pass
+                    yield t
+                break
+            except (OSError, pa.ArrowException) as e:
+                why = one_line(e)
+                if retry_budget_s and any(m in why for m in _RETRIED):
+                    left = _outage_left(clock, retry_budget_s, since) if clock is not None else 0
+                    if left > 0:
+                        time.sleep(min(delay, left))
+                        delay = min(2 * delay, 8.0)
+                        continue
+                    why = (
+                        f"S3 unreachable for the retry budget, --s3_retry_budget_s {retry_budget_s:g}: {why}"
+                    )
+                yield pa.table({ERROR_COL: [f"{piece.path}: cannot read parquet ({why})"]})
+                return
 
 
 class CatalogSource(Datasource):
@@ -159,8 +234,10 @@ class CatalogSource(Datasource):
         self.units = plan_units(catalog, n_items, tasks)
         self.read_batch = read_batch
         self.row_bytes = 8 + 4 * catalog.dim
-        self.fs = catalog.store.arrow_fs(catalog.files[0])
+        # the run's retry budget is spent here (read_unit), the S3 client's own retries are short
+        self.fs = catalog.store.arrow_fs(catalog.files[0], retry_budget_s=SDK_RETRY_S)
         self.retry_budget_s = catalog.store.retry_budget_s if self.fs is not None else 0.0
+        self.clock = outage_clock() if self.fs is not None else None
 
     def estimate_inmemory_data_size(self) -> int:
         return sum(u.rows for u in self.units) * self.row_bytes
@@ -168,10 +245,10 @@ class CatalogSource(Datasource):
     def get_read_tasks(
         self, parallelism: int, per_task_row_limit: int | None = None, data_context=None
     ) -> list[ReadTask]:
-        fs, read_batch, budget = self.fs, self.read_batch, self.retry_budget_s
+        fs, read_batch, budget, clock = self.fs, self.read_batch, self.retry_budget_s, self.clock
         return [
             ReadTask(
-                lambda unit=unit: read_unit(unit, fs, read_batch, budget),
+                lambda unit=unit: read_unit(unit, fs, read_batch, budget, clock),
                 BlockMetadata(
                     num_rows=unit.rows,
                     size_bytes=unit.rows * self.row_bytes,

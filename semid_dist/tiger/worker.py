@@ -198,7 +198,7 @@ def check_shard_fits(n_items: int, dim: int, world: int, local_world: int) -> No
         f"tiger: the catalog ({n_items} items x {dim} dims) does not fit in the workers' memory: "
         f"{local_world} worker(s) on node {node.get('NodeManagerAddress', node_id)} need {mb(need)} for "
         f"their shards, and Ray gives that node {mb(memory)} (its `memory` resource); use "
-        f"--num_workers {workers} or more (one per node), or nodes with at least {mb(need)} of memory"
+        f"--num_workers {workers} or more, or nodes with at least {mb(need)} of memory"
     )
 
 
