@@ -527,6 +527,8 @@ def main() -> None:
     if prod and prod.get("driver"):
         d = prod["driver"]
         print(f"  driver peak RSS {d['peak_rss_gb']:.2f} GB, {d['bytes_per_item']:.0f} bytes per item")
+        stages = d.get("stage_peak_rss_gb") or {}
+        print("  driver peak RSS per stage (GB): " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
     for k, v in res["targets_met"].items():
         print(f"  target {k}: {'met' if v else 'NOT met'}")
     print(f"results: {base}.json")

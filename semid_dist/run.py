@@ -50,6 +50,7 @@ class Run:
         self.log_dir = log_dir
         self.store = Storage.resolve(cfg.s3_endpoint_url, cfg.s3_retry_budget_s)
         self.stages: dict[str, float] = {}
+        self.stage_peaks: dict[str, float] = {}  # the driver's peak RSS (GB) in each stage
         self.pub: Publisher | None = None
         self.log_path = ""
         self._timestamp = time.strftime("%Y%m%d_%H%M%S")
@@ -77,9 +78,12 @@ class Run:
     def stage(self, name: str):
         """Time a stage; its duration goes to the log and to the results' timings_s."""
         t0 = time.perf_counter()
+        reset_peak_rss()
         yield
         self.stages[name] = round(time.perf_counter() - t0, 3)
-        log.info("stage %s: %.2f s (driver peak RSS so far %.2f GB)", name, self.stages[name], peak_rss_gb())
+        self.stage_peaks[name] = round(peak_rss_gb(), 3)
+        peak = self.stage_peaks[name]
+        log.info("stage %s: %.2f s (driver peak RSS %.2f GB)", name, self.stages[name], peak)
 
     def timings(self) -> dict[str, float]:
         return {**self.stages, "total": round(time.perf_counter() - self._t0, 3)}
@@ -241,7 +245,24 @@ def close_logging() -> None:
 
 
 def peak_rss_gb() -> float:
-    """The driver process's peak resident memory so far (the kernel's high-water mark)."""
+    """This process's peak resident memory since the last reset_peak_rss() (Linux: VmHWM; else
+    the peak since the start)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e9  # kB
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
+
+
+def reset_peak_rss() -> None:
+    """Start a new high-water mark (Linux >= 4.0), so that each stage reports its own peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass

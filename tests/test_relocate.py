@@ -171,3 +171,16 @@ def test_candidates_match_a_brute_force_reference():
     c1, e1 = last_level_candidates_np(x[:7], books, codes[:7], 5)
     np.testing.assert_array_equal(c1, cand[:7])
     np.testing.assert_array_equal(e1, err[:7])
+
+
+def test_suffix_dedup_in_one_sort_equals_dedup_codes():
+    from semid_dist.math.dedup import dedup_codes, suffix_dedup
+    from semid_dist.math.metrics import collision_stats
+
+    rng = np.random.default_rng(2)
+    for n in (1, 7, 500):
+        ids = np.sort(rng.choice(10 * n, n, replace=False))
+        codes = rng.integers(0, 3, (n, 2)).astype(np.uint16)
+        dedup, sizes = suffix_dedup(codes)
+        np.testing.assert_array_equal(dedup, dedup_codes(ids, codes))
+        assert sizes.sum() == n and collision_stats(codes, sizes) == collision_stats(codes)

@@ -17,7 +17,7 @@ from semid_dist.catalog.scan import ScanResult, scan_pass
 from semid_dist.catalog.schema import Catalog
 from semid_dist.config import Config
 from semid_dist.errors import UserError
-from semid_dist.math.dedup import dedup_codes, row_groups
+from semid_dist.math.dedup import row_groups, suffix_dedup
 from semid_dist.math.metrics import collision_stats, quality_report
 from semid_dist.run import Run
 from semid_dist.tokenizer import Tokenizer
@@ -84,15 +84,16 @@ def export_ids(
         if not scanned:
             catalog.check_unique_ids(enc.ids_N)
     with r.stage("dedup"):
-        codes_NL, dedup_N, collisions = apply_policy(cfg, enc)
+        codes_NL, dedup_N, collisions, sizes_G = apply_policy(cfg, enc)
         sid_NM = export.semantic_ids(codes_NL, dedup_N)
         # the tokenizer's codes as encoded; what the collision policy changed is in "collisions"
-        quality = quality_report(enc.codes_NL, tokenizer.n_codes, enc.sq_err_sum, enc.sq_norm_sum)
+        quality = quality_report(enc.codes_NL, tokenizer.n_codes, enc.sq_err_sum, enc.sq_norm_sum, sizes_G)
         quality["max_dedup_code"] = int(dedup_N.max()) if dedup_N.size else 0
         quality["collisions"] = collisions
-        assert row_groups(sid_NM)[1].all(), "dedup left a duplicate ID"
+        if len(sid_NM) <= CHECK_UNIQUE_UP_TO:  # above, unique by construction; the check costs a sort
+            assert row_groups(sid_NM)[1].all(), "dedup left a duplicate ID"
         del dedup_N  # in sid_NM now
-        add_group_sizes(quality, enc.codes_NL, codes_NL)  # before the export: their sorts' memory
+        add_group_sizes(quality, enc.codes_NL, codes_NL, sizes_G)  # before the export: their sorts' memory
     figures = background(add_coherence, quality, enc, codes_NL)  # overlaps the export's writing
     with r.stage("export"):
         export.write_mappings(r.pub, enc.ids_N, sid_NM, cfg.dataset_name)
@@ -111,7 +112,7 @@ def export_ids(
     )
     log_policy(collisions)
     write_report(r, results)
-    results["driver"] = driver_memory(n_items)
+    results["driver"] = driver_memory(r, n_items)
     r.publish(results, {"mode": cfg.mode, "items": n_items})
     results["output_dir"] = cfg.output_dir
     results["log_path"] = r.log_path
@@ -119,6 +120,7 @@ def export_ids(
 
 
 QUALITY_SAMPLE = 10_000  # items whose embeddings the encode pass keeps for the semantic coherence
+CHECK_UNIQUE_UP_TO = 1_000_000  # catalogs up to this size re-check that every published ID is unique
 
 
 def extras(cfg: Config, n_items: int, fingerprints: bool = False) -> Extras:
@@ -128,30 +130,33 @@ def extras(cfg: Config, n_items: int, fingerprints: bool = False) -> Extras:
     return Extras(fingerprints, k, QUALITY_SAMPLE, cfg.seed, n_items)
 
 
-def apply_policy(cfg: Config, enc: EncodeResult) -> tuple[np.ndarray, np.ndarray, dict]:
-    """The codes and dedup codes of every item under --collision_policy, and what the policy did
-    (training_results.json's metrics.collisions)."""
+def apply_policy(cfg: Config, enc: EncodeResult) -> tuple[np.ndarray, np.ndarray, dict, np.ndarray | None]:
+    """The codes and dedup codes of every item under --collision_policy, what the policy did
+    (training_results.json's metrics.collisions), and under suffix the sizes of the groups."""
     from semid_dist.math.relocate import relocate
 
     t0 = time.perf_counter()
-    rate_before = collision_stats(enc.codes_NL)["collision_rate"]
+    n = len(enc.ids_N)
     err_before = enc.sq_err_sum / enc.sq_norm_sum if enc.sq_norm_sum > 0 else 0.0
     if cfg.collision_policy == "suffix":
-        dedup_N = dedup_codes(enc.ids_N, enc.codes_NL)
+        dedup_N, sizes_G = suffix_dedup(enc.codes_NL)  # ids_N is sorted: one sort does it all
+        rate = 1.0 - len(sizes_G) / n if n else 0.0
         return (
             enc.codes_NL,
             dedup_N,
             {
                 "policy": "suffix",
-                "rate_before": rate_before,
-                "rate_after": rate_before,
+                "rate_before": rate,
+                "rate_after": rate,
                 "moved": 0,
-                "suffix_items": int((dedup_N > 0).sum()),
+                "suffix_items": int(n - len(sizes_G)),
                 "error_before": err_before,
                 "error_after": err_before,
                 "seconds": round(time.perf_counter() - t0, 3),
             },
+            sizes_G,
         )
+    rate_before = collision_stats(enc.codes_NL)["collision_rate"]
     rel = relocate(enc.ids_N, enc.codes_NL, enc.cand_NK, enc.cand_err_NK)
     err_after = (enc.sq_err_sum + rel.err_delta) / enc.sq_norm_sum if enc.sq_norm_sum > 0 else 0.0
     return (
@@ -168,6 +173,7 @@ def apply_policy(cfg: Config, enc: EncodeResult) -> tuple[np.ndarray, np.ndarray
             "error_after": float(err_after),
             "seconds": round(time.perf_counter() - t0, 3),
         },
+        None,
     )
 
 
@@ -221,10 +227,12 @@ def add_quality(quality: dict, enc: EncodeResult, codes_NL: np.ndarray) -> None:
     add_coherence(quality, enc, codes_NL)
 
 
-def add_group_sizes(quality: dict, before_NL: np.ndarray, after_NL: np.ndarray) -> None:
-    from semid_dist.math.quality import group_size_histogram
+def add_group_sizes(
+    quality: dict, before_NL: np.ndarray, after_NL: np.ndarray, sizes_G: np.ndarray | None = None
+) -> None:
+    from semid_dist.math.quality import group_size_histogram, histogram_of_sizes
 
-    before = group_size_histogram(before_NL)
+    before = group_size_histogram(before_NL) if sizes_G is None else histogram_of_sizes(sizes_G)
     after = before if after_NL is before_NL else group_size_histogram(after_NL)
     quality["group_sizes"] = {"before": before, "after": after}
 
@@ -262,10 +270,16 @@ def write_report(r: Run, results: dict) -> None:
         report_html.write(r.pub, results)
 
 
-def driver_memory(n_items: int) -> dict:
-    """The driver process's peak resident memory so far, and that over the items (an upper
-    bound on the driver's memory per item: it includes the interpreter, torch and Ray)."""
+def driver_memory(r: Run, n_items: int) -> dict:
+    """The driver process's peak resident memory in each stage and over the run so far, and that
+    over the items (an upper bound on the driver's memory per item: it includes the interpreter,
+    torch and Ray). Between two catalog sizes, the growth of a stage's peak is its memory per
+    item (BENCHMARKS.md)."""
     from semid_dist.run import peak_rss_gb
 
-    peak = peak_rss_gb()
-    return {"peak_rss_gb": round(peak, 3), "bytes_per_item": round(peak * 1e9 / max(n_items, 1), 1)}
+    peak = max([peak_rss_gb(), *r.stage_peaks.values()])
+    return {
+        "peak_rss_gb": round(peak, 3),
+        "bytes_per_item": round(peak * 1e9 / max(n_items, 1), 1),
+        "stage_peak_rss_gb": dict(r.stage_peaks),
+    }

@@ -30,6 +30,24 @@ def dedup_codes(item_ids_N: np.ndarray, codes_NL: np.ndarray) -> np.ndarray:
     return out
 
 
+def suffix_dedup(codes_NL: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """dedup_codes for rows already in ItemID order, with one sort: (the dedup code of every row,
+    the size of every group in the groups' lexicographic order). The catalog-scale path: the
+    group sizes give the collision rate and the group-size histogram without sorting again."""
+    n = codes_NL.shape[0]
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    _, first, order = row_groups(codes_NL)  # a stable sort: ItemID order within each group
+    starts = np.flatnonzero(first)
+    del first
+    sizes = np.diff(np.append(starts, n))
+    rank = np.arange(n, dtype=np.int64)
+    rank -= np.repeat(starts, sizes)
+    dedup = np.empty(n, np.int64)
+    dedup[order] = rank
+    return dedup, sizes
+
+
 def packed_key(rows_NM: np.ndarray) -> np.ndarray | None:
     """One int64 per row that orders like the row (first column first), when the columns hold
     non-negative integers whose value ranges multiply to less than 2**63 (codes always do);

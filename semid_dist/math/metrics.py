@@ -8,12 +8,13 @@ from semid_dist.math.dedup import row_groups
 from semid_dist.math.quality import gini
 
 
-def collision_stats(codes_NL: np.ndarray) -> dict:
-    """Collision rate = 1 - distinct tuples / N, and the largest group sharing a tuple."""
+def collision_stats(codes_NL: np.ndarray, sizes_G: np.ndarray | None = None) -> dict:
+    """Collision rate = 1 - distinct tuples / N, and the largest group sharing a tuple (from
+    the groups' sizes when the caller has them: math.dedup.suffix_dedup)."""
     n = codes_NL.shape[0]
     if n == 0:
         return {"collision_rate": 0.0, "max_bucket": 0, "distinct_ids": 0}
-    counts = np.bincount(row_groups(codes_NL)[0])
+    counts = np.bincount(row_groups(codes_NL)[0]) if sizes_G is None else sizes_G
     return {
         "collision_rate": float(1.0 - len(counts) / n),
         "max_bucket": int(counts.max()),
@@ -47,9 +48,15 @@ def relative_reconstruction_error(sq_err_sum: float, sq_norm_sum: float) -> floa
     return float(sq_err_sum / sq_norm_sum) if sq_norm_sum > 0 else 0.0
 
 
-def quality_report(codes_NL: np.ndarray, n_codes: int, sq_err_sum: float, sq_norm_sum: float) -> dict:
+def quality_report(
+    codes_NL: np.ndarray,
+    n_codes: int,
+    sq_err_sum: float,
+    sq_norm_sum: float,
+    sizes_G: np.ndarray | None = None,
+) -> dict:
     return {
-        **collision_stats(codes_NL),
+        **collision_stats(codes_NL, sizes_G),
         "levels": level_stats(codes_NL, n_codes),
         "relative_reconstruction_error": relative_reconstruction_error(sq_err_sum, sq_norm_sum),
     }

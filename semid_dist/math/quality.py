@@ -29,8 +29,12 @@ def group_size_histogram(codes_NL: np.ndarray) -> dict:
     codes_NL = np.asarray(codes_NL)
     if codes_NL.shape[0] == 0:
         return {"sizes": [], "groups": []}
-    counts_G = np.bincount(row_groups(codes_NL.reshape(codes_NL.shape[0], -1))[0])
-    sizes, groups = np.unique(counts_G, return_counts=True)
+    return histogram_of_sizes(np.bincount(row_groups(codes_NL.reshape(codes_NL.shape[0], -1))[0]))
+
+
+def histogram_of_sizes(sizes_G: np.ndarray) -> dict:
+    """group_size_histogram from the groups' sizes."""
+    sizes, groups = np.unique(np.asarray(sizes_G), return_counts=True)
     return {"sizes": sizes.astype(int).tolist(), "groups": groups.astype(int).tolist()}
 
 
