@@ -107,3 +107,8 @@ class BudgetedS3FileSystem(s3fs.S3FileSystem):
                 log.info("S3 answers again after %.0f s", time.monotonic() - _outage_since)
                 _outage_since = None
             return out
+
+
+# One instance cache with s3fs's own (fsspec keeps one per class): callers that change the
+# credentials call s3fs.S3FileSystem.clear_instance_cache(), which must clear ours too.
+BudgetedS3FileSystem._cache = s3fs.S3FileSystem._cache

@@ -180,8 +180,9 @@ def _ddp(model: RQVAE, device: torch.device) -> torch.nn.Module:
 
 def check_shard_fits(n_items: int, dim: int, world: int, local_world: int) -> None:
     """Before the intake: this rank's shard (read_shard's array: float32 rows plus int64 ids)
-    times the train workers on this node must fit the memory Ray gives the node (its `memory`
-    resource: by default 70% of the node's RAM less the object store). A UserError otherwise,
+    times the train workers on this node (local_world: Ray Train counts the workers that share
+    the node's IP address) must fit the memory Ray gives the node (its `memory` resource: by
+    default 70% of the node's RAM less the object store). A UserError otherwise,
     saying how many workers or how much memory the catalog needs."""
     import ray
 
