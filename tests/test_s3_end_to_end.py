@@ -48,6 +48,7 @@ OUTPUTS = {
     "tokens.json",
     "final_model.pt",
     "training_results.json",
+    "quality_report.html",
     "_SUCCESS",
 }
 
