@@ -13,6 +13,7 @@ driver sorts by ItemID.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -36,6 +37,10 @@ class Extras:
     sample: int = 0  # up to this many items' embeddings and codes, a hash sample (the quality report)
     seed: int = 0  # of the hash sample
     n_items: int = 0  # the catalog's size, for the sample's fraction
+    wide_codes: bool = False  # codes as int32 (more than 65,536 codes per level), else uint16
+
+    def code_types(self) -> tuple[type, pa.DataType]:
+        return (np.int32, pa.int32()) if self.wide_codes else (np.uint16, pa.uint16())
 
     @property
     def fraction(self) -> float:
@@ -50,7 +55,7 @@ SAMPLE_SALT = 7919  # the quality sample's hash seed differs from the fit sample
 @dataclass
 class EncodeResult:
     ids_N: np.ndarray  # sorted by ItemID
-    codes_NL: np.ndarray  # rows match ids_N; uint16
+    codes_NL: np.ndarray  # rows match ids_N; uint16 (int32 above 65,536 codes per level)
     sq_err_sum: float
     sq_norm_sum: float
     fp_N: np.ndarray | None = None  # embedding fingerprints (uint64), rows match ids_N; nightly only
@@ -103,7 +108,7 @@ def empty_encode(extras: Extras = Extras()) -> dict:
     """The columns of an encode result row with no items (what an error row carries)."""
     out = {
         "ids": lists(np.zeros(0, np.int64), pa.int64()),
-        "codes": lists(np.zeros(0, np.int32), pa.int32()),
+        "codes": lists(np.zeros(0, extras.code_types()[0]), extras.code_types()[1]),
         "sq_err": [0.0],
         "sq_norm": [0.0],
     }
@@ -126,7 +131,7 @@ def encode_block(block: pa.Table, dim: int, encoder, extras: Extras = Extras()) 
     codes_NL, sq_err_N = encode_rows(encoder, x_ND)
     out = {
         "ids": lists(ids_N, pa.int64()),
-        "codes": lists(codes_NL.astype(np.int32).ravel(), pa.int32()),
+        "codes": lists(np.asarray(codes_NL).astype(extras.code_types()[0]).ravel(), extras.code_types()[1]),
         "sq_err": [float(np.asarray(sq_err_N).sum(dtype=np.float64))],
         "sq_norm": [sq_norms(x_ND)],
     }
@@ -149,11 +154,8 @@ def encode_block(block: pa.Table, dim: int, encoder, extras: Extras = Extras()) 
 
 def encode_result(t: pa.Table, n_layers: int, extras: Extras = Extras(), dim: int = 0) -> EncodeResult:
     ids_N = flat(t, "ids").astype(np.int64, copy=False)
-    # codes < 65,536 (Config caps the codes per level): 2 bytes each keep the driver small
-    codes = flat(t, "codes")
-    wide = codes.size and int(codes.max()) >= 2**16
-    codes_NL = codes.astype(np.int32 if wide else np.uint16).reshape(-1, n_layers)
-    del codes
+    # 2 bytes a code (uint16: Config caps the codes per level at 65,535) keep the driver small
+    codes_NL = flat(t, "codes").reshape(-1, n_layers)
     order = np.argsort(ids_N, kind="stable")
     res = EncodeResult(
         ids_N=ids_N[order],
@@ -266,6 +268,7 @@ def encode_catalog(
 ) -> EncodeResult:
     """The encode pass where encode_device() said: actors on the GPUs, else the fused CPU pass."""
     device, gpus = where
+    extras = dataclasses.replace(extras, wide_codes=tokenizer.n_codes > 2**16)
     if device == "cuda":
         return encode_pass_on_devices(catalog, tokenizer, n_items, device, gpus, batch_size, extras)
     return encode_pass(catalog, tokenizer, n_items, extras)
