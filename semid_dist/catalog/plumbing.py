@@ -102,10 +102,32 @@ def result_row(error: Exception | None = None, **cols) -> pa.Table:
     return pa.table(cols)
 
 
+TRIM_EVERY_S = 2.0  # a pass's worker hands its freed heap back to the OS at most this often
+_last_trim = [0.0]
+
+
+def trim_heap(every_s: float = 0.0) -> None:
+    """Return freed heap memory to the OS (glibc's malloc_trim; a no-op elsewhere). glibc keeps
+    what numpy and Arrow free for reuse, so a process's RSS stays at its high-water mark: the
+    idle Ray workers of a finished pass, and the driver between stages, would otherwise hold
+    hundreds of MB at catalog scale (BENCHMARKS.md)."""
+    now = time.monotonic()
+    if now - _last_trim[0] < every_s:
+        return
+    _last_trim[0] = now
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def guarded(fn: Callable, empty: dict) -> Callable:
     """fn(block, **kw) -> dict of one-row columns; a RowError becomes an error row."""
 
     def run(block: pa.Table, **kw) -> pa.Table:
+        trim_heap(TRIM_EVERY_S)
         blas.match_task()  # numpy's BLAS threads as Ray allotted
         if os.environ.get(HOLD_ENV):
             hold(fn.__name__)
