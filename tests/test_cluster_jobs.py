@@ -5,6 +5,7 @@ jobs.nightly, and tiger's intake check against the memory Ray gives a node."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -56,14 +57,25 @@ def test_kmeans_then_encode_with_its_tokenizer(ray_cluster, cluster_catalog, kme
     assert read_json(fs, out + "training_results.json")["input"]["files"] == 24
     for name in manifest["files"]:  # no credential in anything published
         assert s3.secret_key.encode() not in fs.cat_file(out.replace("s3://", "") + name), name
-    enc_out = "s3://semid-test/cluster/encoded/"
-    enc = ray_cluster.run(
-        "jobs.encode",
-        ["--data_path", cluster_catalog[0], "--output_dir", enc_out, "--tokenizer", out + "final_model.pt"],
-    )
+    # jobs.encode with that tokenizer under --collision_policy relocate, on S3 through the job
+    # API: items alone on their codes keep their IDs exactly; the others move only their last
+    # code, fewer keep a suffix, and the quality report is published with the IDs
+    enc_out = "s3://semid-test/cluster/encoded-relocate/"
+    tok = out + "final_model.pt"
+    enc_args = ["--data_path", cluster_catalog[0], "--output_dir", enc_out, "--tokenizer", tok]
+    enc = ray_cluster.run("jobs.encode", [*enc_args, "--collision_policy", "relocate"])
     assert enc.ok, enc.logs()[-4000:]
-    assert mapping(fs, enc_out) == ref  # the same tokenizer over the same items: the same IDs
-    print(f"kmeans {job.seconds:.1f} s, encode {enc.seconds:.1f} s")
+    got = mapping(fs, enc_out)
+    assert sorted(got) == sorted(ref) and len(set(got.values())) == len(got)
+    tuples = Counter(v[:-1] for v in ref.values())
+    alone = [i for i, v in ref.items() if tuples[v[:-1]] == 1]
+    assert alone and all(got[i] == ref[i] for i in alone)
+    assert all(got[i][0] == ref[i][0] for i in ref)
+    c = read_json(fs, enc_out + "training_results.json")["metrics"]["collisions"]
+    assert c["policy"] == "relocate" and c["moved"] > 0
+    assert c["suffix_items"] == sum(v[-1] > 0 for v in got.values()) < sum(v[-1] > 0 for v in ref.values())
+    assert "quality_report.html" in read_json(fs, enc_out + "_SUCCESS")["files"]
+    print(f"kmeans {job.seconds:.1f} s, encode (relocate) {enc.seconds:.1f} s")
 
 
 def test_nightly_two_nights(ray_cluster, cluster_catalog, s3, tmp_path):
