@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import math
 from typing import Any
+
+from semid_dist.tiger import plots
 
 QUALITY_REPORT = "quality_report.html"
 
@@ -77,21 +78,12 @@ def _img(png: bytes, alt: str) -> str:
 
 
 def _figure(ncols: int, size: tuple[float, float]):
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)  # no display on cluster nodes
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, ncols, figsize=size, squeeze=False)
+    plt, fig, ax = plots.figure(1, ncols, size)
     return plt, fig, ax[0]
 
 
 def _png(plt, fig) -> bytes:
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
+    return plots.png(plt, fig, dpi=90)
 
 
 # --- the pieces of one run ---------------------------------------------------------------------
@@ -304,10 +296,9 @@ def _curves(r: dict) -> str:
     out = "<h3>Training curves</h3>"
     if not hist:
         return out + _missing("per-epoch history")
-    from semid_dist.tiger.plots import training_curves
 
     try:
-        png = training_curves(hist)
+        png = plots.training_curves(hist)
     except (KeyError, TypeError, IndexError, ValueError) as e:  # an older or partial history
         return out + f'<p class="missing">training curves: cannot draw ({_esc(type(e).__name__)})</p>'
     kept = (r.get("training") or {}).get("kept_model") or {}

@@ -93,13 +93,7 @@ class Node:
 
     def kill(self) -> None:
         """A node loss: SIGKILL to the whole tree at once (collected before the first signal)."""
-        tree = self.tree()
-        for p in tree:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(tree, timeout=10)
+        _kill_all(self.tree())
         self.proc.wait(10)
         self.log.close()
 
@@ -112,13 +106,7 @@ class Node:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        _, alive = psutil.wait_procs(tree, timeout=10)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=10)
+        _kill_all(psutil.wait_procs(tree, timeout=10)[1])  # what SIGTERM left alive
         if not self.log.closed:
             self.log.close()
 
@@ -376,6 +364,16 @@ class Cluster:
 def read_json(fs, uri: str) -> dict:
     fs.invalidate_cache()
     return json.loads(fs.cat_file(uri.replace("s3://", "")))
+
+
+def _kill_all(procs: list) -> None:
+    """SIGKILL every process (collected before the first signal), then reap them."""
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
 
 
 def mapping(fs, out: str) -> dict[int, tuple]:

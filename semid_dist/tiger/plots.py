@@ -10,7 +10,8 @@ CURVES = "training_curves.png"
 USAGE = "code_usage.png"
 
 
-def _figure(nrows: int, ncols: int, size: tuple[float, float]):
+def figure(nrows: int, ncols: int, size: tuple[float, float]):
+    """(pyplot, figure, axes (nrows x ncols)) on the Agg backend; shared with report_html."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)  # no display on cluster nodes
@@ -19,10 +20,11 @@ def _figure(nrows: int, ncols: int, size: tuple[float, float]):
     return plt, *plt.subplots(nrows, ncols, figsize=size, squeeze=False)
 
 
-def _png(plt, fig) -> bytes:
+def png(plt, fig, dpi: int = 100) -> bytes:
+    """The figure as PNG bytes; the figure is closed."""
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
     return buf.getvalue()
 
@@ -30,7 +32,7 @@ def _png(plt, fig) -> bytes:
 def training_curves(history: list[dict]) -> bytes:
     """Loss terms and validation reconstruction per epoch; codes used, perplexity, duplicate rate
     and the reconstruction over all items for the epochs that evaluated every item."""
-    plt, fig, ax = _figure(2, 2, (11, 7.5))
+    plt, fig, ax = figure(2, 2, (11, 7.5))
     ep = [h["epoch"] for h in history]
     a = ax[0][0]
     for key in ("loss", "recon", "commit", "codebook"):
@@ -63,14 +65,14 @@ def training_curves(history: list[dict]) -> bytes:
     a.plot(cat_ep, [100 * h["dup_rate"] for h in cat], marker=".")
     a.set_title("duplicate rate before dedup (%)")
     a.set_xlabel("epoch")
-    return _png(plt, fig)
+    return png(plt, fig)
 
 
 def code_usage(usage_LK: np.ndarray) -> bytes:
     """Per level: how many items each code holds, codes sorted from most to least used."""
     usage_LK = np.asarray(usage_LK)
     n_lvl, k = usage_LK.shape
-    plt, fig, ax = _figure(1, n_lvl, (4.2 * n_lvl, 3.6))
+    plt, fig, ax = figure(1, n_lvl, (4.2 * n_lvl, 3.6))
     for lvl in range(n_lvl):
         counts = np.sort(usage_LK[lvl])[::-1]
         a = ax[0][lvl]
@@ -82,4 +84,4 @@ def code_usage(usage_LK: np.ndarray) -> bytes:
         a.set_xlabel("code (sorted by usage)")
         a.set_ylabel("items")
         a.legend()
-    return _png(plt, fig)
+    return png(plt, fig)
