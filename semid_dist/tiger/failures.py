@@ -6,7 +6,6 @@ import time
 
 import ray
 
-from semid_dist.config import Config
 from semid_dist.errors import find_user_error
 
 # How long to wait for the GCS to declare a node dead when a worker's actor vanished (it misses
@@ -23,7 +22,9 @@ def dead_nodes() -> dict[str, str]:
     return {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes() if not n.get("Alive")}
 
 
-def training_failed(e: Exception, cfg: Config, run_dir: str, dead_before: dict[str, str]) -> Exception:
+def training_failed(
+    e: Exception, max_failures: int, run_dir: str, dead_before: dict[str, str], what: str = "tiger"
+) -> Exception:
     """The exception the run stops with: a worker's UserError as is; otherwise what failed on
     which rank (naming the node when a node was lost) and how to continue."""
     failures = getattr(e, "worker_failures", None) or {}
@@ -33,20 +34,20 @@ def training_failed(e: Exception, cfg: Config, run_dir: str, dead_before: dict[s
             return user
     if failures:
         rank, exc = sorted(failures.items())[0]
-        what = f"worker rank {rank}: {first_line(exc)}"
+        cause = f"worker rank {rank}: {first_line(exc)}"
         # Ray Train reports a worker that stopped answering as a failed health check
         causes = (exc, _cause(exc), getattr(exc, "health_check_failure", None))
         if any(isinstance(x, ray.exceptions.RayActorError) for x in causes):
             lost = _newly_dead(dead_before)
             if lost:
                 where = ", ".join(f"{addr} (node {nid[:12]})" for nid, addr in lost.items())
-                what = f"lost a node of the Ray cluster: {where}, and worker rank {rank} with it"
+                cause = f"lost a node of the Ray cluster: {where}, and worker rank {rank} with it"
             else:
-                what = f"lost worker rank {rank} (its process or node died): {first_line(exc)}"
+                cause = f"lost worker rank {rank} (its process or node died): {first_line(exc)}"
     else:
-        what = first_line(e)
+        cause = first_line(e)
     return TigerTrainingError(
-        f"tiger training failed ({what}) after {cfg.max_failures} restart(s) allowed by "
+        f"{what} training failed ({cause}) after {max_failures} restart(s) allowed by "
         f"--max_failures; checkpoints are kept in {run_dir}: rerun with --resume to continue"
     )
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import ray.train
 
-from semid_dist import export, storage
+from semid_dist import export, raytrain, storage
 from semid_dist.catalog import plumbing
 from semid_dist.catalog.source import training_dataset
 from semid_dist.config import Config
@@ -30,7 +30,7 @@ from semid_dist.math.rqvae import RQVAE
 from semid_dist.storage import Storage
 from semid_dist.tiger import batches, checkpoint, plots, steps
 from semid_dist.tiger.failures import TigerTrainingError, dead_nodes, training_failed
-from semid_dist.tiger.progress import ProgressLog
+from semid_dist.tiger.progress import log_record
 from semid_dist.tiger.worker import RESTART_EVERY, train_loop_per_worker
 from semid_dist.tokenizer import Tokenizer
 
@@ -176,21 +176,16 @@ def train(
 ) -> TrainRun:
     """Run the TorchTrainer; return the trained model, its history and checkpoints.
     trace_dir and fail_at_step are test hooks (worker._Hooks)."""
-    from ray.util.queue import Queue
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    use_gpu = _use_gpu(cfg)
+    use_gpu = raytrain.use_gpu(cfg.device, cfg.num_workers, "tiger")
     device = "cuda" if use_gpu else "cpu"
     root = storage_root(cfg)
     name = run_name(cfg, input_dim, n_items)
     run_dir = storage.join(root, name)
-    _prepare_run_dir(cfg, run_dir, store)
+    raytrain.prepare_run_dir(run_dir, store, cfg.resume, "tiger")
     args = steps.model_args(cfg, input_dim)
     arch = RQVAE(**args)
     log.info("tiger: model (%d parameters):\n%s", sum(p.numel() for p in arch.parameters()), arch)
-    # On the driver's node: a queue on a node that is lost would lose every later progress line.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    progress = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+    progress = raytrain.progress_queue()
     loop_cfg = {
         "config": cfg.to_dict(),
         "model_args": args,
@@ -213,10 +208,10 @@ def train(
     )
     dead_before = dead_nodes()
     try:
-        with ProgressLog(progress):
+        with raytrain.ProgressLog(progress, log_record):
             result = trainer.fit()
     except ray.train.TrainingFailedError as e:
-        raise training_failed(e, cfg, run_dir, dead_before) from None
+        raise training_failed(e, cfg.max_failures, run_dir, dead_before) from None
     finally:
         progress.shutdown()
     if result.checkpoint is None:
@@ -260,24 +255,16 @@ def train(
 
 
 def _torch_trainer(cfg: Config, loop_cfg: dict, name: str, root: str, ds, store: Storage):
-    from ray.train.torch import TorchTrainer
-
-    use_gpu = loop_cfg["use_gpu"]
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    is_s3 = storage.is_s3(root)
-    return TorchTrainer(
+    return raytrain.torch_trainer(
         train_loop_per_worker,
-        train_loop_config=loop_cfg,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources
-        ),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=storage.strip_scheme(root) if is_s3 else root,
-            storage_filesystem=store.arrow_fs(root) if is_s3 else None,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),  # all: checkpoint_epoch_*
-        ),
+        loop_cfg,
+        name=name,
+        root=root,
+        store=store,
+        num_workers=cfg.num_workers,
+        gpu=loop_cfg["use_gpu"],
+        cpus_per_worker=cfg.cpus_per_worker,
+        max_failures=cfg.max_failures,
         datasets={"train": ds},
         dataset_config=_EveryRowDataConfig(read_cpus(cfg)),
     )
@@ -290,42 +277,6 @@ def read_cpus(cfg: Config) -> int:
     are spare cores: the worker falls behind and copies the backlog alone afterwards, and the
     intake takes longer (BENCHMARKS.md)."""
     return max(1, plumbing.parallelism() - cfg.num_workers)
-
-
-def _use_gpu(cfg: Config) -> bool:
-    """GPUs are counted in the Ray cluster, not on the driver: under `ray job submit` the driver
-    often runs on a CPU-only head node while the workers land on GPU nodes."""
-    if cfg.device == "cpu":
-        return False
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    if cfg.device == "cuda" and gpus < cfg.num_workers:
-        raise UserError(
-            f"--device cuda with --num_workers {cfg.num_workers}: the Ray cluster has "
-            f"{gpus} GPU(s); each worker needs one"
-        )
-    if cfg.device == "auto" and 0 < gpus < cfg.num_workers:
-        log.warning(
-            "tiger: %d GPU(s) for %d workers; training on CPU (lower --num_workers to use the GPUs)",
-            gpus,
-            cfg.num_workers,
-        )
-    return gpus >= cfg.num_workers
-
-
-def _prepare_run_dir(cfg: Config, run_dir: str, store: Storage) -> None:
-    fs = store.fs(run_dir)
-    path = storage.strip_scheme(run_dir)
-    exists = fs.exists(path)
-    if cfg.resume:
-        if exists:
-            log.info("tiger: --resume: continuing the run in %s from its latest checkpoint", run_dir)
-        else:
-            log.warning("tiger: --resume: no earlier run in %s; starting from scratch", run_dir)
-    elif exists:
-        log.info(
-            "tiger: starting afresh; removing the earlier run in %s (use --resume to continue it)", run_dir
-        )
-        fs.rm(path, recursive=True)
 
 
 class _EveryRowDataConfig(ray.train.DataConfig):

@@ -14,16 +14,14 @@ re-running the parquet read for every epoch would cost more than the epoch itsel
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
-import tempfile
 import time
 
 import numpy as np
 import torch
 
-from semid_dist import storage
+from semid_dist import raytrain, storage
 from semid_dist.catalog import plumbing
 from semid_dist.catalog.schema import batch_to_arrays
 from semid_dist.config import Config
@@ -66,7 +64,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     del ids_N, x_ND
     read_s = time.perf_counter() - t_read
     if rank == 0:
-        _progress(
+        raytrain.put_progress(
             loop_cfg.get("progress"),
             {
                 "intake": {
@@ -95,8 +93,10 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         state = checkpoint.loop_state(saved)
         kept = saved.get("kept_model") or None
         if rank == 0:  # a restart after a failure, or --resume
-            _progress(loop_cfg.get("progress"), {"resumed": {"epoch": state.epoch, "step": state.step}})
-    net = _ddp(model, device) if comm.distributed else model
+            raytrain.put_progress(
+                loop_cfg.get("progress"), {"resumed": {"epoch": state.epoch, "step": state.step}}
+            )
+    net = raytrain.ddp(model, device) if comm.distributed else model
 
     # 3. Codebook initialisation (TIGER): k-means on the first batches' latents.
     t_init = time.perf_counter()
@@ -151,7 +151,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             kept = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         hooks.end_epoch()
         if rank == 0:
-            _progress(
+            raytrain.put_progress(
                 loop_cfg.get("progress"),
                 {**record, "epochs": cfg.epochs, "stopped_early": state.stopped_early},
             )
@@ -163,19 +163,6 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             plumbing.hold(f"tiger_epoch_{state.epoch}")
     if not reported:  # resumed a finished run: hand the driver its final state again
         _report(model, opt, state, loop_cfg, rank, kept)
-
-
-def _ddp(model: RQVAE, device: torch.device) -> torch.nn.Module:
-    """DDP without the per-forward buffer broadcast: the codebooks are buffers kept identical
-    by the all-reduced EMA statistics, and a broadcast from rank 0 would hide a missing
-    all-reduce. torch >= 2.13 names the switch forward_sync_buffers."""
-    DDP = torch.nn.parallel.DistributedDataParallel
-    no_sync = (
-        {"forward_sync_buffers": False}
-        if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
-        else {"broadcast_buffers": False}
-    )
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
 
 
 def check_shard_fits(n_items: int, dim: int, world: int, local_world: int) -> None:
@@ -229,16 +216,6 @@ def read_shard(shard, dim: int, expect_rows: int = 0) -> tuple[np.ndarray, np.nd
     return ids_N, rows[:at]
 
 
-def _progress(queue, record: dict) -> None:
-    """Hand the epoch record to the driver's log; losing a progress line never stops training."""
-    if queue is None:
-        return
-    try:
-        queue.put_nowait(record)
-    except Exception:  # the driver went away or the queue is full: training goes on
-        pass
-
-
 def evaluate_epoch(
     model: RQVAE,
     data: steps.RankData,
@@ -270,17 +247,14 @@ def _early_stopping(state: checkpoint.LoopState, val: float | None, patience: in
 
 
 def _report(model, opt, state: checkpoint.LoopState, loop_cfg: dict, rank: int, kept: dict | None) -> None:
-    """Every rank reports (report() is a barrier); rank 0 attaches the checkpoint."""
-    import ray.train
-
+    """Every rank reports; rank 0 attaches the checkpoint (raytrain.report)."""
     metrics = {k: v for k, v in (state.history[-1] if state.history else {}).items()}
     metrics["stopped_early"] = state.stopped_early
-    if rank != 0:
-        ray.train.report(metrics, checkpoint=None)
-        return
-    with tempfile.TemporaryDirectory(prefix="tiger-ckpt-") as d:
+
+    def save(d: str) -> None:
         checkpoint.save(d, model, opt, state, loop_cfg["model_args"], loop_cfg["config"], kept)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    raytrain.report(metrics, rank, save, prefix="tiger-ckpt-")
 
 
 class _Hooks:
