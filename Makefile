@@ -10,7 +10,7 @@ FAISS ?= cpu
 OUT ?= output/wikidata_films_kmeans
 RAY_ADDRESS ?=
 
-.PHONY: install run run-tiger test bench bench-kmeans bench-tiger bench-nightly bench-beam bench-stream bench-gpu submit-train submit-nightly clean
+.PHONY: install run run-tiger test bench bench-kmeans bench-tiger bench-nightly bench-beam bench-stream bench-gpu bench-evaluate submit-train submit-nightly submit-evaluate clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -56,6 +56,12 @@ submit-nightly: install
 	$(BIN)/ray job submit --address $(RAY_ADDRESS) --working-dir . --runtime-env jobs/runtime_env.yaml \
 	  -- python -m jobs.nightly $(ARGS)
 
+#   make submit-evaluate RAY_ADDRESS=... ARGS="--run s3://semids/km --interactions s3://events/ --output_dir s3://evals/km"
+submit-evaluate: install
+	$(if $(RAY_ADDRESS),,$(error set RAY_ADDRESS to the cluster's job API, e.g. http://127.0.0.1:8265))
+	$(BIN)/ray job submit --address $(RAY_ADDRESS) --working-dir . --runtime-env jobs/runtime_env.yaml \
+	  -- python -m jobs.evaluate $(ARGS)
+
 clean:
 	rm -rf output logs .pytest_cache
 
@@ -74,6 +80,8 @@ clean:
 #                               else the synthetic catalog)
 #   make bench-stream DATA=...  the streamed k-means fit against the sample fit, seeds 42/1/2/3
 #   make bench-gpu              on a machine with one NVIDIA GPU (bench/gpu.sh installs its own venv)
+#   make bench-evaluate WHAT=speed|grid CATALOG=items.parquet EVENTS=interactions.parquet
+#                               semid evaluate's wall time on one kmeans run, or the tokenizer grid
 # Results (JSON + the table as Markdown) go to $(BENCH_OUT).
 N ?= 1000000
 TIGER_ITEMS ?= 100000
@@ -100,6 +108,11 @@ bench-stream: install
 
 bench-nightly: install
 	BENCH_OUT=$(BENCH_OUT) $(BIN)/python bench/nightly_bench.py --n $(N)
+
+bench-evaluate: install
+	$(if $(and $(CATALOG),$(EVENTS)),,$(error set CATALOG=embeddings.parquet and EVENTS=interactions.parquet))
+	BENCH_OUT=$(BENCH_OUT) $(BIN)/python bench/evaluate_bench.py $(or $(WHAT),speed) --catalog $(CATALOG) \
+	  --interactions $(EVENTS)
 
 bench-gpu:
 	BENCH_OUT=$(BENCH_OUT) N=$(N) bash bench/gpu.sh

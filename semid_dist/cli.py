@@ -94,8 +94,8 @@ def _arg_type(tp):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="semid",
-        description="Train semantic-ID tokenizers (tiger / kmeans). Reading published runs: "
-        "semid report -h, semid inspect -h.",
+        description="Train semantic-ID tokenizers (tiger / kmeans). Judging their IDs downstream: "
+        "semid evaluate -h. Reading published runs: semid report -h, semid inspect -h.",
     )
     p.add_argument(
         "command",
@@ -198,14 +198,35 @@ def main(argv: list[str] | None = None) -> int:
         import importlib
 
         return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
-    debug = "DEBUG" in [a.upper() for a in argv]
-    try:
-        cfg, extra = parse_config(argv)
+    if argv and argv[0] == "evaluate":  # its own config and summary, run like the others
+        return guarded(lambda: _evaluate(argv[1:]), argv)
+
+    def train_like() -> None:
         import importlib
 
+        cfg, extra = parse_config(argv)
+        print_summary(importlib.import_module(COMMANDS[extra["command"]]).run(cfg, log_dir=extra["log_dir"]))
+
+    return guarded(train_like, argv)
+
+
+def _evaluate(argv: list[str]) -> None:
+    from semid_dist.commands import evaluate
+    from semid_dist.commands.report import ArgParser
+    from semid_dist.evaluate.config import EvalConfig, build_parser
+
+    ns = vars(build_parser(ArgParser).parse_args(argv))
+    log_dir = ns.pop("log_dir")
+    evaluate.print_summary(evaluate.run(EvalConfig.from_dict(ns), log_dir=log_dir))
+
+
+def guarded(work, argv: list[str]) -> int:
+    """Run a command: 0; a user error: one line, 2; anything else: one line, 1 (the traceback
+    only with --log_level DEBUG). A local Ray the command started is stopped either way."""
+    debug = "DEBUG" in [a.upper() for a in argv]
+    try:
         try:
-            results = importlib.import_module(COMMANDS[extra["command"]]).run(cfg, log_dir=extra["log_dir"])
-            print_summary(results)
+            work()
         finally:
             from semid_dist.runtime import stop_local_ray
 

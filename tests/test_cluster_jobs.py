@@ -1,6 +1,6 @@
 """`ray job submit` on a two-node Ray cluster (tests/cluster.py), input and output on S3: tiger
 with one train worker per node, kmeans, jobs.encode with an existing tokenizer, two nights of
-jobs.nightly, and tiger's intake check against the memory Ray gives a node."""
+jobs.nightly, tiger's intake check against the memory Ray gives a node, and jobs.evaluate."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 
 from cluster import mapping, read_json
 from conftest import KMEANS_ARGS, TIGER_ARGS, make_catalog, write_shards
+from walks import write_walks
 
 pytestmark = pytest.mark.slow
 
@@ -125,3 +126,28 @@ def test_tiger_intake_checks_the_nodes_memory(ray_cluster, s3, tmp_path):
     fs.invalidate_cache()
     assert not fs.exists(out.replace("s3://", "") + "_SUCCESS")
     print(f"intake check: {errors[0]} ({job.seconds:.1f} s)")
+
+
+def test_evaluate_on_two_nodes_from_s3(ray_cluster, cluster_catalog, kmeans_reference, s3, tmp_path):
+    """jobs.evaluate through the job API: the run, the interactions and the outputs on S3 (the
+    Ray Train checkpoints too), one train worker per node."""
+    fs = s3.filesystem()
+    uri, ids, x = cluster_catalog
+    _, run = kmeans_reference
+    write_walks(str(tmp_path / "walks.parquet"), ids, x, n_users=150, length=14, seed=5)
+    fs.put(str(tmp_path / "walks.parquet"), "semid-test/cluster/walks/part-0.parquet")
+    out = "s3://semid-test/cluster/evaluate/"
+    args = ["--run", run, "--interactions", "s3://semid-test/cluster/walks/", "--output_dir", out]
+    args += ["--num_workers", "2", "--cpus_per_worker", "2", "--epochs", "2", "--seeds", "1"]
+    args += ["--protocols", "dense", "--baselines", "shuffled,popularity", "--bootstrap", "100"]
+    job = ray_cluster.run("jobs.evaluate", args)
+    assert job.ok, job.logs()[-4000:]
+    workers = [a for a in ray_cluster.actors("RayTrainWorker") if a["job_id"] == job.info["job_id"]]
+    assert len({a["node_id"] for a in workers}) == 2, workers
+    e = read_json(fs, out + "evaluation.json")
+    assert e["training"]["num_workers"] == 2 and e["training"]["run_dir"].startswith(out + ".ray_train/")
+    fig = e["protocols"]["dense"]
+    assert fig["targets"] == 150 * 10 and set(fig["variants"]) == {"run1", "shuffled1", "popularity"}
+    assert {"evaluation.json", "evaluation.html"} <= set(read_json(fs, out + "_SUCCESS")["files"])
+    assert "run1, dense, seed 42: epoch 2: loss" in job.logs()  # per-epoch progress, streamed back
+    print(f"evaluate on 2 nodes: {job.seconds:.1f} s")

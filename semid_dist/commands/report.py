@@ -21,6 +21,7 @@ log = logging.getLogger("semid_dist")
 # the names semid_dist/export.py gives these files (a test checks); not imported from there, as
 # export imports torch: seconds that `semid report` and `semid inspect --prefix` do not need
 RESULTS, MAPPING_PARQUET, MODEL = "training_results.json", "semantic_id_mappings.parquet", "final_model.pt"
+EVALUATION = "evaluation.json"  # what `semid evaluate` publishes (commands/evaluate.py)
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -53,7 +54,7 @@ def resolve_run(run: str, store: Storage) -> tuple[str, str]:
     try:
         if fs.exists(join(path, SUCCESS)):
             return run.rstrip("/"), run
-        if fs.exists(join(path, RESULTS)):
+        if fs.exists(join(path, RESULTS)) or fs.exists(join(path, EVALUATION)):
             raise UserError(f"{run}: not published (no {SUCCESS}): a run still writing, or a failed one")
     except UserError:
         raise
@@ -123,25 +124,38 @@ def fill_from_mappings(results: dict, run_dir: str, store: Storage) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = ArgParser(
         prog="semid report",
-        description="Render the quality report (HTML) of published runs, side by side.",
+        description="Render the quality report (HTML) of published runs, or the figures of "
+        "evaluations (semid evaluate), side by side.",
     )
-    p.add_argument("runs", nargs="+", metavar="RUN", help="published output dir or nightly output root")
+    p.add_argument(
+        "runs", nargs="+", metavar="RUN", help="published output dir, nightly output root, or evaluation dir"
+    )
     p.add_argument("--out", required=True, help="the HTML file to write (local path or s3://)")
     add_s3_flags(p)
     return p
 
 
 def run(args: argparse.Namespace) -> str:
-    from semid_dist import report_html
-
     store = storage(args)
-    results, titles = [], []
+    results, evaluations, titles = [], [], []
     for r in args.runs:
         run_dir, title = resolve_run(r, store)
+        titles.append(title)
+        if store.fs(run_dir).exists(join(strip_scheme(run_dir), EVALUATION)):
+            evaluations.append(read_evaluation(run_dir, store))
+            continue
         results.append(read_results(run_dir, store))
         fill_from_mappings(results[-1], run_dir, store)
-        titles.append(title)
-    page = report_html.render(results, titles)
+    if results and evaluations:
+        raise UserError("semid report: give published runs or evaluations (semid evaluate), not both")
+    if evaluations:
+        from semid_dist.evaluate import html
+
+        page = html.render(evaluations, titles)
+    else:
+        from semid_dist import report_html
+
+        page = report_html.render(results, titles)
     try:
         fs = store.fs(args.out)
         if not is_s3(args.out):
@@ -153,6 +167,16 @@ def run(args: argparse.Namespace) -> str:
     except Exception as e:
         raise UserError(f"{args.out}: cannot write the report: {one_line(e)}") from e
     return args.out
+
+
+def read_evaluation(run_dir: str, store: Storage) -> dict:
+    raw = store.read_bytes(join(run_dir, EVALUATION), "evaluation file")
+    try:
+        e = json.loads(raw)
+        assert isinstance(e, dict) and e.get("kind") == "evaluation"
+    except Exception as e:
+        raise UserError(f"{join(run_dir, EVALUATION)}: not a semid_dist evaluation file") from e
+    return e
 
 
 def main(argv: list[str]) -> int:

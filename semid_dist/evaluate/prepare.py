@@ -1,0 +1,142 @@
+"""What ``semid evaluate`` reads and hands to the workers: the runs' IDs, the variants to train
+(every run, and the baselines built from them), and each protocol's windows and queries.
+
+Item rows: every array here indexes items by their row in the first run's ItemIDs, sorted
+ascending. Every run must map exactly the same ItemIDs, so that a hit means the same item for
+every run and baseline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from semid_dist.commands.report import MAPPING_PARQUET, read_results, resolve_run
+from semid_dist.errors import UserError, one_line
+from semid_dist.evaluate.config import EvalConfig
+from semid_dist.evaluate.steps import Queries, Windows
+from semid_dist.math import histories as H
+from semid_dist.storage import Storage, join
+
+log = logging.getLogger("semid_dist")
+
+SHUFFLE_SEED = 20230516  # the shuffled baseline's permutation: fixed, so reruns compare alike
+
+
+@dataclass
+class RunIDs:
+    name: str  # how the figures name it
+    path: str  # the published output dir
+    ids_N: np.ndarray  # ItemIDs, ascending
+    sid_NM: np.ndarray  # int64 IDs (L codes, then the dedup code), row i is ids_N[i]'s
+    results: dict  # its training_results.json
+
+    def proxies(self) -> dict:
+        m = self.results.get("metrics") or {}
+        coh = m.get("coherence") or {}
+        pol = m.get("collisions") or {}
+        return {
+            "mode": self.results.get("mode"),
+            "id_shape": f"{self.sid_NM.shape[1] - 1} x {_codes(self.results)} + dedup",
+            "collision_policy": pol.get("policy", "suffix"),
+            "collision_rate": m.get("collision_rate"),
+            "collision_rate_after_policy": pol.get("rate_after", m.get("collision_rate")),
+            "relative_reconstruction_error": pol.get("error_after", m.get("relative_reconstruction_error")),
+            "coherence_knn_same_first": coh.get("knn_same_first"),
+            "coherence_knn_same_first_two": coh.get("knn_same_first_two"),
+        }
+
+
+def _codes(results: dict):
+    c = results.get("config") or {}
+    return c.get("n_embed") if results.get("mode") == "tiger" else c.get("n_clusters")
+
+
+def load_runs(paths: list[str], store: Storage) -> list[RunIDs]:
+    runs = []
+    for p in paths:
+        run_dir, title = resolve_run(p, store)
+        results = read_results(run_dir, store)
+        uri = join(run_dir, MAPPING_PARQUET)
+        try:
+            t = pq.read_table(
+                io.BytesIO(store.read_bytes(uri, "mappings file")), columns=["ItemID", "semantic_id"]
+            )
+            ids = t.column("ItemID").to_numpy()
+            col = t.column("semantic_id").combine_chunks()
+            sid = col.flatten().to_numpy(zero_copy_only=False).astype(np.int64).reshape(len(ids), -1)
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"{uri}: not a semid_dist mappings file ({one_line(e)})") from e
+        order = np.argsort(ids, kind="stable")
+        runs.append(RunIDs(title, run_dir, ids[order], sid[order], results))
+    first = runs[0]
+    for r in runs[1:]:
+        if len(r.ids_N) != len(first.ids_N) or not np.array_equal(r.ids_N, first.ids_N):
+            raise UserError(
+                f"{r.name} maps {len(r.ids_N)} items and {first.name} {len(first.ids_N)}: runs compared "
+                "side by side must map the same ItemIDs"
+            )
+    return runs
+
+
+def variants(cfg: EvalConfig, runs: list[RunIDs]) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """The ID table of every model to train, by name, and a description of each variant
+    (popularity needs no model and is described here too)."""
+    tables, described = {}, []
+    for i, r in enumerate(runs):
+        name = f"run{i + 1}"
+        tables[name] = r.sid_NM
+        described.append({"name": name, "kind": "run", "run": r.name, "path": r.path, **r.proxies()})
+    base = cfg.baseline_list
+    if "shuffled" in base:
+        for i, r in enumerate(runs if cfg.shuffled == "all" else runs[:1]):
+            name = f"shuffled{i + 1}"
+            perm = np.random.default_rng(SHUFFLE_SEED + i).permutation(len(r.sid_NM))
+            tables[name] = r.sid_NM[perm]
+            described.append(
+                {"name": name, "kind": "shuffled", "run": r.name, "what": "its IDs shuffled across items"}
+            )
+    if "item_tokens" in base:
+        tables["item_tokens"] = np.arange(len(runs[0].ids_N), dtype=np.int64)[:, None]
+        described.append({"name": "item_tokens", "kind": "item_tokens", "what": "one token per item"})
+    if "popularity" in base:
+        described.append({"name": "popularity", "kind": "popularity", "what": "most-interacted unseen items"})
+    return tables, described
+
+
+def protocol_data(h: H.Histories, protocol: str, cfg: EvalConfig, n_items: int) -> dict:
+    """The windows a model trains on, the validation and test queries, and the items' training
+    counts (cold-item buckets, popularity) under one protocol."""
+    split = H.make_split(h, protocol, cfg.test_last)
+    items, target, keys = H.training_windows(h, split.train_len_U, cfg.max_history)
+    n_users = len(h.users_U)
+    val_user = np.arange(n_users, dtype=np.int64)
+    return {
+        "windows": Windows(items, target, keys),
+        "val": queries(h, val_user, split.val_pos_U, cfg.max_history),
+        "test": queries(h, split.test_user_Q, split.test_pos_Q, cfg.max_history),
+        "test_user_Q": split.test_user_Q,
+        "train_counts_N": H.train_counts(h, split.train_len_U, n_items),
+    }
+
+
+def queries(h: H.Histories, user_Q: np.ndarray, pos_Q: np.ndarray, max_history: int) -> Queries:
+    context, length = H.query_contexts(h, user_Q, pos_Q, max_history)
+    offsets, seen = H.seen_items(h, user_Q, pos_Q)
+    target = h.items_T[h.offsets_U1[user_Q] + pos_Q]
+    return Queries(target, context, length, offsets, seen)
+
+
+def digest(*arrays: np.ndarray) -> str:
+    """A short hash of the data the models train on: part of the Ray Train run's name."""
+    d = hashlib.sha1()
+    for a in arrays:
+        d.update(np.ascontiguousarray(a).tobytes())
+    return d.hexdigest()[:16]
