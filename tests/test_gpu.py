@@ -105,3 +105,30 @@ def test_gpu_kernels_of_kmeans_match_the_cpu_ones():
     tok = Tokenizer("kmeans", {}, codebooks_LKD=torch.from_numpy(books))
     on_cpu = tok.encode(x)
     assert (tok.to("cuda").encode(x) == on_cpu).all(axis=1).mean() > 0.999
+
+
+def test_evaluate_trains_the_retriever_on_the_gpu(ray_session, tmp_path):
+    """semid evaluate with --device auto trains on the GPU and retrieves with a beam on it."""
+    import pyarrow.parquet as pq
+
+    from semid_dist.cli import main
+    from walks import write_walks
+
+    films = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "semid_dist", "data")
+    films = os.path.join(films, "wikidata_films")
+    run, logs = str(tmp_path / "km"), str(tmp_path / "logs")
+    km = ["--mode", "kmeans", "--n_layers", "3", "--n_clusters", "32", "--log_dir", logs]
+    assert main(["--data_path", films, "--output_dir", run, *km]) == 0
+    t = pq.read_table(os.path.join(films, "item_emb.parquet"))
+    ids = t.column("ItemID").to_numpy()
+    x = t.column("embedding").combine_chunks().flatten().to_numpy().reshape(len(ids), -1)
+    walks = str(tmp_path / "walks.parquet")
+    write_walks(walks, ids, x, n_users=300, length=20, seed=2)
+    out = str(tmp_path / "eval")
+    argv = ["evaluate", "--run", run, "--interactions", walks, "--output_dir", out, "--log_dir", logs]
+    assert main([*argv, "--epochs", "3", "--seeds", "1", "--device", "auto"]) == 0
+    with open(os.path.join(out, "evaluation.json")) as f:
+        e = json.load(f)
+    assert e["training"]["device"] == "cuda"
+    dense = e["protocols"]["dense"]["variants"]
+    assert dense["run1"]["recall@10"]["value"] > dense["shuffled1"]["recall@10"]["value"]
