@@ -6,6 +6,8 @@ Driver side:
   torch_trainer      a TorchTrainer: DDP workers, run storage (local or s3://), max_failures
   progress_queue     a queue on the driver's node that rank 0 puts its progress records in
   ProgressLog        logs those records on the driver as they arrive
+  fit                runs the trainer with its progress log; a failure becomes one line
+                     (failures.py), and the result's last checkpoint is returned
 Worker side:
   ddp                DistributedDataParallel without the per-forward buffer broadcast
   put_progress       hand a record to the driver; losing one never stops training
@@ -30,6 +32,7 @@ import torch
 
 from semid_dist import storage
 from semid_dist.errors import UserError
+from semid_dist.failures import TrainingError, dead_nodes, training_failed
 from semid_dist.storage import Storage
 
 log = logging.getLogger("semid_dist")
@@ -153,6 +156,23 @@ class ProgressLog:
                 self.log_record(self.q.get_nowait())
         except Exception:
             pass
+
+
+def fit(trainer, progress, log_record: Callable[[dict], None], max_failures: int, run_dir: str, what: str):
+    """trainer.fit() with rank 0's records logged as they come; returns the Result, which holds
+    a checkpoint. A worker's UserError, a lost node or a crash past --max_failures raises one
+    line (failures.training_failed)."""
+    dead_before = dead_nodes()
+    try:
+        with ProgressLog(progress, log_record):
+            result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise training_failed(e, max_failures, run_dir, dead_before, what) from None
+    finally:
+        progress.shutdown()
+    if result.checkpoint is None:
+        raise TrainingError(f"{what} training reported no checkpoint (run {run_dir})")
+    return result
 
 
 def put_progress(queue, record: dict) -> None:

@@ -15,13 +15,11 @@ import logging
 import os
 
 import ray
-import ray.train
 
 from semid_dist import raytrain, storage
 from semid_dist.evaluate import worker
 from semid_dist.evaluate.config import EvalConfig
 from semid_dist.storage import Storage
-from semid_dist.tiger.failures import TigerTrainingError, dead_nodes, training_failed
 
 log = logging.getLogger("semid_dist")
 
@@ -86,16 +84,7 @@ def train_all(cfg: EvalConfig, data: dict, tasks: list[dict], data_digest: str, 
         "cuda" if gpu else "cpu",
         run_dir,
     )
-    dead_before = dead_nodes()
-    try:
-        with raytrain.ProgressLog(progress, log_record):
-            result = trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        raise training_failed(e, cfg.max_failures, run_dir, dead_before, what="evaluate") from None
-    finally:
-        progress.shutdown()
-    if result.checkpoint is None:
-        raise TigerTrainingError(f"evaluate training reported no checkpoint (run {run_dir})")
+    result = raytrain.fit(trainer, progress, log_record, cfg.max_failures, run_dir, "evaluate")
     with result.checkpoint.as_directory() as d:
         done = worker.load(d)["done"]
     assert len(done) == len(tasks), (len(done), len(tasks))

@@ -1,8 +1,8 @@
 """The retriever's epoch and its recommendations, written once for 1 and N workers.
 
 No Ray and no I/O here: the worker (worker.py) hands in the windows, the queries and a
-Collectives object; with one process every collective is the identity. Rules that keep N
-workers equal to one worker:
+Collectives object; with one process every collective is the identity. Rules that make N
+workers train what one worker trains (up to the order of float sums):
 
 1. Global batches come from tiger/batches.py (a hash of each window's key, the seed and the
    epoch), so batch j holds the same windows for any number of workers; rank r takes every

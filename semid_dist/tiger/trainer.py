@@ -29,7 +29,6 @@ from semid_dist.errors import UserError
 from semid_dist.math.rqvae import RQVAE
 from semid_dist.storage import Storage
 from semid_dist.tiger import batches, checkpoint, plots, steps
-from semid_dist.tiger.failures import TigerTrainingError, dead_nodes, training_failed
 from semid_dist.tiger.progress import log_record
 from semid_dist.tiger.worker import RESTART_EVERY, train_loop_per_worker
 from semid_dist.tokenizer import Tokenizer
@@ -206,16 +205,7 @@ def train(
         "nccl" if use_gpu else "gloo",
         run_dir,
     )
-    dead_before = dead_nodes()
-    try:
-        with raytrain.ProgressLog(progress, log_record):
-            result = trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        raise training_failed(e, cfg.max_failures, run_dir, dead_before) from None
-    finally:
-        progress.shutdown()
-    if result.checkpoint is None:
-        raise TigerTrainingError(f"tiger training reported no checkpoint (run {run_dir})")
+    result = raytrain.fit(trainer, progress, log_record, cfg.max_failures, run_dir, "tiger")
     with result.checkpoint.as_directory() as d:
         saved = checkpoint.load(d)
     model = RQVAE(**saved["model_args"])

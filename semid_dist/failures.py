@@ -1,4 +1,5 @@
-"""One line for a tiger run that failed on its workers: a user error, a lost node, a crash."""
+"""One line for a Ray Train run (tiger, evaluate) that failed on its workers: a user error, a lost
+node, a crash."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from semid_dist.errors import find_user_error
 NODE_DEATH_WAIT_S = 10.0
 
 
-class TigerTrainingError(RuntimeError):
+class TrainingError(RuntimeError):
     """Training failed on a worker more often than --max_failures allows."""
 
 
@@ -46,7 +47,7 @@ def training_failed(
                 cause = f"lost worker rank {rank} (its process or node died): {first_line(exc)}"
     else:
         cause = first_line(e)
-    return TigerTrainingError(
+    return TrainingError(
         f"{what} training failed ({cause}) after {max_failures} restart(s) allowed by "
         f"--max_failures; checkpoints are kept in {run_dir}: rerun with --resume to continue"
     )
