@@ -146,3 +146,22 @@ def test_inference_scores_what_training_scores():
             lp = m.next_logprobs(h, codes[:, 4, :d].unsqueeze(1))
             total -= float(lp[:, 0].gather(1, codes[:, 4, d : d + 1]).sum())
     assert nll == pytest.approx(total, rel=1e-5)
+
+
+def test_popularity_recommends_the_most_interacted_unseen_items():
+    from semid_dist.evaluate.figures import popularity_ranks
+    from semid_dist.evaluate.steps import Queries
+
+    counts = np.array([5, 9, 1, 7, 3, 9, 0, 2, 4, 6, 8, 2])  # item 1 and 5 tie: lower row first
+    # query 0 saw items 1 and 3, wants item 9; query 1 saw nothing, wants item 6 (never seen in training)
+    q = Queries(
+        target_Q=np.array([9, 6]),
+        context_QH=np.array([[1, 3], [0, -1]]),
+        length_Q=np.array([2, 1]),
+        seen_offsets_Q1=np.array([0, 2, 2]),
+        seen_items=np.array([1, 3]),
+    )
+    # unseen by popularity for query 0: 5 (9), 10 (8), 9 (6) -> rank 3
+    assert popularity_ranks(counts, q, keep_seen=False).tolist() == [3, 0]
+    # with seen items kept: 1, 5, 10, 3, 9 -> rank 5
+    assert popularity_ranks(counts, q, keep_seen=True).tolist() == [5, 0]
