@@ -2,8 +2,8 @@
 # make bench-gpu: on a machine with one NVIDIA GPU, install what is needed into a venv, then run
 # bench/gpu_run.sh: the GPU tests (tests/test_gpu.py), the kmeans benchmark at N = 1,000,000
 # with --device cuda and one tiger epoch over the N items on the GPU; every result is a file in
-# $BENCH_OUT (default bench_out/gpu). On the device tool's lent machines (python3 already holds
-# CUDA torch, at most 64 MiB travels, no index) use bench/gpu_device.sh instead.
+# $BENCH_OUT (default bench_out/gpu). On a GPU machine without a package index whose python3
+# already holds CUDA torch (and where little can be copied in) use bench/gpu_device.sh instead.
 #
 #   BENCH_OUT=/some/dir make bench-gpu            # or: BENCH_OUT=... bash bench/gpu.sh
 #

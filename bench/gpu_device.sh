@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The GPU checks on a machine lent by the device tool: its python3 (3.12) already holds torch
-# with CUDA, numpy, pyarrow, pandas and pytest; nothing can be fetched there and at most 64 MiB
-# travels with a call. Ray and a few small packages come from .device-whl/, built here
+# The GPU checks on a GPU machine without a package index: its python3 (3.12) already holds
+# torch with CUDA, numpy, pyarrow, pandas and pytest; nothing can be fetched there and at most
+# 64 MiB is copied in. Ray and a few small packages come from .device-whl/, built here
 # beforehand by bench/gpu_payload.sh. Then bench/gpu_run.sh runs the GPU tests and the
 # benchmarks at N items into a local folder, and what comes back is a handful of small files
-# in $OUT (the device tool lets at most 8 files of 16 MiB come back): the log, the tables, the
+# in $OUT (at most 8 files of 16 MiB are copied back): the log, the tables, the
 # test report and a tar.gz of every JSON, table and log of the run.
 #
 #   bash bench/gpu_payload.sh                                  # here, once

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Build .device-whl/: what a lent GPU machine lacks for `bench/gpu_device.sh`, small enough to travel.
+# Build .device-whl/: what a GPU machine without a package index lacks for `bench/gpu_device.sh`,
+# small enough to copy in.
 #
 #   bash bench/gpu_payload.sh          # here, where PyPI answers; then carry .device-whl there
 #
 # Its own folder, not .whl/ (bench/gpu.sh's wheels): a rebuild empties it.
 #
-# The lent machines run an image whose python3 (3.12) already has torch with CUDA, numpy,
+# Such a machine runs an image whose python3 (3.12) already has torch with CUDA, numpy,
 # pyarrow, pandas, fsspec, psutil, pytest, grpcio, protobuf, aiohttp, click, pyyaml and
 # requests, and nothing can be fetched there. Missing: Ray and a few small packages. What
 # travels with a call is at most 64 MiB, and Ray's wheel alone is larger, so Ray travels as a
@@ -18,7 +19,7 @@ cd "$(dirname "$0")/.."
 RAY_VERSION="$(sed -n 's/.*"ray\[[a-z,]*\]==\([0-9.]*\)".*/\1/p' pyproject.toml | head -1)"
 [ -n "$RAY_VERSION" ] || { echo "gpu_payload: cannot read Ray's pinned version from pyproject.toml" >&2; exit 2; }
 PY="${PYTHON:-python3}"
-PYVER="${PYVER:-3.12}"  # the lent machines' python3; another only to rehearse elsewhere
+PYVER="${PYVER:-3.12}"  # that machine's python3; another only to rehearse elsewhere
 TAG="cp${PYVER/./}"
 OUT="${WHEELS:-.device-whl}"
 TMP="$(mktemp -d)"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks themselves, for bench/gpu.sh (its venv) and bench/gpu_device.sh (the lent
-# machines' python3): versions, tests/test_gpu.py, the kmeans benchmark at N items with
+# The GPU checks themselves, for bench/gpu.sh (its venv) and bench/gpu_device.sh (an offline
+# GPU machine's python3): versions, tests/test_gpu.py, the kmeans benchmark at N items with
 # --device cuda (both sides when faiss imports, else the product alone) and one tiger epoch
 # over the N items on the GPU. Every result is a file in OUT.
 #

@@ -71,7 +71,7 @@ class Config:
     cpus_per_worker: float = 0.5
     resume: bool = False
     max_failures: int = 0
-    storage_path: str = ""  # Ray Train checkpoints; default <output_dir>/_ray_train
+    storage_path: str = ""  # Ray Train checkpoints; default <output_dir>/.ray_train
     # --- data and cluster ---
     ray_address: str = ""  # empty: RAY_ADDRESS or a local single-node Ray
     s3_endpoint_url: str = ""  # overrides AWS_ENDPOINT_URL

@@ -51,7 +51,6 @@ from semid_dist.math.dedup import lex_order, row_groups
 from semid_dist.math.relocate import relocate
 
 STABLE, KEPT, RECLAIMED, FRESH = 0, 1, 2, 3
-STATUS_NAMES = ("stable", "kept", "reclaimed", "fresh")
 REMOVED, CHANGED = 1, 2  # why an ID was retired
 REASON_NAMES = {REMOVED: "removed", CHANGED: "changed"}
 POLICIES = ("keep_if_same_codes", "reassign")

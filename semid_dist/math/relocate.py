@@ -233,21 +233,3 @@ def _sorted_has(sorted_keys: np.ndarray, q: np.ndarray) -> np.ndarray:
         return np.zeros(q.shape, bool)
     pos = np.minimum(np.searchsorted(sorted_keys, q), sorted_keys.size - 1)
     return sorted_keys[pos] == q
-
-
-def relocation_summary(
-    before_rate: float, after_rate: float, rel: Relocation, sq_err_sum: float, sq_norm_sum: float, secs: float
-) -> dict:
-    """What training_results.json and the log report for a collision policy."""
-    err_before = sq_err_sum / sq_norm_sum if sq_norm_sum > 0 else 0.0
-    err_after = (sq_err_sum + rel.err_delta) / sq_norm_sum if sq_norm_sum > 0 else 0.0
-    return {
-        "policy": "relocate",
-        "rate_before": before_rate,
-        "rate_after": after_rate,
-        "moved": int(rel.moved_N.sum()),
-        "suffix_items": int(rel.suffix_N.sum()),
-        "error_before": float(err_before),
-        "error_after": float(err_after),
-        "seconds": round(secs, 3),
-    }

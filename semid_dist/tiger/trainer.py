@@ -1,6 +1,6 @@
 """Driver side of TIGER mode: one Ray Train TorchTrainer run, then the outputs a user reads.
 
-    fit(cfg, ds, info, scan, n_items, pub) -> (Tokenizer, fit_info)
+    fit(job: modes.FitJob) -> (Tokenizer, fit_info)
 
 Where the run lives: ``--storage_path`` (default ``<output_dir>/.ray_train``, hidden next to the
 published files; local or s3://) / ``tiger-<hash>``, the hash taking every config field that
