@@ -50,52 +50,9 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     assert comm.world == world and comm.rank == rank, (comm.world, world, comm.rank, rank)
 
     # 1. This rank's rows, streamed once through Ray Data; the epochs then run from memory.
-    # First check they fit: a worker that runs out of memory mid-intake dies without a word.
-    check_shard_fits(
-        loop_cfg.get("n_items", 0), loop_cfg["model_args"]["input_dim"], world, ctx.get_local_world_size()
-    )
-    t_read = time.perf_counter()
-    ids_N, x_ND = read_shard(
-        ray.train.get_dataset_shard("train"),
-        loop_cfg["model_args"]["input_dim"],
-        loop_cfg.get("expect_rows", 0),
-    )
-    data = steps.RankData.build(ids_N, x_ND, cfg, comm, device, consume=True)
-    del ids_N, x_ND
-    read_s = time.perf_counter() - t_read
-    if rank == 0:
-        raytrain.put_progress(
-            loop_cfg.get("progress"),
-            {
-                "intake": {
-                    "rows": data.n_train + data.n_val,
-                    "rank_rows": len(data.ids_train_T) + len(data.ids_val_V),
-                    "workers": world,
-                    "seconds": round(read_s, 3),
-                }
-            },
-        )
-
+    data, read_s = _intake(loop_cfg, cfg, comm, device, ctx.get_local_world_size())
     # 2. Model, optimizer and loop state, from the latest checkpoint when there is one.
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = RQVAE(**loop_cfg["model_args"])
-    steps.init_weights(model)
-    model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
-    state = checkpoint.LoopState()
-    kept: dict | None = None  # the state dict of the epoch --keep_model best keeps
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            saved = checkpoint.load(d)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        state = checkpoint.loop_state(saved)
-        kept = saved.get("kept_model") or None
-        if rank == 0:  # a restart after a failure, or --resume
-            raytrain.put_progress(
-                loop_cfg.get("progress"), {"resumed": {"epoch": state.epoch, "step": state.step}}
-            )
+    model, opt, state, kept = _model_and_state(loop_cfg, cfg, device, rank)
     net = raytrain.ddp(model, device) if comm.distributed else model
 
     # 3. Codebook initialisation (TIGER): k-means on the first batches' latents.
@@ -163,6 +120,55 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             plumbing.hold(f"tiger_epoch_{state.epoch}")
     if not reported:  # resumed a finished run: hand the driver its final state again
         _report(model, opt, state, loop_cfg, rank, kept)
+
+
+def _intake(loop_cfg: dict, cfg: Config, comm: Collectives, device, local_world: int):
+    """This rank's rows in memory (steps.RankData) and the seconds the intake took. First a
+    check that they fit: a worker that runs out of memory mid-intake dies without a word."""
+    import ray.train
+
+    dim = loop_cfg["model_args"]["input_dim"]
+    check_shard_fits(loop_cfg.get("n_items", 0), dim, comm.world, local_world)
+    t_read = time.perf_counter()
+    ids_N, x_ND = read_shard(ray.train.get_dataset_shard("train"), dim, loop_cfg.get("expect_rows", 0))
+    data = steps.RankData.build(ids_N, x_ND, cfg, comm, device, consume=True)
+    del ids_N, x_ND
+    read_s = time.perf_counter() - t_read
+    if comm.rank == 0:
+        intake = {
+            "rows": data.n_train + data.n_val,
+            "rank_rows": len(data.ids_train_T) + len(data.ids_val_V),
+            "workers": comm.world,
+            "seconds": round(read_s, 3),
+        }
+        raytrain.put_progress(loop_cfg.get("progress"), {"intake": intake})
+    return data, read_s
+
+
+def _model_and_state(loop_cfg: dict, cfg: Config, device, rank: int):
+    """(model, optimizer, loop state, the kept epoch's state dict or None): fresh, or from the
+    latest checkpoint after a failure or with --resume."""
+    import ray.train
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = RQVAE(**loop_cfg["model_args"])
+    steps.init_weights(model)
+    model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
+    state = checkpoint.LoopState()
+    kept: dict | None = None  # the state dict of the epoch --keep_model best keeps
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            saved = checkpoint.load(d)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        state = checkpoint.loop_state(saved)
+        kept = saved.get("kept_model") or None
+        if rank == 0:
+            progress = {"resumed": {"epoch": state.epoch, "step": state.step}}
+            raytrain.put_progress(loop_cfg.get("progress"), progress)
+    return model, opt, state, kept
 
 
 def check_shard_fits(n_items: int, dim: int, world: int, local_world: int) -> None:
