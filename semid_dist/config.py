@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from semid_dist.errors import UserError, one_line
+from semid_dist.options import option
 
 MODES = ("tiger", "kmeans")
 DEVICES = ("auto", "cpu", "cuda")
@@ -25,66 +26,212 @@ COLLISION_POLICIES = ("suffix", "relocate")  # math/relocate.py
 GENERATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
+# The sub-commands whose --help lists a field: nightly fits a tokenizer as train does (with
+# --retrain, or on a first night without --tokenizer); encode applies an existing one.
+ALL = ("train", "encode", "nightly")
+FIT = ("train", "nightly")
+# The sections of --help, in order; a field's group is one of these keys.
+GROUPS = {
+    "io": "input and output",
+    "both": "tokenizer (both modes)",
+    "kmeans": "kmeans mode (residual k-means)",
+    "tiger": "tiger mode (RQ-VAE trained with Ray Train)",
+    "ids": "IDs",
+    "apply": "existing tokenizer (encode, nightly)",
+    "nightly": "nightly generations",
+    "cluster": "cluster and S3",
+    "logging": "logging",
+}
+
+
+def _opt(default: Any, help: str, group: str, commands: tuple[str, ...] = FIT, **roles: Any) -> Any:
+    return option(default, help, group=group, commands=commands, **roles)
+
+
 @dataclass
 class Config:
     # --- the original tool's contract (its flag names and defaults) ---
-    data_path: str = ""
-    output_dir: str = ""
-    mode: str = "tiger"
-    epochs: int = 100
-    batch_size: int = 512
-    learning_rate: float = 1e-3
-    device: str = "auto"
-    n_layers: int = 4
-    n_embed: int = 512
-    n_clusters: int = 512
-    latent_dim: int = 128
-    max_items: int | None = None
-    save_every: int = 10
-    log_level: str = "INFO"
-    use_ema: bool = True
-    max_iters: int = 20
+    data_path: str = _opt(
+        "",
+        "parquet input: a dir with item_emb.parquet, a file, a dir of shards, a glob, or s3:// (required)",
+        "io",
+        ALL,
+        defines_run=True,
+    )
+    output_dir: str = _opt(
+        "", "where results are published: local path or s3:// prefix (required)", "io", ALL
+    )
+    mode: str = _opt("tiger", "tiger (RQ-VAE) or kmeans (residual k-means)", "both")
+    epochs: int = _opt(100, "training epochs", "tiger", hyperparameter=0)
+    batch_size: int = _opt(512, "global training batch size", "tiger", defines_run=True, hyperparameter=1)
+    learning_rate: float = _opt(1e-3, "AdamW learning rate", "tiger", defines_run=True, hyperparameter=2)
+    device: str = _opt(
+        "auto",
+        "auto, cpu or cuda: where tiger trains, items are encoded and the kmeans fit runs",
+        "cluster",
+        ALL,
+    )
+    n_layers: int = _opt(4, "number of quantization levels", "both", defines_run=True, hyperparameter=3)
+    n_embed: int = _opt(512, "codes per level", "tiger", defines_run=True, hyperparameter=4)
+    n_clusters: int = _opt(512, "codes per level", "kmeans")
+    latent_dim: int = _opt(128, "latent dimension", "tiger", defines_run=True, hyperparameter=5)
+    max_items: int | None = _opt(
+        None, "use only the first N items (quick tests)", "io", ALL, defines_run=True
+    )
+    save_every: int = _opt(10, "checkpoint every N epochs", "tiger")
+    log_level: str = _opt(
+        "INFO", "DEBUG, INFO, WARNING or ERROR (DEBUG also shows tracebacks)", "logging", ALL
+    )
+    use_ema: bool = _opt(
+        True,
+        "EMA codebook updates",
+        "tiger",
+        defines_run=True,
+        hyperparameter=6,
+        negative=("no_ema", "learn codebooks by gradient"),
+    )
+    max_iters: int = _opt(
+        20,
+        "Lloyd iterations per level at full dimension (also tiger's k-means codebook init)",
+        "kmeans",
+        defines_run=True,
+        hyperparameter=16,
+    )
     # --- kmeans mode ---
-    seed: int = 42
-    sample_per_centroid: int = 256  # k-means sample = this x n_clusters points
-    kmeans_sample_gb: float = 1.0  # at most this many GB of sample in the driver (modes.kmeans.sample_target)
-    kmeans_progressive: bool = True  # progressive-dimension k-means (see math/kmeans.py)
-    kmeans_full_dim_levels: int = 0  # top levels fitted in the full dimension (math/kmeans.py)
-    kmeans_fit: str = "auto"  # sample | stream | auto: stream when the sample would be cut (modes/kmeans.py)
-    kmeans_stream_passes: int = 2  # at most this many full-catalog Lloyd passes (stream)
-    beam_size: int = 1  # paths kept per level when encoding (kmeans; 1: greedy, math/beam.py)
+    seed: int = _opt(
+        42, "random seed (sampling, k-means seeding, model init)", "both", defines_run=True, hyperparameter=15
+    )
+    sample_per_centroid: int = _opt(256, "k-means sample size = this x n_clusters", "kmeans")
+    kmeans_sample_gb: float = _opt(
+        1.0,
+        "at most this many GB of k-means sample in memory; a larger sample is cut to it, with a warning",
+        "kmeans",
+    )
+    kmeans_progressive: bool = _opt(
+        True,
+        "progressive-dimension k-means, math/kmeans.py (also tiger's k-means codebook init)",
+        "kmeans",
+        defines_run=True,
+    )
+    kmeans_full_dim_levels: int = _opt(
+        0,
+        "fit the first N levels in the full dimension, not progressively: "
+        "lower reconstruction error, more collisions on real catalogs",
+        "kmeans",
+    )
+    kmeans_fit: str = _opt(
+        "auto",
+        "sample: fit on the hash sample; stream: then refine with full passes over every item, spread "
+        "over the cluster; auto: stream when --kmeans_sample_gb would cut the sample",
+        "kmeans",
+    )
+    kmeans_stream_passes: int = _opt(
+        2, "at most this many full-catalog Lloyd passes after the sample fit (stream)", "kmeans"
+    )
+    beam_size: int = _opt(
+        1,
+        "encode with beam search, keeping this many code paths per level (1: greedy); stored with the "
+        "tokenizer, so encode, nightly and the API apply it",
+        "kmeans",
+    )
     # --- both modes: IDs ---
-    collision_policy: str = "suffix"  # suffix | relocate (math/relocate.py)
-    relocate_candidates: int = 16  # last-level candidates per item the encode pass keeps (relocate)
+    collision_policy: str = _opt(
+        "suffix",
+        "suffix: items sharing all L codes get a dedup code 1, 2, ...; relocate: the one nearest its "
+        "codes keeps them, the others move to free last-level codes under the same prefix when one "
+        "is among their candidates (math/relocate.py)",
+        "ids",
+        ALL,
+    )
+    relocate_candidates: int = _opt(
+        16, "last-level candidates per item kept by the encode pass (relocate)", "ids", ALL
+    )
     # --- tiger mode ---
-    beta: float = 0.25
-    ema_decay: float = 0.99
-    dead_code_threshold: float = 0.25  # EMA rows per step; below it a code is restarted
-    gumbel: bool = False
-    gumbel_temperature: float = 1.0
-    gumbel_temperature_min: float = 0.1
-    patience: int = 10  # early stopping on the validation split; 0 disables it
-    keep_model: str = "best"  # best | last: which evaluation epoch's model is published (tiger/trainer.py)
-    eval_every: int = 10  # metrics over all items every N epochs and at the last (tiger/steps.py)
-    val_fraction: float = 0.05
-    num_workers: int = 1
-    cpus_per_worker: float = 0.5
-    resume: bool = False
-    max_failures: int = 0
-    storage_path: str = ""  # Ray Train checkpoints; default <output_dir>/.ray_train
+    beta: float = _opt(0.25, "commitment loss weight", "tiger", defines_run=True, hyperparameter=7)
+    ema_decay: float = _opt(0.99, "EMA codebook decay", "tiger", defines_run=True, hyperparameter=8)
+    dead_code_threshold: float = _opt(
+        0.25, "EMA rows per step below which a code is restarted", "tiger", defines_run=True, hyperparameter=9
+    )
+    gumbel: bool = _opt(
+        False, "Gumbel-softmax code assignment (needs --no_ema)", "tiger", defines_run=True, hyperparameter=10
+    )
+    gumbel_temperature: float = _opt(
+        1.0,
+        "Gumbel-softmax temperature at the first epoch, decayed to --gumbel_temperature_min at the last",
+        "tiger",
+        defines_run=True,
+        hyperparameter=11,
+    )
+    gumbel_temperature_min: float = _opt(
+        0.1, "Gumbel-softmax temperature at the last epoch", "tiger", defines_run=True, hyperparameter=12
+    )
+    patience: int = _opt(
+        10,
+        "early stopping after N epochs without a lower validation error; 0: never",
+        "tiger",
+        hyperparameter=13,
+    )
+    keep_model: str = _opt(
+        "best",
+        "best: publish the evaluation epoch with the lowest validation reconstruction error "
+        "(then the lower collision rate); last: the last epoch (modes/tiger.py)",
+        "tiger",
+    )
+    eval_every: int = _opt(
+        10,
+        "encode every item for the collision rate, code usage and reconstruction error every N "
+        "epochs and at the last; the validation error is logged every epoch (tiger/steps.py)",
+        "tiger",
+    )
+    val_fraction: float = _opt(
+        0.05, "share of items held out for validation", "tiger", defines_run=True, hyperparameter=14
+    )
+    num_workers: int = _opt(1, "Ray Train workers", "tiger", hyperparameter=17)
+    cpus_per_worker: float = _opt(0.5, "CPUs each Ray Train worker asks for", "tiger")
+    resume: bool = _opt(False, "continue from the latest checkpoint", "tiger")
+    max_failures: int = _opt(0, "restarts allowed after a worker failure", "tiger")
+    storage_path: str = _opt("", "Ray Train checkpoints (default: <output_dir>/.ray_train)", "tiger")
     # --- data and cluster ---
-    ray_address: str = ""  # empty: RAY_ADDRESS or a local single-node Ray
-    s3_endpoint_url: str = ""  # overrides AWS_ENDPOINT_URL
-    s3_retry_budget_s: float = 120.0  # how long S3 errors are retried before the run gives up
-    encode_batch_size: int = 16384
-    item_titles: str = ""  # optional parquet (ItemID, title) shown in the run summary
-    examples: int = 5
+    ray_address: str = _opt(
+        "", "Ray cluster address (default: RAY_ADDRESS, else a local Ray)", "cluster", ALL
+    )
+    s3_endpoint_url: str = _opt("", "S3 endpoint override (default: AWS_ENDPOINT_URL)", "cluster", ALL)
+    s3_retry_budget_s: float = _opt(
+        120.0, "seconds S3 errors are retried before the run stops with an error", "cluster", ALL
+    )
+    encode_batch_size: int = _opt(
+        16384,
+        "rows per batch for each GPU encoder actor (CPU passes stream 4,096-row blocks)",
+        "cluster",
+        ALL,
+    )
+    item_titles: str = _opt("", "parquet with ItemID,title shown in the summary", "io", ALL)
+    examples: int = _opt(5, "items sharing a prefix shown in the summary", "io", ALL)
     # --- encode / nightly ---
-    tokenizer: str = ""  # an existing final_model.pt (local or s3://) to apply instead of training
+    tokenizer: str = _opt(
+        "",
+        "an existing final_model.pt (local or s3://) to apply: encode needs it; nightly uses it "
+        "instead of the previous generation's",
+        "apply",
+        ("encode", "nightly"),
+    )
     # --- nightly ---
-    generation: str = ""  # name of tonight's generation; empty: today's UTC date (YYYY-MM-DD)
-    retrain: bool = False  # fit a new tokenizer tonight (unchanged items still keep their IDs)
-    changed_policy: str = "keep_if_same_codes"  # or "reassign" (see semid_dist/math/generations.py)
+    generation: str = _opt(
+        "", "name of tonight's generation (default: today's UTC date, YYYY-MM-DD)", "nightly", ("nightly",)
+    )
+    retrain: bool = _opt(
+        False,
+        "fit a new tokenizer instead of reusing the previous generation's (unchanged items still keep "
+        "their IDs)",
+        "nightly",
+        ("nightly",),
+    )
+    changed_policy: str = _opt(
+        "keep_if_same_codes",
+        "keep_if_same_codes or reassign, for items whose embedding changed (math/generations.py)",
+        "nightly",
+        ("nightly",),
+    )
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from semid_dist.publish import Publisher
+from semid_dist.io.publish import Publisher
 
 MAPPING_JSON = "semantic_id_mappings.json"
 MAPPING_PARQUET = "semantic_id_mappings.parquet"
@@ -48,7 +48,7 @@ def _mapping_parts(ids_N: np.ndarray, sid_NM: np.ndarray):
 
 
 def mapping_json(ids_N: np.ndarray, sid_NM: np.ndarray) -> str:
-    """The seed's format {"<ItemID>": [c0, ..., dedup]}, one item per line, ItemID order."""
+    """The original tool's format {"<ItemID>": [c0, ..., dedup]}, one item per line, ItemID order."""
     return "".join(_mapping_parts(ids_N, sid_NM))
 
 

@@ -32,9 +32,9 @@ import pyarrow.parquet as pq
 
 from semid_dist import export
 from semid_dist.errors import UserError, one_line
+from semid_dist.io.publish import SUCCESS, Publisher
+from semid_dist.io.storage import Storage, is_s3, join, strip_scheme
 from semid_dist.math import generations as gen
-from semid_dist.publish import SUCCESS, Publisher
-from semid_dist.storage import Storage, is_s3, join, strip_scheme
 
 log = logging.getLogger("semid_dist")
 
@@ -238,13 +238,9 @@ def tokenizer_fingerprint(tok) -> int:
     import torch
 
     h = hashlib.blake2b(digest_size=8)
-    payload = tok.payload()
     h.update(tok.mode.encode())
-    if tok.mode == "kmeans":
-        tensors = {"codebooks": payload["codebooks"]}
-    else:
-        tensors = payload["state_dict"]
-        h.update(json.dumps(payload["model_args"], sort_keys=True, default=str).encode())
+    architecture, tensors = tok.fingerprint_parts()
+    h.update(architecture)
     for key in sorted(tensors):
         t = tensors[key].detach().cpu().contiguous()
         h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())

@@ -30,10 +30,10 @@ import ray
 import ray.train
 import torch
 
-from semid_dist import storage
 from semid_dist.errors import UserError
 from semid_dist.failures import TrainingError, dead_nodes, training_failed
-from semid_dist.storage import Storage
+from semid_dist.io import storage
+from semid_dist.io.storage import Storage
 
 log = logging.getLogger("semid_dist")
 

@@ -24,6 +24,7 @@ import html
 import math
 from typing import Any
 
+from semid_dist.pipeline.collisions import CollisionSummary
 from semid_dist.tiger import plots
 
 QUALITY_REPORT = "quality_report.html"
@@ -94,8 +95,10 @@ def _codes_per_level(r: dict) -> Any:
     return c.get("n_embed") if r.get("mode") == "tiger" else c.get("n_clusters")
 
 
-def _collisions(r: dict) -> dict:
-    return (r.get("metrics") or {}).get("collisions") or {}
+def _collisions(r: dict, name: str) -> Any:
+    """A field of the run's collision summary; None for a run from before the record existed."""
+    pol = CollisionSummary.read(r)
+    return getattr(pol, name) if pol else None
 
 
 def _coherence(r: dict) -> dict:
@@ -122,13 +125,13 @@ COMPARE = [  # (row name, cell of a run)
         "levels x codes",
         lambda r: f"{_num((r.get('config') or {}).get('n_layers'))} x {_num(_codes_per_level(r))}",
     ),
-    ("collision policy", lambda r: _esc(_collisions(r).get("policy", "–"))),
+    ("collision policy", lambda r: _esc(_collisions(r, "policy") or "–")),
     ("collision rate (tokenizer codes)", lambda r: _pct(r["metrics"].get("collision_rate"))),
-    ("collision rate after policy", lambda r: _pct(_collisions(r).get("rate_after"))),
+    ("collision rate after policy", lambda r: _pct(_collisions(r, "rate_after"))),
     ("largest group", lambda r: _num(r["metrics"].get("max_bucket"))),
     ("max dedup code", lambda r: _num(r["metrics"].get("max_dedup_code"))),
     ("relative recon. error", lambda r: _num(r["metrics"].get("relative_reconstruction_error"))),
-    ("relative recon. error after policy", lambda r: _num(_collisions(r).get("error_after"))),
+    ("relative recon. error after policy", lambda r: _num(_collisions(r, "error_after"))),
     ("mean Gini over levels", lambda r: _num(_mean_gini(r), ".3f")),
     ("kNN share, same first code", lambda r: _pct(_coherence(r).get("knn_same_first"))),
     ("random share, same first code", lambda r: _pct(_coherence(r).get("random_same_first"))),
@@ -212,16 +215,17 @@ def group_size_png(before: dict, after: dict | None) -> bytes:
 def _groups(r: dict) -> str:
     m = r.get("metrics") or {}
     out = "<h3>Collisions</h3>"
-    pol = _collisions(r)
+    pol = CollisionSummary.read(r)
+    error_before = pol.error_before if pol and pol.error_before is not None else None
     rows = [
-        ["collision rate", _pct(m.get("collision_rate")), _pct(pol.get("rate_after"))],
+        ["collision rate", _pct(m.get("collision_rate")), _pct(pol.rate_after if pol else None)],
         [
             "relative recon. error",
-            _num(pol.get("error_before", m.get("relative_reconstruction_error"))),
-            _num(pol.get("error_after")),
+            _num(m.get("relative_reconstruction_error") if error_before is None else error_before),
+            _num(pol.error_after if pol else None),
         ],
     ]
-    out += _table(["", "before policy", f"after policy ({_esc(pol.get('policy', '–'))})"], rows)
+    out += _table(["", "before policy", f"after policy ({_esc(pol.policy if pol else '–')})"], rows)
     facts = [
         f"distinct ID prefixes: {_num(m.get('distinct_ids'))}",
         f"largest group: {_num(m.get('max_bucket'))}",
@@ -229,9 +233,9 @@ def _groups(r: dict) -> str:
     ]
     if pol:
         facts += [
-            f"items moved: {_num(pol.get('moved'))}",
-            f"items with a dedup code &gt; 0: {_num(pol.get('suffix_items'))}",
-            f"policy time: {_num(pol.get('seconds'), '.2f')} s",
+            f"items moved: {_num(pol.moved)}",
+            f"items with a dedup code &gt; 0: {_num(pol.suffix_items)}",
+            f"policy time: {_num(pol.seconds, '.2f')} s",
         ]
     out += f'<p class="note">{"; ".join(facts)}</p>'
     gs = m.get("group_sizes") or {}

@@ -31,9 +31,9 @@ from semid_dist.catalog.plumbing import trim_heap
 from semid_dist.catalog.schema import SPLIT_ROWS, Catalog, inspect_catalog
 from semid_dist.config import Config
 from semid_dist.errors import one_line
+from semid_dist.io.publish import Publisher
+from semid_dist.io.storage import Storage, strip_scheme
 from semid_dist.math.dedup import row_groups
-from semid_dist.publish import Publisher
-from semid_dist.storage import Storage, strip_scheme
 
 log = logging.getLogger("semid_dist")
 
@@ -56,6 +56,7 @@ class Run:
         self.log_path = ""
         self._timestamp = time.strftime("%Y%m%d_%H%M%S")
         self._t0 = time.perf_counter()
+        self._started = False  # a step has read the config (use_config is too late then)
 
     # --- the run's frame ----------------------------------------------------------------------
     def __enter__(self) -> Run:
@@ -90,6 +91,17 @@ class Run:
     def timings(self) -> dict[str, float]:
         return {**self.stages, "total": round(time.perf_counter() - self._t0, 3)}
 
+    def use_config(self, cfg: Config) -> None:
+        """The config as this run really runs it, resolved once from the flags and what the run
+        found before its first step (a nightly lineage's policies, a given tokenizer's mode and
+        sizes). Every step after reads it from here; it is what results and models record."""
+        assert not self._started, "use_config after a step has read the config"
+        changed = {k: v for k, v in cfg.to_dict().items() if getattr(self.cfg, k) != v}
+        if changed:
+            log.info("config as run (resolved from the flags): %s", changed)
+        self.name_log_by_mode(cfg.mode)
+        self.cfg = cfg
+
     def name_log_by_mode(self, mode: str) -> None:
         """Rename the log file after the mode that runs, when it differs from cfg.mode (a
         nightly run that reuses a kmeans tokenizer without --mode)."""
@@ -106,6 +118,7 @@ class Run:
     def inspect(self) -> tuple[Catalog, int]:
         """The catalog's files, schema and row counts (no embedding is read), and how many items
         the run uses (--max_items)."""
+        self._started = True
         cfg = self.cfg
         with self.stage("inspect"):
             catalog = inspect_catalog(self.store.list_parquet(cfg.data_path), self.store)
@@ -136,13 +149,12 @@ class Run:
         """Ray started or joined; where the encode pass runs (catalog.encode.encode_device)."""
         from semid_dist.catalog.encode import encode_device
 
+        self._started = True
         runtime.ensure_ray(self.cfg)
         return encode_device(self.cfg.device)
 
     def results(
         self,
-        cfg: Config,
-        mode: str,
         catalog: Catalog,
         n_items: int,
         metrics: dict,
@@ -156,8 +168,8 @@ class Run:
         generation and counts) come after the input."""
         return {
             "semid_dist_version": __version__,
-            "mode": mode,
-            "config": cfg.to_dict(),
+            "mode": self.cfg.mode,
+            "config": self.cfg.to_dict(),
             "input": {
                 "files": len(catalog.files),
                 "rows": catalog.num_rows,

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 from typing import Any
 
@@ -17,66 +18,58 @@ import numpy as np
 import torch
 
 from semid_dist.errors import UserError, one_line
-from semid_dist.math.nearest import beam_encode, residual_decode, residual_encode
-from semid_dist.math.nearest_faiss import FaissRQ, gpu_count
-from semid_dist.storage import Storage
+from semid_dist.io.storage import Storage
 
 FORMAT = "semid_dist/v1"
 
 
-class Tokenizer:
-    """Residual-quantization tokenizer: kmeans codebooks, or a tiger RQ-VAE."""
+class _ByMode(type):
+    """``Tokenizer(mode, config, ...)`` builds that mode's type (``Tokenizer("kmeans", config,
+    codebooks_LKD=...)``); the types themselves are built as usual."""
 
-    def __init__(
-        self,
-        mode: str,
-        config: dict[str, Any],
-        codebooks_LKD: torch.Tensor | None = None,
-        model: torch.nn.Module | None = None,
-        model_args: dict | None = None,
-    ):
-        self.mode = mode
+    def __call__(cls, *args, **kwargs):
+        if cls is Tokenizer and args and isinstance(args[0], str):
+            return tokenizer_type(args[0])(*args[1:], **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+class Tokenizer(metaclass=_ByMode):
+    """A residual-quantization tokenizer. One type per mode, next to the mode's fit in modes/
+    (modes/kmeans.py: KmeansTokenizer, modes/tiger.py: TigerTokenizer); the encode pass, dedup,
+    export, ``semid encode`` and the nightly job use this interface only.
+
+    A mode's type has ``mode`` (its name in modes.MODES) and implements the methods that raise
+    NotImplementedError here: the sizes, ``to``, ``encode_with_error``, ``decode``,
+    ``last_level_candidates`` (the relocate policy), and for serialisation ``tensors`` and
+    ``from_tensors`` (final_model.pt), ``config_sizes`` and ``fingerprint_parts``."""
+
+    mode = ""
+
+    def __init__(self, config: dict[str, Any]):
         self.config = config
-        self.codebooks_LKD = codebooks_LKD
-        self.model = model
-        self.model_args = model_args or {}
-        self._faiss_rq = None  # faiss-gpu indexes over the codebooks, built on first use
-        if mode == "kmeans":
-            assert codebooks_LKD is not None and codebooks_LKD.ndim == 3
-        else:
-            assert model is not None
-            self.model.eval()
 
+    # --- sizes and placement ----------------------------------------------------------------
     @property
     def n_layers(self) -> int:
-        return int(self.codebooks_LKD.shape[0]) if self.mode == "kmeans" else self.model.n_layers
+        raise NotImplementedError
 
     @property
     def n_codes(self) -> int:
-        return int(self.codebooks_LKD.shape[1]) if self.mode == "kmeans" else self.model.n_embed
+        raise NotImplementedError
 
     @property
     def input_dim(self) -> int:
-        return int(self.codebooks_LKD.shape[2]) if self.mode == "kmeans" else self.model.input_dim
-
-    @property
-    def beam_size(self) -> int:
-        """Code paths kept per level when encoding (kmeans; 1: greedy), as trained."""
-        return int(self.config.get("beam_size", 1)) if isinstance(self.config, dict) else 1
+        raise NotImplementedError
 
     @property
     def device(self) -> torch.device:
-        return self.codebooks_LKD.device if self.mode == "kmeans" else next(self.model.buffers()).device
+        raise NotImplementedError
 
     def to(self, device: str | torch.device) -> "Tokenizer":
         """Move the codebooks/model to a device (encode then runs there)."""
-        self._faiss_rq = None
-        if self.mode == "kmeans":
-            self.codebooks_LKD = self.codebooks_LKD.to(device)
-        else:
-            self.model.to(device)
-        return self
+        raise NotImplementedError
 
+    # --- encoding ---------------------------------------------------------------------------
     def _as_tensor(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             x = np.asarray(x)
@@ -87,92 +80,68 @@ class Tokenizer:
             raise UserError(f"expected embeddings of shape (N, {self.input_dim}), got {tuple(x_ND.shape)}")
         return x_ND.to(self.device, torch.float32)
 
-    @torch.no_grad()
     def encode_with_error(self, x: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Codes (N, L) and the squared reconstruction error of every row."""
-        x_ND = self._as_tensor(x)
-        if self.mode == "kmeans":
-            books = list(self.codebooks_LKD)
-            if self.beam_size > 1:
-                codes_NL, sq_err_N = beam_encode(x_ND, books, self.beam_size)
-            elif x_ND.device.type == "cuda" and gpu_count() > 0:  # faiss-gpu's flat indexes
-                if self._faiss_rq is None:
-                    self._faiss_rq = FaissRQ(self.codebooks_LKD.cpu().numpy(), gpu=True)
-                codes, sq = self._faiss_rq.encode(x_ND.cpu().numpy())
-                return codes, sq.astype(np.float64)
-            else:
-                codes_NL, resid_ND = residual_encode(x_ND, books)
-                sq_err_N = (resid_ND.double() ** 2).sum(1)
-        else:
-            codes_NL = self.model.encode(x_ND)
-            x_hat_ND = self.model.decode_codes(codes_NL)
-            sq_err_N = ((x_ND - x_hat_ND).double() ** 2).sum(1)
-        return codes_NL.cpu().numpy(), sq_err_N.cpu().numpy()
+        raise NotImplementedError
 
     def encode(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
         return self.encode_with_error(x)[0]
 
-    @torch.no_grad()
+    def decode(self, codes_NL: np.ndarray | torch.Tensor) -> np.ndarray:
+        """The reconstruction of the given codes."""
+        raise NotImplementedError
+
     def last_level_candidates(
         self, x: np.ndarray | torch.Tensor, codes_NL: np.ndarray, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """Each row's own last code and its k-1 nearest other last-level codes under the same
         first L-1 codes ((N, k) int32, own code first), with the squared reconstruction error
-        each would give (float32): math/relocate.py. kmeans: the exact error, ranked by it.
-        tiger: the k codes nearest in the latent space, each scored by the decoder's error."""
-        from semid_dist.math.relocate import _top_candidates, last_level_candidates_np
+        each would give (float32): math/relocate.py."""
+        raise NotImplementedError
 
-        x_ND = self._as_tensor(x)
-        if self.mode == "kmeans":
-            books = self.codebooks_LKD.detach().cpu().float().numpy()
-            return last_level_candidates_np(x_ND.cpu().numpy(), books, np.asarray(codes_NL), k)
-        model, n = self.model, x_ND.shape[0]
-        books = model.codebooks_LKH.detach()
-        c = torch.as_tensor(np.asarray(codes_NL), dtype=torch.long, device=x_ND.device)
-        z_NH = model.encoder(x_ND)
-        prefix_NH = torch.zeros_like(z_NH)
-        for level in range(model.n_layers - 1):
-            prefix_NH += books[level][c[:, level]]
-        d_NK = torch.cdist(z_NH - prefix_NH, books[-1]).square().cpu().numpy()
-        k = min(k, books.shape[1])
-        cand, _ = _top_candidates(d_NK, c[:, -1].cpu().numpy(), k)  # nearest in the latent space
-        q = prefix_NH[:, None, :] + books[-1][torch.as_tensor(cand, dtype=torch.long, device=x_ND.device)]
-        x_hat = model.decoder(q.reshape(n * k, -1)).reshape(n, k, -1)
-        err = ((x_ND[:, None, :] - x_hat).double() ** 2).sum(-1).float().cpu().numpy()
-        return cand, err
-
-    @torch.no_grad()
-    def decode(self, codes_NL: np.ndarray | torch.Tensor) -> np.ndarray:
-        """The reconstruction of the given codes (sum of centroids, or the decoder output)."""
-        c = torch.as_tensor(np.asarray(codes_NL), dtype=torch.long)
-        if self.mode == "kmeans":
-            return residual_decode(c.to(self.device), list(self.codebooks_LKD)).cpu().numpy()
-        return self.model.decode_codes(c.to(self.device)).cpu().numpy()
+    def cpu_encoder(self):
+        """What the encode pass's CPU tasks hold: encode_with_error and last_level_candidates
+        over numpy rows (catalog/encode.py). Itself, unless the mode has a lighter form."""
+        return self
 
     # --- serialisation ----------------------------------------------------------------------
+    def tensors(self) -> dict[str, Any]:
+        """What final_model.pt holds besides format, mode and config: tensors, numbers and
+        strings only, so that it loads with ``torch.load(weights_only=True)``."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_tensors(cls, config: dict[str, Any], payload: dict[str, Any]) -> "Tokenizer":
+        """The tokenizer of a payload that tensors() wrote."""
+        raise NotImplementedError
+
+    def config_sizes(self) -> dict[str, int]:
+        """The Config fields this tokenizer fixes besides mode and n_layers (its code count, ...),
+        for a run that applies it (``semid encode``, ``semid nightly``)."""
+        raise NotImplementedError
+
+    def fingerprint_parts(self) -> tuple[bytes, dict[str, torch.Tensor]]:
+        """What makes the codes, for lineage.tokenizer_fingerprint: the architecture (bytes;
+        empty when the tensors' shapes say it all) and every tensor by name."""
+        raise NotImplementedError
+
     def payload(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"format": FORMAT, "mode": self.mode, "config": self.config}
-        if self.mode == "kmeans":
-            out["codebooks"] = self.codebooks_LKD.detach().cpu().contiguous()
-        else:
-            out["model_args"] = self.model_args
-            out["state_dict"] = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        return out
+        return {"format": FORMAT, "mode": self.mode, "config": self.config, **self.tensors()}
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> "Tokenizer":
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise UserError("not a semid_dist tokenizer file (missing format marker)")
-        mode = payload["mode"]
-        if mode == "kmeans":
-            return cls("kmeans", payload["config"], codebooks_LKD=payload["codebooks"].float())
-        if mode == "tiger":
-            from semid_dist.math.rqvae import RQVAE
+        return tokenizer_type(payload["mode"]).from_tensors(payload["config"], payload)
 
-            model = RQVAE(**payload["model_args"])
-            model.load_state_dict(payload["state_dict"])
-            return cls("tiger", payload["config"], model=model, model_args=payload["model_args"])
+
+def tokenizer_type(mode: str) -> type[Tokenizer]:
+    """The Tokenizer type of a mode: TOKENIZER in the mode's module (modes.MODES)."""
+    from semid_dist.modes import MODES
+
+    if mode not in MODES:
         raise UserError(f"unknown tokenizer mode {mode!r}")
+    return importlib.import_module(MODES[mode]).TOKENIZER
 
 
 def tokenizer_from_bytes(raw: bytes, where: str) -> Tokenizer:

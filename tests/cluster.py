@@ -386,8 +386,9 @@ def mapping(fs, out: str) -> dict[int, tuple]:
 
 
 class Hold:
-    """The SEMID_DIST_TEST_HOLD hook: the named passes (or tiger's "tiger_epoch_N") wait at
-    their first block until release(); markers name the node each waiting process is on."""
+    """The SEMID_DIST_TEST_HOLD hook (semid_dist/testhooks.py): the named passes (or tiger's
+    "tiger_epoch_N") wait at their first block until release(); markers name the node each
+    waiting process is on."""
 
     def __init__(self, names: str, base: str):
         self.dir = os.path.join(base, f"hold-{time.monotonic_ns()}")

@@ -184,8 +184,8 @@ def test_failed_run_keeps_earlier_results(ray_session, small_catalog, tmp_path, 
 
 def test_fit_in_a_ray_task_gives_the_driver_fit(ray_session):
     """The path --device auto takes when the cluster has GPUs (modes.kmeans.fit_in_task, one
-    GPU per task there), run here as a CPU task with torch on the CPU: it returns the codebooks
-    and per-level stats that the driver's own fit gives."""
+    GPU per task there), run here as a CPU task: it returns the codebooks and per-level stats
+    that the driver's own fit gives."""
     import torch
 
     from conftest import make_catalog

@@ -106,6 +106,13 @@ def test_nightly_lineage_keeps_its_first_policy_and_night_one_equals_train(
     assert logs.count("--collision_policy suffix ignored: this lineage uses relocate") == 1
     n2_ids, n2_sid = published(os.path.join(root, "generations", "n2"))
     np.testing.assert_array_equal(n2_sid, n_sid)  # nothing changed: every ID kept
+    # night 3 retrains, flags saying suffix: the tokenizer it fits and stores, and the results,
+    # carry the lineage's policy, not the flag's
+    assert main([*night, "--generation", "n3", "--retrain", "--seed", "6"]) == 0
+    g3 = os.path.join(root, "generations", "n3")
+    assert load_tokenizer(os.path.join(g3, "final_model.pt")).config["collision_policy"] == "relocate"
+    with open(os.path.join(g3, "training_results.json")) as f:
+        assert json.load(f)["config"]["collision_policy"] == "relocate"
 
 
 def test_relocated_ids_do_not_depend_on_sharding_row_order_or_workers(ray_session, small_catalog, tmp_path):

@@ -14,15 +14,16 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_residual_encode_on_the_gpu_matches_the_cpu_kernel():
-    from semid_dist.math.nearest import residual_encode
+    from semid_dist.math.nearest import backend_for
+    from semid_dist.math.nearest_torch import TorchNearest
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(5000, 64)).astype(np.float32)
-    books = [torch.from_numpy(rng.normal(size=(32, 64)).astype(np.float32) * s) for s in (1.0, 0.5, 0.25)]
-    cpu, _ = residual_encode(torch.from_numpy(x), books)
-    gpu, _ = residual_encode(torch.from_numpy(x).cuda(), [b.cuda() for b in books])
+    books = np.stack([rng.normal(size=(32, 64)).astype(np.float32) * s for s in (1.0, 0.5, 0.25)])
+    cpu, _ = backend_for("cpu").quantizer(books).encode(x)
+    gpu, _ = TorchNearest("cuda").quantizer(torch.from_numpy(books).cuda()).encode(torch.from_numpy(x).cuda())
     # Float32 sums in another order may flip exact near-ties; anything more is a bug.
-    assert (gpu.cpu() == cpu).all(dim=1).float().mean() > 0.999
+    assert (gpu == cpu).all(axis=1).mean() > 0.999
 
 
 def test_tiger_trains_on_the_gpu_with_nccl(ray_session, tmp_path):
@@ -83,10 +84,10 @@ def test_kmeans_fits_and_encodes_on_the_gpu(ray_session, tmp_path):
 
 def test_gpu_kernels_of_kmeans_match_the_cpu_ones():
     """The GPU paths of the streamed fit, of beam search and of Tokenizer.encode on CUDA
-    (faiss-gpu where installed, else torch) against the CPU kernels on the same data."""
-    from semid_dist.catalog.stats import gpu_nearest
+    (faiss-gpu where installed, else torch: nearest.backend_for) against the CPU kernels on the
+    same data."""
     from semid_dist.math.beam import beam_encode_np
-    from semid_dist.math.nearest import beam_encode
+    from semid_dist.math.nearest import backend_for
     from semid_dist.math.rq_stats import RQStats, Scales, accumulate, lloyd_update
     from semid_dist.tokenizer import Tokenizer
 
@@ -96,12 +97,14 @@ def test_gpu_kernels_of_kmeans_match_the_cpu_ones():
     scales = Scales.for_catalog(float(np.abs(x).max()), books, len(x))
     cpu, gpu = RQStats.zeros(3, 48, 64), RQStats.zeros(3, 48, 64)
     accumulate(x, books, scales, cpu)
-    accumulate(x, books, scales, gpu, gpu_nearest(books))
+    accumulate(x, books, scales, gpu, backend_for("cuda").quantizer(books))
     assert (cpu.counts_LK != gpu.counts_LK).sum() <= 0.002 * cpu.counts_LK.size * 2
     np.testing.assert_allclose(lloyd_update(books, gpu, scales), lloyd_update(books, cpu, scales), atol=2e-2)
     want, _ = beam_encode_np(x, books, 4)
-    got, _ = beam_encode(torch.from_numpy(x).cuda(), [torch.from_numpy(b).cuda() for b in books], 4)
-    assert (got.cpu().numpy() == want).all(axis=1).mean() > 0.999
+    got, _ = (
+        backend_for("cuda").quantizer(torch.from_numpy(books).cuda(), 4).encode(torch.from_numpy(x).cuda())
+    )
+    assert (got == want).all(axis=1).mean() > 0.999
     tok = Tokenizer("kmeans", {}, codebooks_LKD=torch.from_numpy(books))
     on_cpu = tok.encode(x)
     assert (tok.to("cuda").encode(x) == on_cpu).all(axis=1).mean() > 0.999

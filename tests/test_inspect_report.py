@@ -130,10 +130,9 @@ def test_bad_flags_are_one_line(run_dir, capsys):
 
 
 def test_file_names_are_exports():
-    from semid_dist import export
-    from semid_dist.commands import report
+    from semid_dist import export, published
 
-    assert (report.RESULTS, report.MAPPING_PARQUET, report.MODEL) == (
+    assert (published.RESULTS, published.MAPPING_PARQUET, published.MODEL) == (
         export.RESULTS,
         export.MAPPING_PARQUET,
         export.MODEL,

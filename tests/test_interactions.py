@@ -10,6 +10,7 @@ import pytest
 
 from semid_dist.errors import UserError
 from semid_dist.evaluate.interactions import COLUMNS, read_interactions, to_histories
+from semid_dist.io.storage import Storage
 from semid_dist.math.histories import (
     Histories,
     build_histories,
@@ -20,7 +21,6 @@ from semid_dist.math.histories import (
     training_windows,
     window_stride,
 )
-from semid_dist.storage import Storage
 
 STORE = Storage()
 

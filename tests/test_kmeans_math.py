@@ -7,7 +7,7 @@ import torch
 from semid_dist.math.dedup import dedup_codes
 from semid_dist.math.kmeans import fit_kmeans, fit_residual_codebooks, kmeans_objective, lloyd
 from semid_dist.math.metrics import collision_stats, level_stats, quality_report
-from semid_dist.math.nearest import nearest_code, residual_decode, residual_encode
+from semid_dist.math.nearest_torch import TorchNearest, nearest_code, residual_decode, residual_encode
 
 
 def _rand(n, d, seed):
@@ -114,21 +114,23 @@ def test_full_dim_levels_fit_the_top_levels_in_full_dimension():
     )
 
 
-def test_fit_with_assignments_in_torch_matches_the_numpy_fit(monkeypatch):
-    """device= runs the Lloyd and level assignments with torch on that device (a GPU in
-    production); here torch on the CPU. Same algorithm, other float32 kernels: on clustered
-    data the codebooks agree to float noise and the objective is the same."""
+def test_fit_with_assignments_in_torch_matches_the_numpy_fit():
+    """backend= runs the Lloyd and level assignments with that nearest-code backend (torch on a
+    GPU in production); here torch on the CPU. Same algorithm, other float32 kernels: on
+    clustered data the codebooks agree to float noise and the objective is the same."""
     from conftest import make_catalog
-    from semid_dist.math import kmeans as km
 
     torch_calls = []
-    real = km.nearest_code
-    monkeypatch.setattr(km, "nearest_code", lambda *a, **kw: torch_calls.append(1) or real(*a, **kw))
+
+    class CountingTorch(TorchNearest):
+        def assign(self, x_ND, codes_KD):
+            torch_calls.append(1)
+            return super().assign(x_ND, codes_KD)
+
     _, x_np = make_catalog(3000, 24, seed=4, n_clusters=6)
     x = torch.from_numpy(x_np)
-    ref = fit_residual_codebooks(x.clone(), 2, 8, 10, seed=1, full_dim_levels=1)
-    assert not torch_calls  # device None: numpy's kernel
-    dev = fit_residual_codebooks(x.clone(), 2, 8, 10, seed=1, full_dim_levels=1, device="cpu")
+    ref = fit_residual_codebooks(x.clone(), 2, 8, 10, seed=1, full_dim_levels=1)  # numpy's kernel
+    dev = fit_residual_codebooks(x.clone(), 2, 8, 10, seed=1, full_dim_levels=1, backend=CountingTorch("cpu"))
     assert len(torch_calls) > 10  # every Lloyd iteration and each level's assignment
     for a, b in zip(ref, dev, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -12,12 +12,12 @@ from test_cli_kmeans import run_cli
 from conftest import make_catalog, write_parquet
 from semid_dist import modes
 from semid_dist.catalog.schema import inspect_catalog
-from semid_dist.commands import train
 from semid_dist.config import Config
 from semid_dist.errors import UserError
+from semid_dist.io.storage import Storage
 from semid_dist.math import sampling
+from semid_dist.pipeline.fit import scan_stage
 from semid_dist.run import Run
-from semid_dist.storage import Storage
 
 
 def cfg(**kw) -> Config:
@@ -112,7 +112,7 @@ def test_tiger_scan_keeps_no_sample(ray_session, small_catalog):
     data, ids, _ = small_catalog
     info = inspect_catalog(sorted(glob.glob(os.path.join(data, "*.parquet"))), Storage())
     c = cfg(mode="tiger", data_path=data, n_embed=16)
-    scan = train.scan_stage(Run(c), info, len(ids))
+    scan = scan_stage(Run(c), info, len(ids))
     assert scan.sample_SD.shape == (0, 32) and sorted(scan.ids_N.tolist()) == sorted(ids.tolist())
-    kmeans = train.scan_stage(Run(cfg(data_path=data, n_clusters=16)), info, len(ids))
+    kmeans = scan_stage(Run(cfg(data_path=data, n_clusters=16)), info, len(ids))
     assert kmeans.sample_SD.shape[0] == len(ids)  # 256 x 16 rows asked of 600: all of them

@@ -15,9 +15,9 @@ import torch
 
 from conftest import make_catalog, write_shards
 from semid_dist.math.beam import beam_encode_np
-from semid_dist.math.nearest import beam_encode
-from semid_dist.math.nearest_faiss import FaissRQ
+from semid_dist.math.nearest_faiss import FaissNearest, FaissRQ
 from semid_dist.math.nearest_np import residual_encode_np
+from semid_dist.math.nearest_torch import beam_encode
 from semid_dist.math.rq_stats import RQStats, Scales, accumulate, fixed_point_scale, lloyd_update, sq_error
 
 
@@ -102,7 +102,7 @@ def test_beam_search_finds_the_best_path_and_beam_1_is_greedy():
     # a row's codes do not depend on the rows it is encoded with
     assert np.array_equal(beam_encode_np(x, books, 4, chunk=3)[0], four)
     assert np.array_equal(beam_encode_np(x[7:8], books, 4)[0][0], four[7])
-    # the torch search (GPUs) is the same search: float64 on CPU takes the torch path
+    # the torch search (GPUs) is the same search (here in float64 on the CPU)
     t_codes, t_sq = beam_encode(
         torch.from_numpy(x).double(), [torch.from_numpy(b).double() for b in books], 4
     )
@@ -122,7 +122,7 @@ def test_faiss_kernel_gives_the_numpy_codes():
     scales = Scales.for_catalog(float(np.abs(x).max()), books, len(x))
     ours, theirs = RQStats.zeros(3, 40, 24), RQStats.zeros(3, 40, 24)
     accumulate(x, books, scales, ours)
-    accumulate(x, books, scales, theirs, rq.nearest)
+    accumulate(x, books, scales, theirs, FaissNearest(gpu=False).quantizer(books))
     assert np.array_equal(ours.sums_LKD, theirs.sums_LKD) and ours.sq_err == theirs.sq_err
 
 

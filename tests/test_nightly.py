@@ -14,8 +14,8 @@ from conftest import make_catalog, write_shards
 from semid_dist import lineage, load_tokenizer
 from semid_dist.cli import main, parse_config
 from semid_dist.commands import nightly
-from semid_dist.publish import SUCCESS, Publisher
-from semid_dist.storage import Storage
+from semid_dist.io.publish import SUCCESS, Publisher
+from semid_dist.io.storage import Storage
 
 ARGS = ["--mode", "kmeans", "--n_layers", "2", "--n_clusters", "8", "--max_iters", "5", "--seed", "3"]
 N1, D = 300, 16

@@ -14,10 +14,10 @@ import pytest
 from published_runs import FILMS, N_CLUSTERS, N_ITEMS, N_LAYERS, kmeans_run
 
 from semid_dist import report_html
+from semid_dist.io.publish import Publisher
+from semid_dist.io.storage import Storage
 from semid_dist.math.metrics import level_stats
 from semid_dist.math.quality import coherence, gini, group_size_histogram
-from semid_dist.publish import Publisher
-from semid_dist.storage import Storage
 
 # --- references: the definitions, written the slow obvious way --------------------------------
 

@@ -315,7 +315,7 @@ def test_an_orphaned_s3_io_error_prints_no_traceback(caplog):
 
     from fsspec.asyn import sync
 
-    from semid_dist.storage import Storage
+    from semid_dist.io.storage import Storage
 
     fs = Storage.resolve().fs(f"s3://{BUCKET}/any/")
 

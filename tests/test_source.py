@@ -7,9 +7,9 @@ import pytest
 from conftest import make_catalog, write_parquet
 from semid_dist.catalog import encode, plumbing, scan, source
 from semid_dist.catalog.schema import inspect_catalog
+from semid_dist.io.storage import Storage
 from semid_dist.math.sampling import hash_unit
 from semid_dist.run import Run
-from semid_dist.storage import Storage
 
 
 def inspect(files):

@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from conftest import make_catalog, write_shards
-from semid_dist import cli, load_tokenizer
+from semid_dist import cli, load_tokenizer, testhooks
 from semid_dist.catalog.schema import inspect_catalog
 from semid_dist.catalog.source import training_dataset
 from semid_dist.config import Config
-from semid_dist.storage import Storage
+from semid_dist.io.storage import Storage
 from semid_dist.tiger import trainer
 
 # Ray Train's controller polls its workers every 2 s; every run here is a few seconds of work, so
@@ -165,7 +165,7 @@ def test_cli_failure_then_resume_publishes_everything(
     fail_at = two.loop.history[0]["step"] + 1  # epoch 2, after the epoch-1 checkpoint
 
     with monkeypatch.context() as m:
-        m.setenv(trainer.FAIL_AT_STEP_ENV, str(fail_at))
+        m.setenv(testhooks.FAIL_AT_STEP_ENV, str(fail_at))
         assert cli.main(args + ["--max_failures", "0"]) == 1
     err = capsys.readouterr().err
     assert "injected failure at step" in err and "--resume" in err and "Traceback" not in err

@@ -250,9 +250,13 @@ def test_epoch_loop_at_world_one():
     assert steps.init_codebooks(model, data, cfg, comm) and model.is_initialized
     assert not steps.init_codebooks(model, data, cfg, comm)  # done once
     seen = []
-    metrics, step = steps.train_epoch(
-        model, model, opt, data, 0, 0, cfg, comm, restart_every=2, before_step=seen.append
-    )
+
+    class Hooks(steps.NoHooks):
+        def before_step(self, step: int) -> None:
+            seen.append(step)
+
+    loop = steps.Loop(model, model, opt, data, cfg, comm, restart_every=2, hooks=Hooks())
+    metrics, step = steps.train_epoch(loop, 0, 0)
     assert step == len(seen) == data.n_batches and seen == list(range(step))
     ev, usage = steps.evaluate(model, data, comm)
     assert usage.shape == (2, 4) and usage.sum() == 2 * 200
@@ -262,7 +266,7 @@ def test_epoch_loop_at_world_one():
 
 
 def test_init_weights_keep_latent_scale():
-    """torch's default init shrinks the latent ~40x through the seed's MLP (the collapse trap
+    """torch's default init shrinks the latent ~40x through the original tool's MLP (the collapse trap
     noted in steps.init_weights); He init keeps it within a small factor of the input."""
     x = torch.nn.functional.normalize(torch.randn(512, 768), dim=1)
     torch.manual_seed(0)
@@ -282,7 +286,7 @@ def test_gumbel_mode_trains_with_decaying_temperature():
     steps.init_codebooks(model, data, cfg, comm)
     before = model.codebooks_LKH.detach().clone()
     model.temperature = steps.temperature(cfg, 1)
-    metrics, _ = steps.train_epoch(model, model, opt, data, 1, 0, cfg, comm, restart_every=0)
+    metrics, _ = steps.train_epoch(steps.Loop(model, model, opt, data, cfg, comm), 1, 0)
     assert metrics["codebook"] > 0
     assert not torch.equal(before, model.codebooks_LKH.detach())  # learned by gradient
 
@@ -298,18 +302,18 @@ def test_run_name_ignores_how_long_and_where():
     assert trainer.storage_root(a.replace(output_dir="s3://b/p")) == "s3://b/p/.ray_train"
 
 
-def test_checkpoint_round_trip_and_seed_payload(tmp_path):
+def test_checkpoint_round_trip_and_original_tool_payload(tmp_path):
     cfg = small_cfg()
     comm, data, model = build(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     steps.init_codebooks(model, data, cfg, comm)
-    steps.train_epoch(model, model, opt, data, 0, 0, cfg, comm, restart_every=0)
+    steps.train_epoch(steps.Loop(model, model, opt, data, cfg, comm), 0, 0)
     state = checkpoint.LoopState(epoch=1, step=4, history=[{"epoch": 1, "loss": 0.5}], best_val=0.3)
     args = steps.model_args(cfg, 16)
     checkpoint.save(str(tmp_path), model, opt, state, args, cfg.to_dict())
     saved = checkpoint.load(str(tmp_path))
     assert checkpoint.loop_state(saved) == state
-    payload = checkpoint.seed_payload(saved)
+    payload = checkpoint.original_tool_payload(saved)
     buf = io.BytesIO()
     torch.save(payload, buf)
     loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)

@@ -73,30 +73,23 @@ def sq_norms(x_ND: np.ndarray) -> float:
 
 @dataclass
 class NumpyRQ:
-    """A kmeans tokenizer as the CPU tasks get it: numpy codebooks and the beam size, so that a
-    worker that only reads and encodes never imports torch. Its kernels are the ones
-    Tokenizer.encode runs on CPU, so the two give the same codes."""
+    """A kmeans tokenizer as the CPU tasks get it (KmeansTokenizer.cpu_encoder): numpy codebooks
+    and the beam size, so that a worker that only reads and encodes never imports torch. It
+    encodes with the CPU's nearest-code backend (math/nearest.py), as Tokenizer.encode does on
+    the CPU, so the two give the same codes."""
 
     codebooks_LKD: np.ndarray
     beam_size: int = 1
 
     def encode_with_error(self, x_ND: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from semid_dist.math.beam import beam_encode_np
+        from semid_dist.math.nearest import backend_for
 
-        return beam_encode_np(x_ND, self.codebooks_LKD, self.beam_size)
+        return backend_for("cpu").quantizer(self.codebooks_LKD, self.beam_size).encode(x_ND)
 
     def last_level_candidates(self, x_ND: np.ndarray, codes_NL: np.ndarray, k: int):
         from semid_dist.math.relocate import last_level_candidates_np
 
         return last_level_candidates_np(x_ND, self.codebooks_LKD, codes_NL, k)
-
-
-def encoder_of(tokenizer):
-    """What the CPU tasks get: a kmeans tokenizer as a NumpyRQ, a tiger tokenizer as is."""
-    if tokenizer.mode == "kmeans":
-        books = tokenizer.codebooks_LKD.detach().cpu().float().contiguous().numpy()
-        return NumpyRQ(books, tokenizer.beam_size)
-    return tokenizer
 
 
 def encode_rows(encoder, x_ND: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -193,7 +186,7 @@ def encode_pass(catalog: Catalog, tokenizer, n_items: int, extras: Extras = Extr
         n_items,
         catalog,
         dim=catalog.dim,
-        encoder=encoder_of(tokenizer),
+        encoder=tokenizer.cpu_encoder(),
         extras=extras,
     )
     return encode_result(t, tokenizer.n_layers, extras, catalog.dim)

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from semid_dist import blas
+from semid_dist import blas, testhooks
 from semid_dist.catalog.schema import Catalog, RowError
 from semid_dist.errors import UserError, find_user_error
 
@@ -40,11 +40,6 @@ log = logging.getLogger("semid_dist")
 TASKS_PER_SLOT = 2  # read tasks per task slot (source.plan_units): few gaps, even ends
 TASK_CPUS = "semid_dist.task_cpus"  # a pass's CPUs per task, on its dataset's DataContext
 PROGRESS_EVERY_S = 10  # a progress line in the log at most this often
-# Test hook (never set by users): "<name>[,<name>...]:<dir>". Every block of the passes whose
-# block function has one of those names (and tiger's workers after the epoch "tiger_epoch_N")
-# leaves a marker file in dir named after its node and waits until dir holds a file named
-# "release", so that a test can lose a node or S3 at a known point of a run.
-HOLD_ENV = "SEMID_DIST_TEST_HOLD"
 
 
 def parallelism() -> int:
@@ -71,21 +66,6 @@ def _spare_cpus(tasks: int) -> int:
 
     node = max((int(n.get("Resources", {}).get("CPU", 1)) for n in ray.nodes() if n.get("Alive")), default=1)
     return max(1, min(parallelism() // max(1, tasks), node))
-
-
-def hold(name: str, timeout: float = 300.0) -> None:
-    """The HOLD_ENV test hook (also tiger's end of an epoch: tiger/worker.py)."""
-    import ray
-
-    names, _, where = os.environ[HOLD_ENV].rpartition(":")
-    release = os.path.join(where, "release")
-    if name not in names.split(",") or os.path.exists(release):
-        return
-    node = ray.get_runtime_context().get_node_id()
-    open(os.path.join(where, f"{name}-{node}-{os.getpid()}"), "w").close()
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(release) and time.monotonic() < deadline:
-        time.sleep(0.1)
 
 
 def lists(values: np.ndarray, type_: pa.DataType) -> pa.Array:
@@ -129,8 +109,7 @@ def guarded(fn: Callable, empty: dict) -> Callable:
     def run(block: pa.Table, **kw) -> pa.Table:
         trim_heap(TRIM_EVERY_S)
         blas.match_task()  # numpy's BLAS threads as Ray allotted
-        if os.environ.get(HOLD_ENV):
-            hold(fn.__name__)
+        testhooks.hold(fn.__name__)  # a no-op unless a test holds this pass
         if "error" in block.column_names:  # an unreadable file (source.read_unit)
             return result_row(UserError(block.column("error")[0].as_py()), **empty)
         try:

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from semid_dist.errors import UserError, one_line
-from semid_dist.storage import Storage, strip_scheme
+from semid_dist.io.storage import Storage, strip_scheme
 
 ID_COL, EMB_COL = "ItemID", "embedding"
 # Files larger than this become several read tasks, cut between row groups (source.plan_pieces);

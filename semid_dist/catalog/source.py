@@ -29,7 +29,8 @@ from ray.data.block import BlockMetadata
 
 from semid_dist.catalog.schema import EMB_COL, ID_COL, SPLIT_ROWS, Catalog
 from semid_dist.errors import one_line
-from semid_dist.storage import strip_scheme
+from semid_dist.io.retry import SDK_RETRY_S, Backoff, TaskClock, is_transient, run_clock
+from semid_dist.io.storage import strip_scheme
 
 READ_BATCH = 4096  # rows per block (12 MB of 768-d float32)
 READ_BUFFER = 4 << 20  # buffered column reads: pages decode as they stream in
@@ -112,62 +113,6 @@ def plan_units(catalog: Catalog, n_items: int, tasks: int | None = None) -> list
     return units
 
 
-# pyarrow's messages for S3 failures worth retrying (no connection, 5xx, slow-down)
-_RETRIED = ("NETWORK_CONNECTION", "HTTP status 5", "SLOW_DOWN", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE")
-SDK_RETRY_S = 0.5  # the S3 client's own retries in a read task; read_unit retries past them
-
-
-class OutageClock:
-    """When the current S3 outage started, shared by every read task of the run (a Ray actor on
-    the driver's node): each task on its own would spend a whole retry budget, and the tasks
-    that start after others gave up would spend another; with one clock the run gives up once
-    S3 has been failing for the budget, whatever the tasks were doing."""
-
-    def __init__(self) -> None:
-        self.since: float | None = None
-
-    def failing(self) -> float:
-        if self.since is None:
-            self.since = time.time()
-        return self.since
-
-    def ok(self) -> None:
-        self.since = None
-
-
-_clock: tuple = (None, None)  # (Ray job id, the clock's handle)
-
-
-def outage_clock():
-    """The run's OutageClock (one per driver process and Ray job, made on first use)."""
-    global _clock
-    import ray
-
-    ctx = ray.get_runtime_context()
-    if _clock[0] != ctx.get_job_id():
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        here = NodeAffinitySchedulingStrategy(ctx.get_node_id(), soft=True)
-        _clock = (
-            ctx.get_job_id(),
-            ray.remote(OutageClock).options(num_cpus=0, scheduling_strategy=here).remote(),
-        )
-    return _clock[1]
-
-
-def _outage_left(clock, budget: float, since: list) -> float:
-    """Seconds of the budget left in this outage (by the run's clock, else this task's)."""
-    import ray
-
-    if not since:
-        since.append(time.time())
-    try:
-        start = ray.get(clock.failing.remote(), timeout=10)
-    except Exception:  # the clock is gone: this task's own start
-        start = since[0]
-    return start + budget - time.time()
-
-
 def _read_piece(piece: Piece, fs, read_batch: int, skip: int):
     """The piece's rows after the first `skip`, read_batch at a time."""
     source = fs.open_input_file(strip_scheme(piece.path)) if fs is not None else piece.path
@@ -187,31 +132,26 @@ def _read_piece(piece: Piece, fs, read_batch: int, skip: int):
 
 def read_unit(unit: Unit, fs, read_batch: int = READ_BATCH, retry_budget_s: float = 0.0, clock=None):
     """The unit's (ItemID, embedding) rows, read_batch at a time, as pyarrow Tables. A file
-    that cannot be read ends the unit with one error block that names it. With a clock
-    (OutageClock), an S3 outage is retried (the piece reopened after the rows already read)
-    until S3 has been failing for retry_budget_s by that clock."""
-    since: list = []
+    that cannot be read ends the unit with one error block that names it. With a clock (the
+    run's, io/retry.run_clock), an S3 outage is retried (the piece reopened after the rows
+    already read) until S3 has been failing for retry_budget_s by that clock."""
+    outage = TaskClock(clock) if clock is not None else None
     for piece in unit.pieces:
-        done, delay = 0, 0.5
+        done, backoff = 0, Backoff()
         while True:
             try:
                 for t in _read_piece(piece, fs, read_batch, done):
                     done += t.num_rows
-                    if since:  # S3 answers again
-                        since.clear()
-                        try:
-                            clock.ok.remote()
-                        except Exception:  # the clock is gone: nothing to reset
-                            pass
+                    if outage is not None:
+                        outage.ok()  # S3 answers (again)
                     yield t
                 break
             except (OSError, pa.ArrowException) as e:
                 why = one_line(e)
-                if retry_budget_s and any(m in why for m in _RETRIED):
-                    left = _outage_left(clock, retry_budget_s, since) if clock is not None else 0
+                if retry_budget_s and is_transient(e):
+                    left = retry_budget_s - outage.failing() if outage is not None else 0
                     if left > 0:
-                        time.sleep(min(delay, left))
-                        delay = min(2 * delay, 8.0)
+                        time.sleep(backoff.next(left))
                         continue
                     why = (
                         f"S3 unreachable for the retry budget, --s3_retry_budget_s {retry_budget_s:g}: {why}"
@@ -237,7 +177,7 @@ class CatalogSource(Datasource):
         # the run's retry budget is spent here (read_unit), the S3 client's own retries are short
         self.fs = catalog.store.arrow_fs(catalog.files[0], retry_budget_s=SDK_RETRY_S)
         self.retry_budget_s = catalog.store.retry_budget_s if self.fs is not None else 0.0
-        self.clock = outage_clock() if self.fs is not None else None
+        self.clock = run_clock() if self.fs is not None else None
 
     def estimate_inmemory_data_size(self) -> int:
         return sum(u.rows for u in self.units) * self.row_bytes

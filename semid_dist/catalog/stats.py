@@ -22,24 +22,10 @@ from semid_dist import blas
 from semid_dist.catalog import plumbing, source
 from semid_dist.catalog.schema import Catalog, batch_to_arrays
 from semid_dist.errors import UserError
+from semid_dist.math.nearest import backend_for
 from semid_dist.math.rq_stats import RQStats, Scales, accumulate
 
 log = logging.getLogger("semid_dist")
-
-
-def gpu_nearest(codebooks_LKD: np.ndarray):
-    """nearest(r_BD, level) on this task's GPU: faiss-gpu's flat indexes where faiss-gpu is
-    installed, else torch on CUDA."""
-    from semid_dist.math.nearest_faiss import FaissRQ, gpu_count
-
-    if gpu_count() > 0:
-        return FaissRQ(codebooks_LKD, gpu=True).nearest
-    import torch
-
-    from semid_dist.math.nearest import nearest_code
-
-    books = [torch.from_numpy(cb).cuda() for cb in codebooks_LKD]
-    return lambda r_BD, level: nearest_code(torch.from_numpy(r_BD).cuda(), books[level])[0].cpu().numpy()
 
 
 def unit_stats(
@@ -54,14 +40,14 @@ def unit_stats(
     """One read unit's statistics (runs in a Ray task, holding a GPU when device is cuda; beam
     search assignments run on its CPU)."""
     blas.match_task()
-    nearest = gpu_nearest(codebooks_LKD) if device == "cuda" and beam == 1 else None
+    quantizer = backend_for(device if beam == 1 else "cpu").quantizer(codebooks_LKD, beam)
     stats = RQStats.zeros(codebooks_LKD.shape[0], codebooks_LKD.shape[1], dim)
     for block in source.read_unit(unit, fs):
         if source.ERROR_COL in block.column_names:
             raise UserError(block.column(source.ERROR_COL)[0].as_py())
         for batch in block.to_batches():
             _, x_BD = batch_to_arrays(batch, dim)
-            accumulate(x_BD, codebooks_LKD, scales, stats, nearest, beam)
+            accumulate(x_BD, codebooks_LKD, scales, stats, quantizer)
     return stats
 
 

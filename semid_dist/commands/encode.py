@@ -14,23 +14,15 @@ from __future__ import annotations
 import hashlib
 import logging
 
-from semid_dist.commands.train import export_ids
 from semid_dist.config import Config
 from semid_dist.errors import UserError
+from semid_dist.io.storage import Storage
+from semid_dist.pipeline.fit import as_run
+from semid_dist.pipeline.ids import export_ids
 from semid_dist.run import Run
-from semid_dist.storage import Storage
-from semid_dist.tokenizer import Tokenizer, read_tokenizer
+from semid_dist.tokenizer import read_tokenizer
 
 log = logging.getLogger("semid_dist")
-
-
-def as_run(cfg: Config, tok: Tokenizer) -> Config:
-    """The config as it really runs: the mode, levels and sizes of the tokenizer applied,
-    whatever the flags said."""
-    sizes = {"n_embed" if tok.mode == "tiger" else "n_clusters": tok.n_codes}
-    if tok.mode == "tiger" and "latent_dim" in tok.model_args:
-        sizes["latent_dim"] = int(tok.model_args["latent_dim"])
-    return cfg.replace(mode=tok.mode, n_layers=tok.n_layers, **sizes)
 
 
 def run(cfg: Config, log_dir: str = "logs") -> dict:
@@ -69,4 +61,4 @@ def run(cfg: Config, log_dir: str = "logs") -> dict:
             "trained_on": trained.get("data_path"),
             "trained_output_dir": trained.get("output_dir"),
         }
-        return export_ids(r, cfg, catalog, n_items, where, tok, info, scanned=False)
+        return export_ids(r, catalog, n_items, where, tok, info, scanned=False)

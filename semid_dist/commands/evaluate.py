@@ -19,10 +19,10 @@ import os
 import numpy as np
 
 from semid_dist import __version__, runtime
-from semid_dist.commands.report import EVALUATION as EVALUATION_JSON
 from semid_dist.evaluate import driver, figures, html, prepare
 from semid_dist.evaluate.config import EvalConfig
 from semid_dist.evaluate.interactions import read_interactions, to_histories
+from semid_dist.published import EVALUATION as EVALUATION_JSON
 from semid_dist.run import Run, close_logging
 
 log = logging.getLogger("semid_dist")

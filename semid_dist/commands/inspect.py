@@ -17,49 +17,12 @@ import sys
 
 import numpy as np
 
-from semid_dist.commands.report import MAPPING_PARQUET, MODEL, ArgParser, add_s3_flags, resolve_run, storage
 from semid_dist.errors import UserError, one_line
-from semid_dist.storage import Storage, join
+from semid_dist.io.storage import Storage, join
+from semid_dist.options import ArgParser
+from semid_dist.published import MODEL, PublishedRun, add_s3_flags, storage
 
 EXAMPLES = 3  # items shown per prefix depth
-
-
-class Run:
-    """A published run's mappings: ItemIDs (N,) and semantic IDs (N, L+1), sorted by ItemID."""
-
-    def __init__(self, run: str, store: Storage):
-        import pyarrow.parquet as pq
-
-        self.dir, self.name = resolve_run(run, store)
-        self.store = store
-        uri = join(self.dir, MAPPING_PARQUET)
-        try:
-            t = pq.read_table(
-                io.BytesIO(store.read_bytes(uri, "mappings file")), columns=["ItemID", "semantic_id"]
-            )
-            ids_N = t.column("ItemID").to_numpy().astype(np.int64)
-            flat = t.column("semantic_id").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            sid_NM = flat.astype(np.int64).reshape(len(ids_N), -1)
-        except UserError:
-            raise
-        except Exception as e:
-            raise UserError(f"{uri}: not a semantic ID mappings file ({one_line(e)})") from e
-        order = np.argsort(ids_N, kind="stable")
-        self.ids_N, self.sid_NM = ids_N[order], sid_NM[order]
-        self.n_levels = sid_NM.shape[1] - 1  # the last column is the dedup code
-
-    def row_of(self, item: int) -> int:
-        i = int(np.searchsorted(self.ids_N, item))
-        if i == len(self.ids_N) or self.ids_N[i] != item:
-            raise UserError(f"{self.name}: ItemID {item} is not in the published mappings")
-        return i
-
-    def under(self, prefix: list[int]) -> np.ndarray:
-        """Rows whose semantic ID starts with prefix, in semantic ID order (then ItemID)."""
-        p = np.asarray(prefix, np.int64)
-        rows = np.flatnonzero((self.sid_NM[:, : len(p)] == p).all(axis=1))
-        keys = [self.ids_N[rows]] + [self.sid_NM[rows, j] for j in range(self.sid_NM.shape[1] - 1, -1, -1)]
-        return rows[np.lexsort(keys)]
 
 
 def parse_prefix(text: str, width: int) -> list[int]:
@@ -123,7 +86,7 @@ def embedding_neighbours(data_path: str, store: Storage, item: int, ids_N: np.nd
     return best_ids, best_sim, seen + 1
 
 
-def reconstruction_neighbours(run: Run, row: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+def reconstruction_neighbours(run: PublishedRun, row: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k rows nearest row by the cosine of the tokenizer's reconstructions of their L codes
     (the dedup code is not the tokenizer's), and the cosines. Each distinct code tuple is decoded
     once, a chunk at a time."""
@@ -146,13 +109,13 @@ def reconstruction_neighbours(run: Run, row: int, k: int) -> tuple[np.ndarray, n
     return top, sim_N[top]
 
 
-def _line(run: Run, row: int, titles: dict[int, str], extra: str = "") -> str:
+def _line(run: PublishedRun, row: int, titles: dict[int, str], extra: str = "") -> str:
     item = int(run.ids_N[row])
     title = titles.get(item)
     return f"{item:>12}  {run.sid_NM[row].tolist()}{extra}" + (f"  {title}" if title else "")
 
 
-def show_item(run: Run, item: int, titles: dict, data_path: str, k: int) -> None:
+def show_item(run: PublishedRun, item: int, titles: dict, data_path: str, k: int) -> None:
     row = run.row_of(item)
     sid = run.sid_NM[row]
     top, sim, how = np.zeros(0, np.int64), np.zeros(0), ""
@@ -183,7 +146,7 @@ def show_item(run: Run, item: int, titles: dict, data_path: str, k: int) -> None
         print("  " + _line(run, int(r), titles, f"  cos {s:.3f}  shares {shared} code(s)"))
 
 
-def show_prefix(run: Run, prefix: list[int], titles: dict, limit: int) -> None:
+def show_prefix(run: PublishedRun, prefix: list[int], titles: dict, limit: int) -> None:
     rows = run.under(prefix)
     print(f"prefix {prefix}: {len(rows)} item(s)  run: {run.name}")
     shown = rows if limit <= 0 else rows[:limit]
@@ -211,7 +174,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         store = storage(args)
-        run = Run(args.run, store)
+        run = PublishedRun(args.run, store)
         prefix = parse_prefix(args.prefix, run.sid_NM.shape[1]) if args.prefix is not None else None
         titles = read_titles(args.item_titles, store)
         if prefix is None:

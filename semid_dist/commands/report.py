@@ -8,81 +8,24 @@ mappings of a run published before the quality metrics existed.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 
 from semid_dist.errors import UserError, one_line
-from semid_dist.publish import SUCCESS
-from semid_dist.storage import DEFAULT_RETRY_BUDGET_S, Storage, is_s3, join, strip_scheme
+from semid_dist.io.storage import Storage, is_s3, join, strip_scheme
+from semid_dist.options import ArgParser
+from semid_dist.pipeline.collisions import CollisionSummary
+from semid_dist.published import (
+    EVALUATION,
+    MAPPING_PARQUET,
+    add_s3_flags,
+    read_evaluation,
+    read_results,
+    resolve_run,
+    storage,
+)
 
 log = logging.getLogger("semid_dist")
-
-# the names semid_dist/export.py gives these files (a test checks); not imported from there, as
-# export imports torch: seconds that `semid report` and `semid inspect --prefix` do not need
-RESULTS, MAPPING_PARQUET, MODEL = "training_results.json", "semantic_id_mappings.parquet", "final_model.pt"
-EVALUATION = "evaluation.json"  # what `semid evaluate` publishes (commands/evaluate.py)
-
-
-class ArgParser(argparse.ArgumentParser):
-    """argparse whose mistakes are one line, ``semid: error: ...``, exit 2, like the other commands."""
-
-    def error(self, message: str):
-        print(f"semid: error: {self.prog}: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-def add_s3_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--s3_endpoint_url", default="", help="S3 endpoint override (default: AWS_ENDPOINT_URL)")
-    p.add_argument(
-        "--s3_retry_budget_s",
-        type=float,
-        default=DEFAULT_RETRY_BUDGET_S,
-        help=f"seconds S3 errors are retried before the command stops (default: {DEFAULT_RETRY_BUDGET_S:g})",
-    )
-
-
-def storage(args: argparse.Namespace) -> Storage:
-    return Storage.resolve(args.s3_endpoint_url, args.s3_retry_budget_s)
-
-
-def resolve_run(run: str, store: Storage) -> tuple[str, str]:
-    """(the published output dir, how to name it) for RUN: a published output dir as is, a nightly
-    output root's LATEST generation. A missing or unpublished run is a UserError."""
-    fs = store.fs(run)
-    path = strip_scheme(run).rstrip("/")
-    try:
-        if fs.exists(join(path, SUCCESS)):
-            return run.rstrip("/"), run
-        if fs.exists(join(path, RESULTS)) or fs.exists(join(path, EVALUATION)):
-            raise UserError(f"{run}: not published (no {SUCCESS}): a run still writing, or a failed one")
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"{run}: cannot read: {one_line(e)}") from e
-    from semid_dist.lineage import GENERATIONS, Lineage  # imports torch: only for a nightly root
-
-    latest = Lineage(run, store).latest()
-    if latest is None:
-        if is_s3(run):  # s3fs answers "no such file" to a missing bucket or refused keys too
-            store.check_bucket(run)
-        what = "S3 prefix" if is_s3(run) else "path"
-        raise UserError(f"{run}: no published run here ({what} has no {SUCCESS} and no nightly LATEST)")
-    name = latest["generation"]
-    gen = join(run.rstrip("/"), GENERATIONS, name)
-    if not fs.exists(join(strip_scheme(gen), SUCCESS)):
-        raise UserError(f"{gen}: LATEST names generation {name}, which is not published (no {SUCCESS})")
-    return gen, f"{run} (generation {name})"
-
-
-def read_results(run_dir: str, store: Storage) -> dict:
-    raw = store.read_bytes(join(run_dir, RESULTS), "training results file")
-    try:
-        results = json.loads(raw)
-        assert isinstance(results, dict) and isinstance(results.get("metrics"), dict)
-    except Exception as e:
-        raise UserError(f"{join(run_dir, RESULTS)}: not a semid_dist results file") from e
-    return results
 
 
 def fill_from_mappings(results: dict, run_dir: str, store: Storage) -> None:
@@ -98,7 +41,8 @@ def fill_from_mappings(results: dict, run_dir: str, store: Storage) -> None:
 
     m = results["metrics"]
     levels = m.get("levels") or []
-    suffix = (m.get("collisions") or {}).get("policy", "suffix") == "suffix"
+    pol = CollisionSummary.read(results)
+    suffix = pol is None or pol.policy == "suffix"  # runs from before the record used suffix
     want_groups = "group_sizes" not in m and suffix
     k = (results.get("config") or {}).get("n_embed" if results.get("mode") == "tiger" else "n_clusters")
     want_gini = suffix and isinstance(k, int) and any("gini" not in lv for lv in levels)
@@ -167,16 +111,6 @@ def run(args: argparse.Namespace) -> str:
     except Exception as e:
         raise UserError(f"{args.out}: cannot write the report: {one_line(e)}") from e
     return args.out
-
-
-def read_evaluation(run_dir: str, store: Storage) -> dict:
-    raw = store.read_bytes(join(run_dir, EVALUATION), "evaluation file")
-    try:
-        e = json.loads(raw)
-        assert isinstance(e, dict) and e.get("kind") == "evaluation"
-    except Exception as e:
-        raise UserError(f"{join(run_dir, EVALUATION)}: not a semid_dist evaluation file") from e
-    return e
 
 
 def main(argv: list[str]) -> int:

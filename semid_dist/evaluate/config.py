@@ -1,82 +1,103 @@
-"""``semid evaluate``'s config: every field carries its help, and the CLI is derived from it."""
+"""``semid evaluate``'s config: every field carries its help and its --help section
+(semid_dist/options.py), and the CLI is derived from it."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import re
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from semid_dist.config import DEVICES, LOG_LEVELS
 from semid_dist.errors import UserError
-from semid_dist.storage import DEFAULT_RETRY_BUDGET_S
+from semid_dist.io.retry import DEFAULT_RETRY_BUDGET_S
+from semid_dist.options import ArgParser, add_fields, option
 
 PROTOCOLS = ("loo", "dense")
 BASELINES = ("shuffled", "item_tokens", "popularity")
 SHUFFLED = ("first", "all")
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+# The sections of `semid evaluate --help`, in order; each field names its own.
+GROUPS = {
+    "what": "what is evaluated, on what",
+    "protocol": "protocol",
+    "model": "the model and its training",
+    "cluster": "cluster, S3 and logging",
+}
+
+
+def _f(default: Any, help: str, group: str, **kw: Any) -> Any:
+    return option(default, help, group=group, commands=("evaluate",), **kw)
 
 
 @dataclass
 class EvalConfig:
     # --- what is evaluated, on what ---
     run: list = _f(
-        [], "published runs (output dirs or nightly roots, local or s3://) whose IDs are evaluated"
+        [],
+        "published runs (output dirs or nightly roots, local or s3://) whose IDs are evaluated",
+        "what",
+        nargs="+",
+        required=True,
+        metavar="RUN",
     )
     interactions: str = _f(
-        "", "parquet with UserID, ItemID, timestamp (a file, dir of shards, glob or s3://)"
+        "", "parquet with UserID, ItemID, timestamp (a file, dir of shards, glob or s3://)", "what"
     )
-    output_dir: str = _f("", "where evaluation.json and evaluation.html are published (local or s3://)")
+    output_dir: str = _f(
+        "", "where evaluation.json and evaluation.html are published (local or s3://)", "what"
+    )
     # --- protocol ---
     protocols: str = _f(
         "loo,dense",
         "loo: each user's last item is the test target, the second-last validates; dense: each of "
         "the last --test_last items is a target given the items before it",
+        "protocol",
     )
-    test_last: int = _f(10, "targets per user in the dense protocol")
-    max_history: int = _f(20, "items of history the model reads")
-    keep_seen: bool = _f(False, "keep items the user has already seen among the recommendations")
-    beam_size: int = _f(20, "beams kept per level; only valid IDs come out")
+    test_last: int = _f(10, "targets per user in the dense protocol", "protocol")
+    max_history: int = _f(20, "items of history the model reads", "protocol")
+    keep_seen: bool = _f(False, "keep items the user has already seen among the recommendations", "protocol")
+    beam_size: int = _f(20, "beams kept per level; only valid IDs come out", "protocol")
     baselines: str = _f(
         "shuffled,item_tokens,popularity",
         "shuffled: the run's IDs shuffled across items; item_tokens: one token per item; "
         "popularity: the most-interacted items the user has not seen (comma list, or none)",
+        "protocol",
     )
-    shuffled: str = _f("first", "shuffle the first run's IDs, or every run's (all)")
-    seeds: int = _f(3, "models trained per run and baseline (seeds --seed, --seed+1, ...)")
-    seed: int = _f(42, "the first seed")
-    bootstrap: int = _f(1000, "bootstrap replicates over users for the 95%% intervals")
+    shuffled: str = _f("first", "shuffle the first run's IDs, or every run's (all)", "protocol")
+    seeds: int = _f(3, "models trained per run and baseline (seeds --seed, --seed+1, ...)", "protocol")
+    seed: int = _f(42, "the first seed", "protocol")
+    bootstrap: int = _f(1000, "bootstrap replicates over users for the 95%% intervals", "protocol")
     # --- the model and its training ---
-    epochs: int = _f(8, "training epochs (at most; early stopping on validation Recall@10)")
-    patience: int = _f(3, "epochs without a better validation Recall@10 before stopping; 0: never")
-    batch_size: int = _f(128, "history windows per global batch")
-    learning_rate: float = _f(2e-3, "AdamW learning rate")
-    weight_decay: float = _f(0.01, "AdamW weight decay")
-    d_model: int = _f(64, "model width (TIGER: 128)")
-    encoder_layers: int = _f(2, "history encoder layers (TIGER: 4)")
-    decoder_layers: int = _f(0, "ID decoder layers; 0: a running sum of the chosen codes (TIGER: 4)")
-    heads: int = _f(4, "attention heads (TIGER: 6)")
-    head_dim: int = _f(16, "dimension per head (TIGER: 64)")
-    mlp_dim: int = _f(256, "MLP width (TIGER: 1024)")
-    dropout: float = _f(0.1, "dropout")
-    # --- cluster ---
-    num_workers: int = _f(1, "Ray Train workers")
-    cpus_per_worker: float = _f(1.0, "CPUs each worker asks Ray for")
-    device: str = _f("auto", "auto, cpu or cuda")
-    max_failures: int = _f(0, "restarts allowed after a worker failure")
-    resume: bool = _f(False, "continue from the latest checkpoint (models already trained are kept)")
-    storage_path: str = _f("", "Ray Train checkpoints; default <output_dir>/.ray_train")
-    ray_address: str = _f("", "Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    s3_endpoint_url: str = _f("", "S3 endpoint override (default: AWS_ENDPOINT_URL)")
-    s3_retry_budget_s: float = _f(DEFAULT_RETRY_BUDGET_S, "seconds S3 errors are retried before stopping")
-    log_level: str = _f("INFO", "DEBUG, INFO, WARNING or ERROR")
+    epochs: int = _f(8, "training epochs (at most; early stopping on validation Recall@10)", "model")
+    patience: int = _f(3, "epochs without a better validation Recall@10 before stopping; 0: never", "model")
+    batch_size: int = _f(128, "history windows per global batch", "model")
+    learning_rate: float = _f(2e-3, "AdamW learning rate", "model")
+    weight_decay: float = _f(0.01, "AdamW weight decay", "model")
+    d_model: int = _f(64, "model width (TIGER: 128)", "model")
+    encoder_layers: int = _f(2, "history encoder layers (TIGER: 4)", "model")
+    decoder_layers: int = _f(0, "ID decoder layers; 0: a running sum of the chosen codes (TIGER: 4)", "model")
+    heads: int = _f(4, "attention heads (TIGER: 6)", "model")
+    head_dim: int = _f(16, "dimension per head (TIGER: 64)", "model")
+    mlp_dim: int = _f(256, "MLP width (TIGER: 1024)", "model")
+    dropout: float = _f(0.1, "dropout", "model")
+    # --- cluster, S3 and logging ---
+    num_workers: int = _f(1, "Ray Train workers", "cluster")
+    cpus_per_worker: float = _f(1.0, "CPUs each worker asks Ray for", "cluster")
+    device: str = _f("auto", "auto, cpu or cuda", "cluster")
+    max_failures: int = _f(0, "restarts allowed after a worker failure", "cluster")
+    resume: bool = _f(
+        False, "continue from the latest checkpoint (models already trained are kept)", "cluster"
+    )
+    storage_path: str = _f("", "Ray Train checkpoints; default <output_dir>/.ray_train", "cluster")
+    ray_address: str = _f("", "Ray cluster address (default: RAY_ADDRESS, else a local Ray)", "cluster")
+    s3_endpoint_url: str = _f("", "S3 endpoint override (default: AWS_ENDPOINT_URL)", "cluster")
+    s3_retry_budget_s: float = _f(
+        DEFAULT_RETRY_BUDGET_S, "seconds S3 errors are retried before stopping", "cluster"
+    )
+    log_level: str = _f("INFO", "DEBUG, INFO, WARNING or ERROR", "cluster")
 
     # What Run (semid_dist/run.py) reads of a config: the log's name and first line.
     mode = "evaluate"
@@ -146,20 +167,18 @@ def _names(s: str) -> list[str]:
     return [p.strip() for p in s.split(",") if p.strip()]
 
 
-def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p = parser_class(
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgParser(
         prog="semid evaluate",
+        usage="semid evaluate --run RUN [RUN ...] --interactions PATH --output_dir OUT [flags]",
         description="Train a small generative retriever on published semantic IDs and the users' "
         "interactions; report Recall/NDCG@5/10 against baselines, with paired bootstrap intervals.",
     )
-    hints = typing.get_type_hints(EvalConfig)
-    for f in dataclasses.fields(EvalConfig):
-        tp, h = hints[f.name], f.metadata["help"]
-        if f.name == "run":
-            p.add_argument("--run", nargs="+", required=True, metavar="RUN", help=h)
-        elif tp is bool:
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=h)
-        else:
-            p.add_argument(f"--{f.name}", type=tp, default=f.default, help=f"{h} (default: {f.default})")
-    p.add_argument("--log_dir", default="logs", help="local folder for log files (default: logs)")
+    groups = add_fields(p, EvalConfig, GROUPS, "evaluate")
+    groups["cluster"].add_argument(
+        "--log_dir",
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help="local folder for log files (default: logs)",
+    )
     return p

@@ -16,10 +16,11 @@ import os
 
 import ray
 
-from semid_dist import raytrain, storage
+from semid_dist import raytrain
 from semid_dist.evaluate import worker
 from semid_dist.evaluate.config import EvalConfig
-from semid_dist.storage import Storage
+from semid_dist.io import storage
+from semid_dist.io.storage import Storage
 
 log = logging.getLogger("semid_dist")
 

@@ -19,8 +19,8 @@ import pyarrow.compute as pc
 
 from semid_dist.catalog.schema import open_parquet
 from semid_dist.errors import UserError, one_line
+from semid_dist.io.storage import Storage
 from semid_dist.math.histories import Histories, build_histories
-from semid_dist.storage import Storage
 
 COLUMNS = ("UserID", "ItemID", "timestamp")
 SOURCE_KEY = b"semid_source"

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
-from semid_dist.commands.report import MAPPING_PARQUET, read_results, resolve_run
 from semid_dist.errors import UserError, one_line
 from semid_dist.evaluate.config import EvalConfig
 from semid_dist.evaluate.steps import Queries, Windows
+from semid_dist.io.storage import Storage, join
 from semid_dist.math import histories as H
-from semid_dist.storage import Storage, join
+from semid_dist.pipeline.collisions import CollisionSummary
+from semid_dist.published import MAPPING_PARQUET, read_results, resolve_run
 
 log = logging.getLogger("semid_dist")
 
@@ -39,14 +40,17 @@ class RunIDs:
     def proxies(self) -> dict:
         m = self.results.get("metrics") or {}
         coh = m.get("coherence") or {}
-        pol = m.get("collisions") or {}
+        pol = CollisionSummary.read(self.results)  # None: a run from before the record (suffix)
+        error = m.get("relative_reconstruction_error")
+        if pol and pol.error_after is not None:
+            error = pol.error_after
         return {
             "mode": self.results.get("mode"),
             "id_shape": f"{self.sid_NM.shape[1] - 1} x {_codes(self.results)} + dedup",
-            "collision_policy": pol.get("policy", "suffix"),
+            "collision_policy": pol.policy if pol else "suffix",
             "collision_rate": m.get("collision_rate"),
-            "collision_rate_after_policy": pol.get("rate_after", m.get("collision_rate")),
-            "relative_reconstruction_error": pol.get("error_after", m.get("relative_reconstruction_error")),
+            "collision_rate_after_policy": pol.rate_after if pol else m.get("collision_rate"),
+            "relative_reconstruction_error": error,
             "coherence_knn_same_first": coh.get("knn_same_first"),
             "coherence_knn_same_first_two": coh.get("knn_same_first_two"),
         }

@@ -208,6 +208,65 @@ def _reclaim(ids_Q: np.ndarray, fp_Q: np.ndarray, retired: RetiredTable) -> np.n
     return out
 
 
+@dataclass
+class _Match:
+    """Tonight's items against the previous generation's."""
+
+    pos: np.ndarray  # the previous row of each item (meaningful where in_prev)
+    in_prev: np.ndarray
+    stable: np.ndarray  # same ItemID, same embedding fingerprint
+    changed: np.ndarray  # same ItemID, another embedding
+    kept: np.ndarray  # changed, and keeps its ID (same tokenizer, same codes)
+
+
+def _match(prev: IdTable, ids_N, fp_N, codes_NL, tok, policy, cand_NK, err_NK) -> _Match:
+    n, L = codes_NL.shape
+    pos = np.minimum(np.searchsorted(prev.ids, ids_N), max(len(prev) - 1, 0))
+    in_prev = (prev.ids[pos] == ids_N) if len(prev) else np.zeros(n, bool)
+    stable = in_prev & (prev.fp[pos] == fp_N) if len(prev) else in_prev
+    changed = in_prev & ~stable
+    kept = np.zeros(n, bool)
+    if policy == "keep_if_same_codes" and changed.any():
+        after_NL = codes_NL if cand_NK is None else relocate(ids_N, codes_NL, cand_NK, err_NK).codes_NL
+        kept = changed & (prev.tok[pos] == tok) & (prev.sid[pos, :L] == after_NL).all(axis=1)
+    return _Match(pos, in_prev, stable, changed, kept)
+
+
+def _fresh_ids(sid_NM, fresh, ids_N, codes_NL, cand_NK, err_NK, used_UM) -> None:
+    """Fill the rows `fresh` (ascending, so in ItemID order) of sid_NM with IDs no one holds."""
+    L = codes_NL.shape[1]
+    if cand_NK is None:
+        sid_NM[fresh, :L] = codes_NL[fresh]
+        sid_NM[fresh, L] = fresh_dedup_codes(codes_NL[fresh].astype(np.int64), used_UM)
+    elif fresh.size:
+        rel = relocate(ids_N[fresh], codes_NL[fresh], cand_NK[fresh], err_NK[fresh], used_UM[:, :L])
+        serve = np.lexsort([ids_N[fresh], ~rel.stays_N])  # the item that kept its codes first
+        sid_NM[fresh, :L] = rel.codes_NL
+        sid_NM[fresh[serve], L] = fresh_dedup_codes(rel.codes_NL[serve], used_UM)
+
+
+def _retire(prev: IdTable, retired: RetiredTable, m: _Match, rec_rows, seq: int):
+    """The retired list after tonight: the previous one less what was reclaimed, plus previous
+    IDs whose item is gone, or changed and not kept. Also returns the gone and retired counts."""
+    gone_P = np.ones(len(prev), bool)
+    gone_P[m.pos[m.in_prev]] = False
+    moved_P = np.zeros(len(prev), bool)
+    moved_P[m.pos[m.changed & ~m.kept]] = True
+    retire_P = np.flatnonzero(gone_P | moved_P)
+    reason = np.where(gone_P[retire_P], REMOVED, CHANGED).astype(np.int8)
+    newly = RetiredTable(
+        prev.ids[retire_P],
+        prev.fp[retire_P],
+        prev.sid[retire_P],
+        prev.tok[retire_P],
+        np.full(retire_P.size, seq, np.int64),
+        reason,
+    )
+    survivors = np.setdiff1d(np.arange(len(retired)), rec_rows)
+    all_retired = _concat_retired([retired.take(survivors), newly])
+    return all_retired.take(lex_order(all_retired.sid)), int(gone_P.sum()), int(retire_P.size)
+
+
 def assign(
     prev: IdTable,
     retired: RetiredTable,
@@ -234,22 +293,14 @@ def assign(
     ids_N = ids_N.astype(np.int64)
     fp_N = fp_N.astype(np.uint64)
     tok = np.uint64(tok)
-
-    pos = np.minimum(np.searchsorted(prev.ids, ids_N), max(len(prev) - 1, 0))
-    in_prev = (prev.ids[pos] == ids_N) if len(prev) else np.zeros(n, bool)
-    stable = in_prev & (prev.fp[pos] == fp_N) if len(prev) else in_prev
-    changed = in_prev & ~stable
-    kept = np.zeros(n, bool)
-    if policy == "keep_if_same_codes" and changed.any():
-        after_NL = codes_NL if cand_NK is None else relocate(ids_N, codes_NL, cand_NK, err_NK).codes_NL
-        kept = changed & (prev.tok[pos] == tok) & (prev.sid[pos, :L] == after_NL).all(axis=1)
+    m = _match(prev, ids_N, fp_N, codes_NL, tok, policy, cand_NK, err_NK)
 
     sid_NM = np.zeros((n, M), np.int64)
     tok_N = np.full(n, tok, np.uint64)
     status_N = np.full(n, FRESH, np.int8)
-    keep = stable | kept
-    sid_NM[keep], tok_N[keep] = prev.sid[pos[keep]], prev.tok[pos[keep]]
-    status_N[stable], status_N[kept] = STABLE, KEPT
+    keep = m.stable | m.kept
+    sid_NM[keep], tok_N[keep] = prev.sid[m.pos[keep]], prev.tok[m.pos[keep]]
+    status_N[m.stable], status_N[m.kept] = STABLE, KEPT
 
     rest = np.flatnonzero(~keep)
     back = _reclaim(ids_N[rest], fp_N[rest], retired)
@@ -257,35 +308,10 @@ def assign(
     sid_NM[rec_items], tok_N[rec_items] = retired.sid[rec_rows], retired.tok[rec_rows]
     status_N[rec_items] = RECLAIMED
 
-    fresh = rest[back < 0]  # ascending, so in ItemID order
+    fresh = rest[back < 0]
     used_UM = np.concatenate([prev.sid, retired.sid]).astype(np.int64)
-    if cand_NK is None:
-        sid_NM[fresh, :L] = codes_NL[fresh]
-        sid_NM[fresh, L] = fresh_dedup_codes(codes_NL[fresh].astype(np.int64), used_UM)
-    elif fresh.size:
-        rel = relocate(ids_N[fresh], codes_NL[fresh], cand_NK[fresh], err_NK[fresh], used_UM[:, :L])
-        serve = np.lexsort([ids_N[fresh], ~rel.stays_N])  # the item that kept its codes first
-        sid_NM[fresh, :L] = rel.codes_NL
-        sid_NM[fresh[serve], L] = fresh_dedup_codes(rel.codes_NL[serve], used_UM)
-
-    # retire: previous IDs whose item is gone, or changed and not kept
-    gone_P = np.ones(len(prev), bool)
-    gone_P[pos[in_prev]] = False
-    moved_P = np.zeros(len(prev), bool)
-    moved_P[pos[changed & ~kept]] = True
-    retire_P = np.flatnonzero(gone_P | moved_P)
-    reason = np.where(gone_P[retire_P], REMOVED, CHANGED).astype(np.int8)
-    newly = RetiredTable(
-        prev.ids[retire_P],
-        prev.fp[retire_P],
-        prev.sid[retire_P],
-        prev.tok[retire_P],
-        np.full(retire_P.size, seq, np.int64),
-        reason,
-    )
-    survivors = np.setdiff1d(np.arange(len(retired)), rec_rows)
-    all_retired = _concat_retired([retired.take(survivors), newly])
-    all_retired = all_retired.take(lex_order(all_retired.sid))
+    _fresh_ids(sid_NM, fresh, ids_N, codes_NL, cand_NK, err_NK, used_UM)
+    all_retired, n_gone, n_retired = _retire(prev, retired, m, rec_rows, seq)
 
     mapping = IdTable(ids_N, fp_N, sid_NM, tok_N)
     assert row_groups(np.concatenate([sid_NM, all_retired.sid]))[1].all(), (
@@ -293,14 +319,14 @@ def assign(
     )
     counts = {
         "items": n,
-        "stable": int(stable.sum()),
-        "new": int((~in_prev).sum()),
-        "changed": int(changed.sum()),
-        "removed": int(gone_P.sum()),
-        "changed_kept_id": int(kept.sum()),
+        "stable": int(m.stable.sum()),
+        "new": int((~m.in_prev).sum()),
+        "changed": int(m.changed.sum()),
+        "removed": n_gone,
+        "changed_kept_id": int(m.kept.sum()),
         "reclaimed": int(rec_items.size),
         "fresh_ids": int(fresh.size),
-        "retired_tonight": int(retire_P.size),
+        "retired_tonight": n_retired,
         "retired_total": len(all_retired),
         "max_dedup_code": int(sid_NM[:, L].max()) if n else 0,
     }

@@ -29,8 +29,7 @@ import math
 import numpy as np
 import torch
 
-from semid_dist.math.nearest import nearest_code
-from semid_dist.math.nearest_np import nearest_code_np
+from semid_dist.math.nearest import Nearest, backend_for
 
 PROGRESSIVE_START = 32  # first stage's dimension (below it, stages cost more than they help)
 MAX_REDUCED = 256  # last reduced-dimension stage; the next stage is the full dimension
@@ -94,44 +93,30 @@ def kmeans_plus_plus(
     return centers_KD
 
 
-def _nearest_for(x_ND: np.ndarray, device: str | None):
-    """c_KD -> (index of the nearest centroid, squared distance) for every row of x_ND, as numpy
-    arrays: numpy's sgemm on the CPU when device is None, else torch on that device with x_ND
-    uploaded once (a Lloyd run then moves only the centroids and the indices per iteration)."""
-    if device is None:
-        return lambda c_KD: nearest_code_np(x_ND, c_KD)
-    x_dev = torch.from_numpy(x_ND).to(device)
-
-    def on_device(c_KD: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        idx_N, d2_N = nearest_code(x_dev, torch.from_numpy(c_KD).to(device))
-        return idx_N.cpu().numpy(), d2_N.cpu().numpy()
-
-    return on_device
-
-
 def lloyd(
-    x_ND: torch.Tensor, centers_KD: torch.Tensor, iters: int, tol: float = 0.0, device: str | None = None
+    x_ND: torch.Tensor, centers_KD: torch.Tensor, iters: int, tol: float = 0.0, backend: Nearest | None = None
 ) -> torch.Tensor:
     """Lloyd iterations. An empty cluster is re-seeded at the point currently worst served,
     so all k codes stay in use (empty codes would be wasted ID space). With tol > 0, stop once
-    an iteration lowers the objective by less than tol (relative). device: where the
-    assignments run (_nearest_for)."""
+    an iteration lowers the objective by less than tol (relative). backend: where the
+    assignments run (math/nearest.py; None: numpy on the CPU)."""
     x = np.ascontiguousarray(x_ND.detach().cpu().numpy(), dtype=np.float32)
     c = np.array(centers_KD.detach().cpu().numpy(), dtype=np.float32, copy=True)
     with _torch_single_thread():
-        return torch.from_numpy(_lloyd_np(x, c, iters, tol, device)[0])
+        return torch.from_numpy(_lloyd_np(x, c, iters, tol, backend)[0])
 
 
 def _lloyd_np(
-    x_ND: np.ndarray, c_KD: np.ndarray, iters: int, tol: float = 0.0, device: str | None = None
+    x_ND: np.ndarray, c_KD: np.ndarray, iters: int, tol: float = 0.0, backend: Nearest | None = None
 ) -> tuple[np.ndarray, int]:
     """lloyd() on float32 numpy arrays (c_KD is updated in place); returns (centers, iterations)."""
     k = c_KD.shape[0]
     x_t = torch.from_numpy(x_ND)
-    nearest = _nearest_for(x_ND, device)
+    be = backend or backend_for(None)
+    x_on = be.put(x_ND)  # once: an iteration then moves only the centroids and the indices
     prev = math.inf
     for it in range(iters):
-        idx_N, d2_N = nearest(c_KD)
+        idx_N, d2_N = be.assign(x_on, c_KD)
         count_K = np.bincount(idx_N, minlength=k)
         sum_KD = torch.zeros(k, x_ND.shape[1]).index_add_(0, torch.from_numpy(idx_N), x_t).numpy()
         filled = count_K > 0
@@ -163,18 +148,19 @@ def fit_kmeans(
     progressive: bool = True,
     stage_iters: int = STAGE_ITERS,
     seed_points: int | None = None,
-    device: str | None = None,
+    backend: Nearest | None = None,
 ) -> torch.Tensor:
     """Fit k centroids to x_ND (float32). Deterministic for a given generator state.
 
     Without progressive: greedy k-means++ on every point (or on a strided subsample of
-    seed_points of them), then Lloyd on every point for `iters` iterations. device: where the
-    Lloyd assignments run (None: numpy on the CPU; seeding and the PCA always do)."""
+    seed_points of them), then Lloyd on every point for `iters` iterations. backend: where the
+    Lloyd assignments run (math/nearest.py; None: numpy on the CPU, where seeding and the PCA
+    always run)."""
     n, d = x_ND.shape
     if k > n:
         raise ValueError(f"k={k} centroids need at least {k} points, got {n}")
     with _torch_single_thread():
-        return _fit_kmeans(x_ND, k, iters, generator, progressive, stage_iters, seed_points, device)
+        return _fit_kmeans(x_ND, k, iters, generator, progressive, stage_iters, seed_points, backend)
 
 
 def _fit_kmeans(
@@ -185,14 +171,14 @@ def _fit_kmeans(
     progressive: bool,
     stage_iters: int,
     seed_points: int | None = None,
-    device: str | None = None,
+    backend: Nearest | None = None,
 ) -> torch.Tensor:
     n, d = x_ND.shape
     if not progressive:
         m = n if seed_points is None else max(k, min(n, seed_points))
         # strided: deterministic, and the rows arrive sorted by ItemID
         seed_from = x_ND if m == n else x_ND[:: n // m][:m]
-        return lloyd(x_ND, kmeans_plus_plus(seed_from, k, generator), iters, device=device)
+        return lloyd(x_ND, kmeans_plus_plus(seed_from, k, generator), iters, backend=backend)
     x = np.ascontiguousarray(x_ND.detach().cpu().numpy(), dtype=np.float32)
     # The reduced stages only find a warm start: a strided subsample does (deterministic: the
     # rows arrive sorted by ItemID).
@@ -214,12 +200,12 @@ def _fit_kmeans(
     for i, dim in enumerate(dims[:-1]):
         if i:  # warm start: previous centers, zero in the newly added coordinates
             c_KT = np.concatenate([c_KT, np.zeros((k, dim - c_KT.shape[1]), np.float32)], 1)
-        c_KT, _ = _lloyd_np(np.ascontiguousarray(xr_NT[:, :dim]), c_KT, stage_iters, CONVERGED, device)
+        c_KT, _ = _lloyd_np(np.ascontiguousarray(xr_NT[:, :dim]), c_KT, stage_iters, CONVERGED, backend)
     del xr_NT, first
     # Full dimension on every point, in the original coordinates (the warm start rotated back,
     # zero in the directions the reduced stages left out).
     c_KD = (c_KT @ rot_DT.T + mean_D).astype(np.float32) if top else c_KT
-    c_KD, _ = _lloyd_np(x, np.ascontiguousarray(c_KD), iters, CONVERGED, device)
+    c_KD, _ = _lloyd_np(x, np.ascontiguousarray(c_KD), iters, CONVERGED, backend)
     return torch.from_numpy(c_KD)
 
 
@@ -233,7 +219,7 @@ def fit_residual_codebooks(
     on_level=None,
     in_place: bool = False,
     full_dim_levels: int = 0,
-    device: str | None = None,
+    backend: Nearest | None = None,
 ) -> list[torch.Tensor]:
     """RQ-KMeans: fit level l on the residuals of levels < l, all on the same sample.
 
@@ -244,9 +230,9 @@ def fit_residual_codebooks(
     collisions and a several times slower fit (see BENCHMARKS.md), so the default is 0.
 
     in_place=True lets a C-contiguous float32 CPU x_ND be overwritten by the residuals (the
-    caller gives the sample up; saves a copy of it, 200 MB for 65,536 x 768). device: where
-    the Lloyd assignments and each level's assignment run (None: numpy on the CPU; "cuda" on a
-    GPU, where float32 sums in another order may flip near-ties, so the codebooks can differ
+    caller gives the sample up; saves a copy of it, 200 MB for 65,536 x 768). backend: where
+    the Lloyd assignments and each level's assignment run (math/nearest.py; None: numpy on the
+    CPU; on a GPU float32 sums in another order may flip near-ties, so the codebooks can differ
     slightly from a CPU fit)."""
     generator = torch.Generator().manual_seed(seed)
     x = x_ND.detach().cpu().numpy()
@@ -265,14 +251,15 @@ def fit_residual_codebooks(
                 generator,
                 progressive=False,
                 seed_points=SEED_PER_CENTROID * k,
-                device=device,
+                backend=backend,
             )
         else:
             cb_KD = fit_kmeans(
-                torch.from_numpy(resid_ND), k, iters, generator, progressive=progressive, device=device
+                torch.from_numpy(resid_ND), k, iters, generator, progressive=progressive, backend=backend
             )
         cb = cb_KD.numpy()
-        idx_N, _ = _nearest_for(resid_ND, device)(cb)
+        be = backend or backend_for(None)
+        idx_N, _ = be.assign(be.put(resid_ND), cb)
         for s in range(0, len(idx_N), 4096):  # in cache-sized chunks: no N x D temporary
             np.subtract(resid_ND[s : s + 4096], cb[idx_N[s : s + 4096]], out=resid_ND[s : s + 4096])
         codebooks.append(cb_KD)
@@ -282,5 +269,5 @@ def fit_residual_codebooks(
 
 
 def kmeans_objective(x_ND: torch.Tensor, centers_KD: torch.Tensor) -> float:
-    """Sum of squared distances to the nearest center."""
-    return float(nearest_code(x_ND, centers_KD)[1].double().sum())
+    """Sum of squared distances to the nearest center (the backend of the tensors' device)."""
+    return float(backend_for(x_ND.device).assign(x_ND, centers_KD)[1].sum(dtype=np.float64))

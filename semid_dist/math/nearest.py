@@ -1,123 +1,90 @@
-"""Nearest-centroid search and residual updates, chunked so memory stays flat.
+"""Nearest-code search: one interface, one backend per device, chosen in one place.
 
-Why torch and not faiss on CPU: the assignment is one matmul plus an argmin, which needs
-nothing from faiss, and the faiss-cpu wheel's bundled OpenBLAS ran matrix products slower
-than torch's BLAS on the CPUs benchmarked.
+Everything that assigns vectors to codes (the k-means fit, the streamed fit's statistics, the
+encode pass, Tokenizer.encode, the RQ-VAE's encode) goes through a backend:
 
-residual_encode on CPU float32 tensors runs the numpy kernel of nearest_np.py: that is what
-the catalog's encode pass runs (in Ray workers that never import torch), so the Python API
-(Tokenizer.encode) reproduces the published codes bit for bit, and numpy's sgemm was the
-faster of the two on the CPUs benchmarked (nearest_np.py).
+    be = backend_for(device)                      # the choice, from the device, made here only
+    idx_N, d2_N = be.assign(be.put(x_ND), c_KD)   # one codebook that changes (Lloyd iterations)
+    q = be.quantizer(codebooks_LKD, beam)         # codebooks that stay (encoding)
+    codes_NL, sq_N = q.encode(x_ND)               # greedy residual codes, or beam search
+    idx_B = q.nearest(r_BD, level)                # one level's greedy codes (the streamed fit)
+
+Inputs are numpy arrays or torch tensors; results are numpy arrays, whatever the backend.
+
+- **numpy** (nearest_np.py, beam.py) on the CPU, everywhere: the encode pass runs it in Ray
+  tasks that never import torch, and numpy's sgemm was the faster on the CPUs benchmarked, so
+  the Python API reproduces the published codes bit for bit. Why not faiss-cpu or torch there:
+  docs/kmeans.md ("The assignment kernels").
+- **torch** (nearest_torch.py) on CUDA (and any other torch device).
+- **faiss** (nearest_faiss.py) on CUDA where faiss-gpu is installed: exact flat indexes over
+  codebooks that stay (the encode actors, Tokenizer.encode on CUDA, the stream passes' tasks).
+  Lloyd's centroids change every iteration and beam search is not a flat search, so those stay
+  with torch on the device.
+
+A backend keeps the arithmetic of its kernels (dtype, BLAS calls, order of the sums): a row's
+codes depend on the backend, never on the caller.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
-
-from semid_dist.math.nearest_np import CHUNK as NP_CHUNK
-from semid_dist.math.nearest_np import residual_encode_np
-
-# 16k+ rows per chunk keeps the GEMM efficient; the distance block is chunk x K floats.
-DEFAULT_CHUNK = 32768
 
 
-def nearest_code(
-    x_ND: torch.Tensor, codebook_KD: torch.Tensor, chunk: int = DEFAULT_CHUNK
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index of the nearest codeword (squared L2) for every row, and that squared distance.
-
-    Ties go to the lowest index (torch.argmin semantics), which keeps results deterministic.
-    """
-    assert x_ND.ndim == 2 and codebook_KD.ndim == 2 and x_ND.shape[1] == codebook_KD.shape[1]
-    n = x_ND.shape[0]
-    idx_N = torch.empty(n, dtype=torch.long, device=x_ND.device)
-    dist_N = torch.empty(n, dtype=x_ND.dtype, device=x_ND.device)
-    c_norm_K = (codebook_KD * codebook_KD).sum(1)
-    for start in range(0, n, chunk):
-        xb = x_ND[start : start + chunk]
-        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; ||x||^2 is constant per row for the argmin.
-        d_BK = torch.addmm(c_norm_K.unsqueeze(0), xb, codebook_KD.T, beta=1.0, alpha=-2.0)
-        best, arg = d_BK.min(dim=1)
-        idx_N[start : start + chunk] = arg
-        dist_N[start : start + chunk] = (best + (xb * xb).sum(1)).clamp_min_(0)
-    return idx_N, dist_N
+def as_numpy(x) -> np.ndarray:
+    """A numpy view (or copy, off the CPU) of an array or a torch tensor."""
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
-def residual_encode(
-    x_ND: torch.Tensor, codebooks: list[torch.Tensor], chunk: int = DEFAULT_CHUNK
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy residual quantization: codes (N, L) and the final residual (N, D).
+class Quantizer:
+    """Residual encoding with codebooks (L, K, D) that stay; beam: code paths kept per level
+    (1: greedy)."""
 
-    Level l picks the codeword nearest to the residual left by levels < l.
-    """
-    on_cpu = [
-        t
-        for t in [x_ND, *codebooks]
-        if t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad
-    ]
-    if len(on_cpu) == len(codebooks) + 1 and codebooks:
-        books_LKD = np.stack([cb.numpy() for cb in codebooks])
-        codes, resid = residual_encode_np(x_ND.numpy(), books_LKD, chunk=min(chunk, NP_CHUNK))
-        return torch.from_numpy(codes), torch.from_numpy(resid)
-    n = x_ND.shape[0]
-    codes_NL = torch.empty(n, len(codebooks), dtype=torch.long, device=x_ND.device)
-    resid_ND = x_ND.clone()
-    for start in range(0, n, chunk):
-        r = resid_ND[start : start + chunk]
-        for level, cb_KD in enumerate(codebooks):
-            idx, _ = nearest_code(r, cb_KD, chunk=chunk)
-            codes_NL[start : start + chunk, level] = idx
-            r -= cb_KD[idx]  # in place on the chunk view: no N x D temporary
-    return codes_NL, resid_ND
+    beam: int = 1
+
+    def nearest(self, r_BD, level: int) -> np.ndarray:
+        """The nearest code (int64) of every row at this level: one greedy step."""
+        raise NotImplementedError
+
+    def encode(self, x_ND) -> tuple[np.ndarray, np.ndarray]:
+        """Codes (N, L) int64 and each row's squared final error (N,)."""
+        raise NotImplementedError
 
 
-def residual_decode(codes_NL: torch.Tensor, codebooks: list[torch.Tensor]) -> torch.Tensor:
-    """Sum of the selected codewords over levels: the reconstruction of residual_encode."""
-    out = torch.zeros(
-        codes_NL.shape[0], codebooks[0].shape[1], dtype=codebooks[0].dtype, device=codebooks[0].device
-    )
-    for level, cb_KD in enumerate(codebooks):
-        out += cb_KD[codes_NL[:, level]]
-    return out
+class Nearest:
+    """Nearest-code search on one device."""
+
+    name = ""
+
+    def put(self, x_ND):
+        """x_ND where this backend computes (a GPU tensor, say): put data that is assigned
+        many times once."""
+        return x_ND
+
+    def assign(self, x_ND, codes_KD) -> tuple[np.ndarray, np.ndarray]:
+        """Index (int64) of the nearest code of every row, and that squared distance. Ties go
+        to the lowest index."""
+        raise NotImplementedError
+
+    def quantizer(self, codebooks_LKD, beam: int = 1) -> Quantizer:
+        raise NotImplementedError
 
 
-def beam_encode(
-    x_ND: torch.Tensor, codebooks: list[torch.Tensor], beam: int, chunk: int = 4096
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Beam-search residual encoding (math/beam.py describes it): codes (N, L) and each row's
-    squared final error (N,). CPU float32 runs the numpy kernel of beam.py; other devices this
-    torch version of the same search, with the same ordering of ties."""
-    if x_ND.device.type == "cpu" and x_ND.dtype == torch.float32:
-        from semid_dist.math.beam import beam_encode_np
+def backend_for(device=None, faiss: bool = True) -> Nearest:
+    """The backend for a device ("cpu", "cuda", "cuda:1", a torch.device; None is the CPU).
+    faiss=False: torch on CUDA even where faiss-gpu is installed (the RQ-VAE encodes its
+    latents where they are, on the device)."""
+    name = "cpu" if device is None else str(device)
+    if name == "cpu":
+        from semid_dist.math.nearest_np import NumpyNearest
 
-        books = np.stack([cb.detach().cpu().numpy() for cb in codebooks])
-        codes, sq = beam_encode_np(x_ND.numpy(), books, beam)
-        return torch.from_numpy(codes), torch.from_numpy(sq)
-    n, d = x_ND.shape
-    codes_NL = torch.empty(n, len(codebooks), dtype=torch.long, device=x_ND.device)
-    sq_N = torch.empty(n, dtype=x_ND.dtype, device=x_ND.device)
-    rows = max(1, chunk // beam)
-    for s in range(0, n, rows):
-        r_BPD = x_ND[s : s + rows, None, :].clone()
-        b = r_BPD.shape[0]
-        paths_BPL = torch.zeros(b, 1, 0, dtype=torch.long, device=x_ND.device)
-        for cb_KD in codebooks:
-            p, k = r_BPD.shape[1], cb_KD.shape[0]
-            flat = r_BPD.reshape(b * p, d)
-            err = torch.addmm((cb_KD * cb_KD).sum(1).unsqueeze(0), flat, cb_KD.T, beta=1.0, alpha=-2.0)
-            err = (err + (flat * flat).sum(1, keepdim=True)).reshape(b, p * k)
-            # stable sort: equal errors keep the lower candidate index (path rank, then code)
-            cand = torch.sort(err, dim=1, stable=True).indices[:, : min(beam, p * k)]
-            src, code = cand // k, cand % k
-            paths_BPL = torch.cat(
-                [
-                    torch.gather(paths_BPL, 1, src[:, :, None].expand(-1, -1, paths_BPL.shape[2])),
-                    code[:, :, None],
-                ],
-                dim=2,
-            )
-            r_BPD = torch.gather(r_BPD, 1, src[:, :, None].expand(-1, -1, d)) - cb_KD[code]
-        codes_NL[s : s + rows] = paths_BPL[:, 0, :]
-        sq_N[s : s + rows] = (r_BPD[:, 0, :] ** 2).sum(1)
-    return codes_NL, sq_N
+        return NumpyNearest()
+    if faiss and name.startswith("cuda"):
+        from semid_dist.math.nearest_faiss import gpu_count
+
+        if gpu_count() > 0:
+            from semid_dist.math.nearest_faiss import FaissNearest
+
+            return FaissNearest(gpu=True)
+    from semid_dist.math.nearest_torch import TorchNearest
+
+    return TorchNearest(name)

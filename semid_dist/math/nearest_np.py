@@ -3,8 +3,8 @@
 Why numpy here: the encode pass runs in Ray workers, and a worker that imports torch holds
 several hundred MB more memory. And for the shape that matters here (thousands of rows x 768
 x 256 centroids), numpy's OpenBLAS sgemm ran faster than torch's MKL on the CPUs benchmarked.
-The torch residual_encode in nearest.py calls this on CPU, so the Python API and the catalog
-pass give the same codes.
+nearest.backend_for picks this kernel (NumpyNearest) on the CPU everywhere, so the Python API
+and the catalog pass give the same codes.
 
 Every row is computed on its own (one GEMM row, one argmin), so the result of a row does not
 depend on which other rows share its chunk: results are independent of batching and sharding.
@@ -20,6 +20,8 @@ product (tests/test_nearest_np.py).
 from __future__ import annotations
 
 import numpy as np
+
+from semid_dist.math.nearest import Nearest, Quantizer, as_numpy
 
 # Rows per GEMM: large enough for an efficient sgemm, small enough that the chunk x K distance
 # block (4 MB at K = 256) stays in cache.
@@ -92,3 +94,37 @@ def residual_encode_np(
         else:  # per row in float32 (a few hundred terms), summed in float64 by the caller
             resid[s : s + chunk] = np.einsum("bd,bd->b", r_BD, r_BD)
     return codes_NL, resid
+
+
+class NumpyNearest(Nearest):
+    """The CPU's backend: the kernels above, and beam.py's beam search."""
+
+    name = "numpy"
+
+    def assign(self, x_ND, codes_KD) -> tuple[np.ndarray, np.ndarray]:
+        return nearest_code_np(as_numpy(x_ND), as_numpy(codes_KD))
+
+    def quantizer(self, codebooks_LKD, beam: int = 1) -> NumpyQuantizer:
+        return NumpyQuantizer(codebooks_LKD, beam)
+
+
+class NumpyQuantizer(Quantizer):
+    def __init__(self, codebooks_LKD, beam: int = 1) -> None:
+        books = (
+            as_numpy(codebooks_LKD)
+            if hasattr(codebooks_LKD, "ndim")
+            else [as_numpy(c) for c in codebooks_LKD]
+        )
+        self.books = np.ascontiguousarray(books, np.float32)
+        self.c_norms = [np.einsum("kd,kd->k", cb, cb) for cb in self.books]
+        self.beam = beam
+
+    def nearest(self, r_BD, level: int) -> np.ndarray:
+        """One GEMM over the block (at most CHUNK rows, as the encode pass's chunks)."""
+        return _nearest_chunk(as_numpy(r_BD), self.books[level], self.c_norms[level], with_dist=False)[0]
+
+    def encode(self, x_ND) -> tuple[np.ndarray, np.ndarray]:
+        """Codes and each row's squared error in float32 (sum it in float64): the encode pass's."""
+        from semid_dist.math.beam import beam_encode_np
+
+        return beam_encode_np(as_numpy(x_ND), self.books, self.beam)

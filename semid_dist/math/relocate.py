@@ -128,10 +128,28 @@ def relocate(
         n_codes = max(n_codes, int(np.asarray(occupied_UL).max()) + 1)
     own_err = err_NK[:, 0].astype(np.float64)
 
-    # 1. groups of identical codes; the stayer of each is the least error, then smallest ItemID
     occ = np.zeros((0, n_levels), np.int64) if occupied_UL is None else np.asarray(occupied_UL, np.int64)
     base_N, occ_base = _slot_bases(codes_NL, occ, n_codes)  # slot of (row's prefix, c) = base + c
-    key_N = base_N + codes_NL[:, -1]
+    stays, taken = _stayers(ids_N, base_N + codes_NL[:, -1], own_err, occ_base + occ[:, -1])
+    movers = np.flatnonzero(~stays)
+    if movers.size == 0:
+        return _finish(ids_N, new_codes, moved, stays, 0.0)
+    movers = movers[np.argsort(ids_N[movers], kind="stable")]
+    p_mover, p_code, p_err, p_slot = _free_pairs(movers, base_N, cand_NK, err_NK, taken)
+    placed_code, placed_err = _greedy(p_mover, p_code, p_err, p_slot, movers.size)
+    ok = placed_code >= 0
+    rows = movers[ok]
+    new_codes[rows, -1] = placed_code[ok]
+    moved[rows] = True
+    delta = float((placed_err[ok] - own_err[rows]).sum())
+    return _finish(ids_N, new_codes, moved, stays, delta)
+
+
+def _stayers(ids_N, key_N, own_err, occ_key) -> tuple[np.ndarray, np.ndarray]:
+    """1. Groups of identical codes (key_N: each row's slot); the stayer of each is the least
+    error, then the smallest ItemID; a row on a slot held outside these rows (occ_key) stays
+    nowhere. Returns (stays, the sorted slots taken by a stayer or from outside)."""
+    n = len(ids_N)
     by_key = np.argsort(key_N, kind="stable")
     k_sorted = key_N[by_key]
     start = np.r_[True, k_sorted[1:] != k_sorted[:-1]]
@@ -143,16 +161,16 @@ def relocate(
     o = np.lexsort([ids_N[rows], own_err[rows], key_N[rows]])
     g = key_N[rows][o]
     stays[rows[o][np.r_[True, g[1:] != g[:-1]]]] = True
-    taken = np.unique(np.concatenate([k_sorted[start], occ_base + occ[:, -1]]))
-    if occ.shape[0]:
-        stays &= ~_sorted_has(np.unique(occ_base + occ[:, -1]), key_N)  # held outside these rows
-    movers = np.flatnonzero(~stays)
-    if movers.size == 0:
-        return _finish(ids_N, new_codes, moved, stays, 0.0)
+    taken = np.unique(np.concatenate([k_sorted[start], occ_key]))
+    if occ_key.shape[0]:
+        stays &= ~_sorted_has(np.unique(occ_key), key_N)  # held outside these rows
+    return stays, taken
 
-    # 2. the pairs in greedy order (error, then ItemID, then code): movers in ItemID order, each
-    # mover's candidates by (error, code), then one stable sort on the error
-    movers = movers[np.argsort(ids_N[movers], kind="stable")]
+
+def _free_pairs(movers, base_N, cand_NK, err_NK, taken):
+    """2. The (mover, candidate) pairs in greedy order (error, then ItemID, then code): movers in
+    ItemID order, each mover's candidates by (error, code), then one stable sort on the error;
+    3. only free slots can be taken. Returns (mover index, code, error, dense slot number)."""
     m, k = movers.size, cand_NK.shape[1]
     c_MC = cand_NK[movers, 1:].astype(np.int64)
     e_MC = err_NK[movers, 1:].astype(np.float32)
@@ -163,15 +181,22 @@ def relocate(
     p_code, p_err = c_MC.ravel(), e_MC.ravel()
     p_mover = np.repeat(np.arange(m), k - 1)
     p_slot = np.repeat(base_N[movers], k - 1) + p_code
-    o = np.flatnonzero(~_sorted_has(taken, p_slot))  # 3. only free slots can be taken
+    o = np.flatnonzero(~_sorted_has(taken, p_slot))
     o = o[np.argsort(p_err[o], kind="stable")]
     p_mover, p_code, p_err, p_slot = p_mover[o], p_code[o], p_err[o], p_slot[o]
     by_slot = np.argsort(p_slot, kind="stable")  # dense slot numbers, without np.unique
     s_sorted = p_slot[by_slot]
     new_slot = np.r_[True, s_sorted[1:] != s_sorted[:-1]] if s_sorted.size else np.zeros(0, bool)
-    p_slot = np.empty(p_slot.size, np.int64)
-    p_slot[by_slot] = np.cumsum(new_slot) - 1
-    n_slots = int(new_slot.sum())
+    dense = np.empty(p_slot.size, np.int64)
+    dense[by_slot] = np.cumsum(new_slot) - 1
+    return p_mover, p_code, p_err, dense
+
+
+def _greedy(p_mover, p_code, p_err, p_slot, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs taken in order, each when neither its mover nor its slot is done yet; rounds
+    of 'first of its mover and first of its slot' give the sequential result in a few passes.
+    Returns each mover's placed code (-1: none) and its error."""
+    n_slots = int(p_slot.max()) + 1 if p_slot.size else 0
     placed_code = np.full(m, -1, np.int64)
     placed_err = np.zeros(m, np.float64)
     mover_done = np.zeros(m, bool)
@@ -184,12 +209,7 @@ def relocate(
         mover_done[p_mover[take]] = True
         slot_done[p_slot[take]] = True
         rank = rank[~mover_done[p_mover[rank]] & ~slot_done[p_slot[rank]]]
-    ok = placed_code >= 0
-    rows = movers[ok]
-    new_codes[rows, -1] = placed_code[ok]
-    moved[rows] = True
-    delta = float((placed_err[ok] - own_err[rows]).sum())
-    return _finish(ids_N, new_codes, moved, stays, delta)
+    return placed_code, placed_err
 
 
 def _finish(ids_N, new_codes, moved, stays, delta) -> Relocation:

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
-from semid_dist.math.nearest_np import CHUNK, _nearest_chunk
+from semid_dist.math.nearest import Quantizer, backend_for
+from semid_dist.math.nearest_np import CHUNK
 
 INT_BUDGET = 2.0**62  # the most any int64 sum may reach
 MAX_SCALE_EXP = 40
@@ -97,27 +97,19 @@ def accumulate(
     codebooks_LKD: np.ndarray,
     scales: Scales,
     stats: RQStats,
-    nearest: Callable[[np.ndarray, int], np.ndarray] | None = None,
-    beam: int = 1,
+    quantizer: Quantizer | None = None,
     chunk: int = CHUNK,
 ) -> None:
-    """Encode x with the codebooks as the encode pass does (greedy, or beam search when beam >
-    1) and add into stats, for every level, each row's residual entering that level to the sum
-    of the code it took there, the counts, and the squared final errors. nearest(r_BD, level)
-    finds the greedy codes; without it, the numpy kernel of the encode pass."""
-    from semid_dist.math.beam import beam_encode_np
-
-    c_norms = [np.einsum("kd,kd->k", cb, cb) for cb in codebooks_LKD]
+    """Encode x with the codebooks as the encode pass does (greedy, or beam search when the
+    quantizer keeps a beam) and add into stats, for every level, each row's residual entering
+    that level to the sum of the code it took there, the counts, and the squared final errors.
+    quantizer (math/nearest.py) finds the codes; without one, the CPU's greedy kernel."""
+    q = quantizer or backend_for("cpu").quantizer(codebooks_LKD)
     for s in range(0, x_ND.shape[0], chunk):
         r_BD = np.array(x_ND[s : s + chunk], np.float32)
-        codes_BL = beam_encode_np(r_BD, codebooks_LKD, beam)[0] if beam > 1 else None
+        codes_BL = q.encode(r_BD)[0] if q.beam > 1 else None
         for level, cb_KD in enumerate(codebooks_LKD):
-            if codes_BL is not None:
-                idx_B = codes_BL[:, level]
-            elif nearest is None:
-                idx_B, _ = _nearest_chunk(r_BD, cb_KD, c_norms[level], with_dist=False)
-            else:
-                idx_B = nearest(r_BD, level)
+            idx_B = codes_BL[:, level] if codes_BL is not None else q.nearest(r_BD, level)
             _add_per_code(
                 stats.sums_LKD[level], stats.counts_LK[level], idx_B, _to_fixed(r_BD, scales.level_L[level])
             )

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semid_dist.math.nearest import DEFAULT_CHUNK, nearest_code, residual_decode, residual_encode
+from semid_dist.math.nearest import backend_for
+from semid_dist.math.nearest_torch import DEFAULT_CHUNK, nearest_code, residual_decode
 
 Collective = Callable[[torch.Tensor], object]
 
@@ -64,7 +65,7 @@ def ema_step(
 
 
 def _mlp(dims: Sequence[int]) -> nn.Sequential:
-    """Bias-free linear layers, SiLU between them, none after the last (seed's architecture)."""
+    """Bias-free linear layers, SiLU between them, none after the last (the original tool's architecture)."""
     layers: list[nn.Module] = []
     for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
         layers.append(nn.Linear(d_in, d_out, bias=False))
@@ -329,15 +330,17 @@ class RQVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, x_ND: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-        """Codes (N, L) by greedy residual nearest-code search (always argmin, no Gumbel noise)."""
+        """Codes (N, L) by greedy residual nearest-code search (always argmin, no Gumbel noise),
+        with the backend of x's device (math/nearest.py: numpy on the CPU, torch on the device
+        otherwise)."""
         was_training = self.training
         self.eval()
         try:
-            codebooks = list(self.codebooks_LKH.detach())
+            quantizer = backend_for(x_ND.device, faiss=False).quantizer(self.codebooks_LKH.detach())
             codes_NL = torch.empty(x_ND.shape[0], self.n_layers, dtype=torch.long, device=x_ND.device)
             for start in range(0, x_ND.shape[0], chunk):
                 z_BH = self.encoder(x_ND[start : start + chunk])
-                codes_NL[start : start + chunk], _ = residual_encode(z_BH, codebooks, chunk=chunk)
+                codes_NL[start : start + chunk] = torch.from_numpy(quantizer.encode(z_BH)[0])
             return codes_NL
         finally:
             self.train(was_training)

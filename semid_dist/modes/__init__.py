@@ -1,10 +1,11 @@
-"""Tokenizer modes: how each one fits a Tokenizer. The commands call ``fit``; nothing else in
+"""Tokenizer modes: how each one fits its Tokenizer type. The commands call ``fit``; nothing else in
 the pipeline depends on the mode (the encode pass, dedup and export take any Tokenizer).
 
-A mode is a module with ``fit(job: FitJob) -> (Tokenizer, info dict)``, named in MODES and in
-config.MODES; one that fits on a sample of the catalog also has ``sample_target(cfg, dim,
-n_items)``, the rows the scan pass keeps for it (and optionally ``wants_maxabs`` and
-``announce_sample``). docs/architecture.md says what else a new mode needs.
+A mode is a module with ``fit(job: FitJob) -> (Tokenizer, info dict)`` and ``TOKENIZER``, its
+Tokenizer type (the one loader, tokenizer.tokenizer_type, picks it by the mode a payload
+names), named in MODES and in config.MODES; one that fits on a sample of the catalog also has
+``sample_target(cfg, dim, n_items)``, the rows the scan pass keeps for it (and optionally
+``wants_maxabs`` and ``announce_sample``). docs/architecture.md says what else a new mode needs.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from semid_dist import config
 from semid_dist.catalog.scan import ScanResult
 from semid_dist.catalog.schema import Catalog
 from semid_dist.config import Config
-from semid_dist.publish import Publisher
+from semid_dist.io.publish import Publisher
 
-MODES = {"kmeans": "semid_dist.modes.kmeans", "tiger": "semid_dist.tiger.trainer"}
+MODES = {"kmeans": "semid_dist.modes.kmeans", "tiger": "semid_dist.modes.tiger"}
 assert set(MODES) == set(config.MODES), (MODES, config.MODES)
 
 

@@ -1,5 +1,7 @@
 """kmeans mode: residual k-means fitted on the hash sample from the scan pass, on the driver's
-CPU or, with GPUs in the Ray cluster, in a task on one of them (docs/kmeans.md)."""
+CPU or, with GPUs in the Ray cluster, in a task on one of them (docs/kmeans.md); and its
+tokenizer, KmeansTokenizer: the codebooks, encoding with the nearest-code backend of their
+device (math/nearest.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from semid_dist.errors import UserError
 from semid_dist.math import sampling
 from semid_dist.math.kmeans import fit_residual_codebooks
 from semid_dist.math.metrics import level_stats
+from semid_dist.math.nearest import Quantizer, backend_for
+from semid_dist.math.nearest_torch import residual_decode
 from semid_dist.math.rq_stats import RQStats, Scales, accumulate, lloyd_update, sq_error
 from semid_dist.tokenizer import Tokenizer
 
@@ -140,8 +144,7 @@ def fit(job) -> tuple[Tokenizer, dict]:
     elif beam_sample is not None:
         books, info["beam_refine"] = beam_refine(beam_sample, books_LKD.numpy(), cfg)
         books_LKD = torch.from_numpy(books)
-    tok = Tokenizer("kmeans", cfg.to_dict(), codebooks_LKD=books_LKD)
-    return tok, info
+    return KmeansTokenizer(cfg.to_dict(), books_LKD), info
 
 
 def beam_refine(x_SD: np.ndarray, books_LKD: np.ndarray, cfg: Config) -> tuple[np.ndarray, dict]:
@@ -155,7 +158,7 @@ def beam_refine(x_SD: np.ndarray, books_LKD: np.ndarray, cfg: Config) -> tuple[n
     for it in range(cfg.max_iters):
         scales = Scales.for_catalog(maxabs, books, len(x_SD))
         stats = RQStats.zeros(*books.shape)
-        accumulate(x_SD, books, scales, stats, beam=cfg.beam_size)
+        accumulate(x_SD, books, scales, stats, backend_for("cpu").quantizer(books, cfg.beam_size))
         err = sq_error(stats, scales)
         books = lloyd_update(books, stats, scales)
         iters.append({"iteration": it + 1, "sq_err_before": err})
@@ -210,7 +213,7 @@ def fit_levels(
     x_SD: np.ndarray, cfg: Config, device: str | None, live_log: bool = False
 ) -> tuple[torch.Tensor, list[dict]]:
     """The codebooks (L, K, D) fitted on x_SD (overwritten when writable) and per-level stats
-    on the sample; device as for fit_residual_codebooks."""
+    on the sample; device: where the assignments run (None: the CPU; math/nearest.py)."""
     per_level = []
 
     def on_level(level: int, cb_KD: torch.Tensor, idx_S: torch.Tensor) -> None:
@@ -232,7 +235,7 @@ def fit_levels(
         on_level=on_level,
         in_place=True,
         full_dim_levels=cfg.kmeans_full_dim_levels,
-        device=device,
+        backend=backend_for(device),
     )
     return torch.stack(codebooks), per_level
 
@@ -257,3 +260,90 @@ def _log_level(st: dict, cfg: Config) -> None:
         cfg.n_clusters,
         st["perplexity"],
     )
+
+
+class KmeansTokenizer(Tokenizer):
+    """Residual k-means codebooks (L, K, D). Encodes greedily, or by beam search with the
+    --beam_size it was trained with, using the backend of the codebooks' device: on the CPU the
+    encode pass's numpy kernel, so that the Python API reproduces the published codes."""
+
+    mode = "kmeans"
+
+    def __init__(self, config: dict, codebooks_LKD: torch.Tensor):
+        super().__init__(config)
+        assert codebooks_LKD is not None and codebooks_LKD.ndim == 3
+        self.codebooks_LKD = codebooks_LKD
+        self._quantizer: Quantizer | None = None  # the device's backend over the codebooks, on first use
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_quantizer": None}  # rebuilt where the tokenizer lands
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.codebooks_LKD.shape[0])
+
+    @property
+    def n_codes(self) -> int:
+        return int(self.codebooks_LKD.shape[1])
+
+    @property
+    def input_dim(self) -> int:
+        return int(self.codebooks_LKD.shape[2])
+
+    @property
+    def beam_size(self) -> int:
+        """Code paths kept per level when encoding (1: greedy), as trained."""
+        return int(self.config.get("beam_size", 1)) if isinstance(self.config, dict) else 1
+
+    @property
+    def device(self) -> torch.device:
+        return self.codebooks_LKD.device
+
+    def to(self, device: str | torch.device) -> KmeansTokenizer:
+        self._quantizer = None
+        self.codebooks_LKD = self.codebooks_LKD.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode_with_error(self, x) -> tuple[np.ndarray, np.ndarray]:
+        x_ND = self._as_tensor(x)
+        if self._quantizer is None:
+            self._quantizer = backend_for(self.device).quantizer(self.codebooks_LKD, self.beam_size)
+        return self._quantizer.encode(x_ND)
+
+    def last_level_candidates(self, x, codes_NL: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The exact error of each candidate, ranked by it."""
+        from semid_dist.math.relocate import last_level_candidates_np
+
+        x_ND = self._as_tensor(x)
+        books = self.codebooks_LKD.detach().cpu().float().numpy()
+        return last_level_candidates_np(x_ND.cpu().numpy(), books, np.asarray(codes_NL), k)
+
+    @torch.no_grad()
+    def decode(self, codes_NL) -> np.ndarray:
+        """The sum of the codes' centroids."""
+        c = torch.as_tensor(np.asarray(codes_NL), dtype=torch.long)
+        return residual_decode(c.to(self.device), list(self.codebooks_LKD)).cpu().numpy()
+
+    def cpu_encoder(self):
+        """The numpy codebooks and the beam size (catalog.encode.NumpyRQ): a task that only
+        reads and encodes never imports torch."""
+        from semid_dist.catalog.encode import NumpyRQ
+
+        return NumpyRQ(self.codebooks_LKD.detach().cpu().float().contiguous().numpy(), self.beam_size)
+
+    def tensors(self) -> dict:
+        return {"codebooks": self.codebooks_LKD.detach().cpu().contiguous()}
+
+    @classmethod
+    def from_tensors(cls, config: dict, payload: dict) -> KmeansTokenizer:
+        return cls(config, payload["codebooks"].float())
+
+    def config_sizes(self) -> dict[str, int]:
+        return {"n_clusters": self.n_codes}
+
+    def fingerprint_parts(self) -> tuple[bytes, dict[str, torch.Tensor]]:
+        return b"", self.tensors()
+
+
+TOKENIZER = KmeansTokenizer

@@ -7,6 +7,6 @@ Modules, driver to worker:
   steps.py        one epoch, evaluation and codebook initialisation; no Ray, collectives passed in
   batches.py      deterministic global batches and the validation split (numpy only)
   collectives.py  all_reduce / broadcast / all_gather over torch.distributed, no-ops at world 1
-  checkpoint.py   what a checkpoint holds, and the seed's checkpoint_epoch_*.pt payload
+  checkpoint.py   what a checkpoint holds, and the original tool's checkpoint_epoch_*.pt payload
   plots.py        loss curves and per-level code-usage histograms (matplotlib, Agg)
 """

@@ -1,4 +1,4 @@
-"""What a TIGER checkpoint holds, and the seed's checkpoint_epoch_*.pt made from it.
+"""What a TIGER checkpoint holds, and the original tool's checkpoint_epoch_*.pt made from it.
 
 A Ray Train checkpoint is a directory with one file, ``tiger_state.pt``: model (parameters and
 the EMA/codebook buffers), optimizer, and the loop state (epoch, global step, history,
@@ -71,7 +71,7 @@ def loop_state(saved: dict[str, Any]) -> LoopState:
     return LoopState(**saved["loop"])
 
 
-def seed_payload(saved: dict[str, Any]) -> dict[str, Any]:
+def original_tool_payload(saved: dict[str, Any]) -> dict[str, Any]:
     """checkpoint_epoch_N.pt: a complete tokenizer (load_tokenizer reads it like final_model.pt)
     plus the epoch and its metrics. The optimizer state stays in the Ray Train checkpoint."""
     loop = saved["loop"]

@@ -16,8 +16,8 @@ one worker over the same global batches:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from semid_dist.tiger.collectives import Collectives
 # per code for K=256 (512 rows), so we take the first global batches holding ~32 points per code.
 INIT_POINTS_PER_CODE = 32
 EVAL_CHUNK = 16384
-HIDDEN_DIMS = (512, 256, 128)  # the seed's encoder: input -> 512 -> 256 -> 128 -> latent
+HIDDEN_DIMS = (512, 256, 128)  # the original tool's encoder: input -> 512 -> 256 -> 128 -> latent
 
 
 def model_args(cfg: Config, input_dim: int) -> dict:
@@ -55,7 +55,7 @@ def model_args(cfg: Config, input_dim: int) -> dict:
 
 def init_weights(model: RQVAE) -> None:
     """He-normal weights for the bias-free SiLU MLPs, so the latent starts at the scale training
-    takes it to. torch's default Linear init shrinks activations at every layer: the seed's
+    takes it to. torch's default Linear init shrinks activations at every layer: the original tool's
     4-layer encoder then emits latents far smaller than after a few hundred steps, the k-means
     codebooks fitted at init are left behind, and within a few epochs nearly every item lands
     on one code."""
@@ -162,83 +162,84 @@ def init_codebooks(model: RQVAE, data: RankData, cfg: Config, comm: Collectives)
     return True
 
 
-StepHook = Optional[Callable[[int], None]]
+class NoHooks:
+    """Step hooks that do nothing: what users run (tests inject their own, tiger/worker.py)."""
+
+    def before_step(self, step: int) -> None:
+        pass
+
+    def after_step(self, step: int) -> None:
+        pass
 
 
-def train_epoch(
-    net: torch.nn.Module,
-    model: RQVAE,
-    opt: torch.optim.Optimizer,
-    data: RankData,
-    epoch: int,
-    step: int,
-    cfg: Config,
-    comm: Collectives,
-    restart_every: int,
-    before_step: StepHook = None,
-    after_step: StepHook = None,
-) -> tuple[dict, int]:
-    """One pass over the training rows in global batches; returns (metrics, next global step).
+@dataclass
+class Loop:
+    """What every epoch of one rank's training loop works with."""
 
-    ``net`` is the DDP wrapper (or the model itself at world 1); the EMA update, dead-code
-    restart and temperature live on ``model`` (DDP's .module).
-    """
+    net: torch.nn.Module  # the DDP wrapper (or the model itself at world 1)
+    model: RQVAE  # DDP's .module: the EMA update, dead-code restart and temperature live here
+    opt: torch.optim.Optimizer
+    data: RankData
+    cfg: Config
+    comm: Collectives
+    restart_every: int = 0  # steps between dead-code checks; 0: never
+    hooks: Any = field(default_factory=NoHooks)  # before_step(step), after_step(step)
+
+
+@dataclass
+class _EpochBatches:
+    counts_WB: torch.Tensor  # every rank's row count in every global batch (CPU)
+    order_T: np.ndarray  # this rank's rows, grouped by batch
+    offsets: np.ndarray  # batch j is order_T[offsets[j]:offsets[j + 1]]
+    order_dev: torch.Tensor  # order_T on the rows' device
+
+
+def _epoch_batches(loop: Loop, epoch: int) -> _EpochBatches:
+    """This epoch's global batches (a hash of ItemID, seed and epoch), and every rank's share of
+    each: all ranks know all sizes, so no step is a surprise."""
+    data, comm, nb = loop.data, loop.comm, loop.data.n_batches
     device = data.x_train_TD.device
-    nb = data.n_batches
-    batch_T = batches.epoch_batch_index(data.ids_train_T, cfg.seed, epoch, nb)
+    batch_T = batches.epoch_batch_index(data.ids_train_T, loop.cfg.seed, epoch, nb)
     counts_WB = torch.zeros(comm.world, nb, dtype=torch.int64, device=device)
     counts_WB[comm.rank] = torch.from_numpy(np.bincount(batch_T, minlength=nb)).to(device)
-    comm.sum_(counts_WB)  # every rank knows every rank's batch sizes: no step is a surprise
-    counts_WB = counts_WB.cpu()
+    comm.sum_(counts_WB)
     order_T, offsets = batches.group_rows(batch_T, nb)
-    order_dev = torch.from_numpy(order_T).to(device)
+    return _EpochBatches(counts_WB.cpu(), order_T, offsets, torch.from_numpy(order_T).to(device))
+
+
+def train_epoch(loop: Loop, epoch: int, step: int) -> tuple[dict, int]:
+    """One pass over the training rows in global batches; returns (metrics, next global step)."""
+    model, data, comm, cfg = loop.model, loop.data, loop.comm, loop.cfg
+    eb = _epoch_batches(loop, epoch)
     restart_gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
     # Gumbel noise differs per rank (different rows) but is reproducible per epoch, so a resumed
     # run draws what the uninterrupted run drew.
     torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1009 + comm.rank)
 
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, recon, commit, codebook
+    sums = torch.zeros(4, dtype=torch.float64, device=data.x_train_TD.device)  # loss, recon, commit, codebook
     restarted_L = [0] * model.n_layers
     zero_row = data.x_train_TD.new_zeros(1, model.input_dim)
-    for j in range(nb):
-        b_global = int(counts_WB[:, j].sum())
+    for j in range(data.n_batches):
+        b_global = int(eb.counts_WB[:, j].sum())
         if b_global == 0:  # an empty hash bucket: empty on every rank alike
             continue
-        if before_step is not None:
-            before_step(step)
-        lo, hi = int(offsets[j]), int(offsets[j + 1])
-        rows = order_dev[lo:hi]
-        x_BD = data.x_train_TD[rows] if hi > lo else zero_row
-        out = net(x_BD)
+        loop.hooks.before_step(step)
+        lo, hi = int(eb.offsets[j]), int(eb.offsets[j + 1])
+        x_BD = data.x_train_TD[eb.order_dev[lo:hi]] if hi > lo else zero_row
+        out = loop.net(x_BD)
         weight = comm.world * (hi - lo) / b_global
-        opt.zero_grad(set_to_none=True)
+        loop.opt.zero_grad(set_to_none=True)
         (out.loss * weight).backward()
-        opt.step()
+        loop.opt.step()
         stats_LKC = out.stats_LKC
         if hi == lo:
             stats_LKC.zero_()
         model.ema_update(stats_LKC, all_reduce=comm.sum_)
-        if (
-            restart_every
-            and (step + 1) % restart_every == 0
-            and model.dead_code_threshold > 0
-            and bool((model.ema_count_LK < model.dead_code_threshold).any())
-        ):
-            # Same decision on every rank: the EMA counts were all-reduced, so are identical.
-            n_real = hi - lo
-            resid_BLH = (
-                out.residuals_LBH[:, :n_real]
-                .transpose(0, 1)
-                .reshape(n_real, model.n_layers * model.latent_dim)
-            )
-            glob = _global_rows_by_id(data.ids_train_T[order_T[lo:hi]], resid_BLH.contiguous(), comm)
-            resid_LBH = glob.reshape(glob.shape[0], model.n_layers, model.latent_dim).transpose(0, 1)
-            n_dead = model.restart_dead_codes(resid_LBH, restart_gen, broadcast=comm.broadcast0_)
-            restarted_L = [a + b for a, b in zip(restarted_L, n_dead, strict=True)]
+        n_dead = _restart_dead_codes(loop, out, step, eb.order_T[lo:hi], restart_gen)
+        restarted_L = [a + b for a, b in zip(restarted_L, n_dead, strict=True)]
         with torch.no_grad():
             sums += torch.stack([out.loss, out.recon, out.commit, out.codebook]).double() * (hi - lo)
-        if after_step is not None:
-            after_step(step)
+        loop.hooks.after_step(step)
         step += 1
     comm.sum_(sums)
     loss, recon, commit, codebook = (v / max(data.n_train, 1) for v in sums.tolist())
@@ -249,6 +250,27 @@ def train_epoch(
         "codebook": codebook,
         "restarted": restarted_L,
     }, step
+
+
+def _restart_dead_codes(loop: Loop, out, step: int, rows_B: np.ndarray, gen: torch.Generator) -> list[int]:
+    """Every restart_every steps, codes whose EMA count fell below the threshold restart on this
+    batch's residuals (gathered from every rank). The same decision on every rank: the EMA
+    counts were all-reduced, so are identical. Returns the codes restarted per level."""
+    model = loop.model
+    if not (
+        loop.restart_every
+        and (step + 1) % loop.restart_every == 0
+        and model.dead_code_threshold > 0
+        and bool((model.ema_count_LK < model.dead_code_threshold).any())
+    ):
+        return [0] * model.n_layers
+    n_real = len(rows_B)
+    resid_BLH = (
+        out.residuals_LBH[:, :n_real].transpose(0, 1).reshape(n_real, model.n_layers * model.latent_dim)
+    )
+    glob = _global_rows_by_id(loop.data.ids_train_T[rows_B], resid_BLH.contiguous(), loop.comm)
+    resid_LBH = glob.reshape(glob.shape[0], model.n_layers, model.latent_dim).transpose(0, 1)
+    return model.restart_dead_codes(resid_LBH, gen, broadcast=loop.comm.broadcast0_)
 
 
 def _sum_of_squares(x_ND: torch.Tensor) -> torch.Tensor:

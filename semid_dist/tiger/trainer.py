@@ -1,6 +1,7 @@
-"""Driver side of TIGER mode: one Ray Train TorchTrainer run, then the outputs a user reads.
+"""Driver side of TIGER mode: one Ray Train TorchTrainer run. The mode's fit (modes/tiger.py)
+calls it and turns its result into the outputs a user reads.
 
-    fit(job: modes.FitJob) -> (Tokenizer, fit_info)
+    train(cfg, ds, input_dim, n_items, store) -> TrainRun
 
 Where the run lives: ``--storage_path`` (default ``<output_dir>/.ray_train``, hidden next to the
 published files; local or s3://) / ``tiger-<hash>``, the hash taking every config field that
@@ -18,72 +19,28 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import ray.train
 
-from semid_dist import export, raytrain, storage
+from semid_dist import raytrain
 from semid_dist.catalog import plumbing
-from semid_dist.catalog.source import training_dataset
 from semid_dist.config import Config
-from semid_dist.errors import UserError
+from semid_dist.io import storage
+from semid_dist.io.storage import Storage
 from semid_dist.math.rqvae import RQVAE
-from semid_dist.storage import Storage
-from semid_dist.tiger import batches, checkpoint, plots, steps
+from semid_dist.options import hyperparameters, run_fields
+from semid_dist.tiger import checkpoint, steps
 from semid_dist.tiger.progress import log_record
 from semid_dist.tiger.worker import RESTART_EVERY, train_loop_per_worker
-from semid_dist.tokenizer import Tokenizer
 
 log = logging.getLogger("semid_dist")
 
-KEEP_RULE = (
-    "the lowest validation relative reconstruction error among the evaluation epochs "
-    "(--eval_every and the last), then the lower collision rate"
-)
-# Test hook: a worker raises once at this global step (tests of restarts; never set by users).
-FAIL_AT_STEP_ENV = "SEMID_DIST_TEST_FAIL_AT_STEP"
-
-# Fields that define what a run trains (and so its checkpoint folder). Left out on purpose:
-# epochs, patience, save_every, num_workers, cpus_per_worker, device, max_failures, resume.
-RUN_FIELDS = (
-    "data_path",
-    "max_items",
-    "n_layers",
-    "n_embed",
-    "latent_dim",
-    "batch_size",
-    "learning_rate",
-    "use_ema",
-    "beta",
-    "ema_decay",
-    "dead_code_threshold",
-    "gumbel",
-    "gumbel_temperature",
-    "gumbel_temperature_min",
-    "val_fraction",
-    "seed",
-    "max_iters",
-    "kmeans_progressive",
-)
-HYPERPARAMETERS = (
-    "epochs",
-    "batch_size",
-    "learning_rate",
-    "n_layers",
-    "n_embed",
-    "latent_dim",
-    "use_ema",
-    "beta",
-    "ema_decay",
-    "dead_code_threshold",
-    "gumbel",
-    "gumbel_temperature",
-    "gumbel_temperature_min",
-    "patience",
-    "val_fraction",
-    "seed",
-    "max_iters",
-    "num_workers",
-)
+# The fields that define what a run trains, and so its checkpoint folder: those declared with
+# defines_run=True in semid_dist/config.py. Left out on purpose (how long, where, what is
+# published): epochs, patience, eval_every, keep_model, save_every, num_workers, cpus_per_worker,
+# device, max_failures, resume.
+RUN_FIELDS = run_fields(Config)
+# training_results.json's hyperparameters block: the fields declared with hyperparameter=N, in order.
+HYPERPARAMETERS = hyperparameters(Config)
 
 
 @dataclass
@@ -103,53 +60,6 @@ class TrainRun:
         model = RQVAE(**self.model_args)
         model.load_state_dict(self.kept)
         return model
-
-
-def fit(job) -> tuple[Tokenizer, dict]:
-    """The tiger mode's fit (job: modes.FitJob): train on every item of the catalog; write
-    checkpoint_epoch_*.pt and the plots next to the outputs."""
-    cfg, scan, pub = job.cfg, job.scan, job.pub
-    n_train = int((~batches.validation_mask(scan.ids_N, cfg.seed, cfg.val_fraction)).sum())
-    if n_train < cfg.n_embed:
-        raise UserError(
-            f"--n_embed {cfg.n_embed} is larger than the number of training items "
-            f"({n_train} after holding out --val_fraction {cfg.val_fraction})"
-        )
-    if cfg.learning_rate > steps.ADAMW_LR_WARN:
-        log.warning(
-            "tiger: --learning_rate %g is far above what AdamW tolerates (about 1e-3); 0.4, TIGER's "
-            "rate, is meant for Adagrad: expect the loss to diverge",
-            cfg.learning_rate,
-        )
-    ds = training_dataset(job.catalog, job.n_items, plumbing.read_tasks())
-    fail_at_step = int(os.environ.get(FAIL_AT_STEP_ENV, "-1"))
-    run = train(cfg, ds, job.catalog.dim, job.n_items, job.catalog.store, fail_at_step=fail_at_step)
-    for epoch, ckpt in run.checkpoints:
-        with ckpt.as_directory() as d:
-            export.write_torch(
-                pub, f"checkpoint_epoch_{epoch}.pt", checkpoint.seed_payload(checkpoint.load(d))
-            )
-    if run.loop.history:
-        with pub.open(plots.CURVES, "wb") as f:
-            f.write(plots.training_curves(run.loop.history))
-        with pub.open(plots.USAGE, "wb") as f:
-            f.write(plots.code_usage(np.asarray(run.loop.usage_LK)))
-        run.fit_info["plots"] = [plots.CURVES, plots.USAGE]
-    run.fit_info["checkpoint_files"] = [f"checkpoint_epoch_{e}.pt" for e, _ in run.checkpoints]
-    model = run.kept_model() if cfg.keep_model == "best" else run.model
-    history = {r["epoch"]: r for r in run.loop.history}
-    epoch = run.loop.kept_epoch if cfg.keep_model == "best" and run.kept else run.loop.epoch
-    run.fit_info["kept_model"] = {
-        "keep_model": cfg.keep_model,
-        "epoch": epoch,
-        "why": KEEP_RULE if cfg.keep_model == "best" and run.kept else "the last epoch (--keep_model last)",
-        "val_rel_recon": history.get(epoch, {}).get("val_rel_recon"),
-        "rel_recon": history.get(epoch, {}).get("rel_recon"),
-        "collision_rate": history.get(epoch, {}).get("dup_rate"),
-    }
-    log.info("tiger: keeping the model of epoch %d (%s)", epoch, run.fit_info["kept_model"]["why"])
-    tokenizer = Tokenizer("tiger", cfg.to_dict(), model=model.cpu(), model_args=run.model_args)
-    return tokenizer, run.fit_info
 
 
 def run_name(cfg: Config, input_dim: int, n_items: int) -> str:
@@ -206,6 +116,12 @@ def train(
         run_dir,
     )
     result = raytrain.fit(trainer, progress, log_record, cfg.max_failures, run_dir, "tiger")
+    return _train_run(cfg, result, run_dir, use_gpu)
+
+
+def _train_run(cfg: Config, result, run_dir: str, use_gpu: bool) -> TrainRun:
+    """The run's outcome read back from its last checkpoint: the model, the loop's state, one
+    checkpoint per epoch, and the fit's record for training_results.json."""
     with result.checkpoint.as_directory() as d:
         saved = checkpoint.load(d)
     model = RQVAE(**saved["model_args"])
@@ -218,7 +134,7 @@ def train(
     info = {
         "trainer": "ray.train.torch.TorchTrainer (DDP)",
         "backend": "nccl" if use_gpu else "gloo",
-        "device": device,
+        "device": "cuda" if use_gpu else "cpu",
         "num_workers": cfg.num_workers,
         "run_dir": run_dir,
         "epochs_run": loop.epoch,

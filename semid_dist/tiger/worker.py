@@ -21,11 +21,11 @@ import time
 import numpy as np
 import torch
 
-from semid_dist import raytrain, storage
-from semid_dist.catalog import plumbing
+from semid_dist import raytrain, testhooks
 from semid_dist.catalog.schema import batch_to_arrays
 from semid_dist.config import Config
 from semid_dist.errors import UserError
+from semid_dist.io import storage
 from semid_dist.math.rqvae import RQVAE
 from semid_dist.tiger import checkpoint, steps
 from semid_dist.tiger.collectives import Collectives
@@ -64,25 +64,14 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
 
     # 4. Epochs.
     hooks = _Hooks(cfg, loop_cfg, model, rank, world)
+    loop = steps.Loop(net, model, opt, data, cfg, comm, RESTART_EVERY, hooks)
     reported = False
     for epoch in range(state.epoch, cfg.epochs):
         if state.stopped_early:
             break
         t0 = time.perf_counter()
         model.temperature = steps.temperature(cfg, epoch) if cfg.gumbel else 1.0
-        train_m, state.step = steps.train_epoch(
-            net,
-            model,
-            opt,
-            data,
-            epoch,
-            state.step,
-            cfg,
-            comm,
-            RESTART_EVERY,
-            before_step=hooks.before_step,
-            after_step=hooks.after_step,
-        )
+        train_m, state.step = steps.train_epoch(loop, epoch, state.step)
         eval_m, usage_LK = evaluate_epoch(model, data, comm, cfg, state, epoch + 1)
         record = {
             "epoch": epoch + 1,
@@ -116,8 +105,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         if state.epoch % cfg.save_every == 0 or last:
             _report(model, opt, state, loop_cfg, rank, kept)
             reported = True
-        if os.environ.get(plumbing.HOLD_ENV):
-            plumbing.hold(f"tiger_epoch_{state.epoch}")
+        testhooks.hold(f"tiger_epoch_{state.epoch}")  # a no-op unless a test holds the run here
     if not reported:  # resumed a finished run: hand the driver its final state again
         _report(model, opt, state, loop_cfg, rank, kept)
 
@@ -264,7 +252,7 @@ def _report(model, opt, state: checkpoint.LoopState, loop_cfg: dict, rank: int, 
 
 
 class _Hooks:
-    """Test hooks: fail_at_step (one injected worker failure, trainer.FAIL_AT_STEP_ENV) and
+    """Test hooks: fail_at_step (one injected worker failure, testhooks.FAIL_AT_STEP_ENV) and
     per-step codebook digests (trace_dir)."""
 
     def __init__(self, cfg: Config, loop_cfg: dict, model: RQVAE, rank: int, world: int) -> None:

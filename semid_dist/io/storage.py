@@ -10,8 +10,6 @@ uses them, so it can be shipped to Ray tasks as is.
 
 from __future__ import annotations
 
-import logging
-import math
 import os
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -20,11 +18,9 @@ import fsspec
 from pyarrow import fs as pafs
 
 from semid_dist.errors import UserError, one_line
+from semid_dist.io.retry import DEFAULT_RETRY_BUDGET_S, S3Unavailable, sdk_retries
 
-SEED_FILE = "item_emb.parquet"  # the original tool's layout: <data_path>/item_emb.parquet
-DEFAULT_RETRY_BUDGET_S = 120.0  # Config.s3_retry_budget_s
-
-log = logging.getLogger("semid_dist")
+ORIGINAL_LAYOUT_FILE = "item_emb.parquet"  # the original tool's layout: <data_path>/item_emb.parquet
 
 
 def is_s3(path: str) -> bool:
@@ -65,19 +61,19 @@ class Storage:
     def fs(self, path: str) -> fsspec.AbstractFileSystem:
         """An fsspec filesystem for path (s3fs for S3 URIs, the local one otherwise). On S3, a
         request that fails for a transient reason (no connection, a timeout, a 5xx) is retried
-        until S3 has been failing for retry_budget_s (semid_dist/s3retry.py)."""
+        until S3 has been failing for retry_budget_s (io/retry.py, io/s3client.py)."""
         if not is_s3(path):
             return fsspec.filesystem("file")
         kw = {"endpoint_url": self.endpoint_url} if self.endpoint_url else {}
         # botocore does not retry: BudgetedS3FileSystem does, against the clock, not a count
-        from semid_dist.s3retry import BudgetedS3FileSystem
+        from semid_dist.io.s3client import BudgetedS3FileSystem, quiet_orphaned_task_errors
 
         fs = BudgetedS3FileSystem(
             client_kwargs=kw,
             config_kwargs={"retries": {"total_max_attempts": 1}, "connect_timeout": 10, "read_timeout": 60},
             retry_budget_s=self.retry_budget_s,
         )
-        _quiet_orphaned_task_errors(fs.loop)
+        quiet_orphaned_task_errors(fs.loop)
         return fs
 
     def arrow_fs(self, path: str, retry_budget_s: float | None = None):
@@ -104,10 +100,7 @@ class Storage:
                 region = None
         if region:
             kw["region"] = region
-        # The AWS SDK's default strategy waits 25 ms x 2^n before retry n: as many retries as
-        # fit in the budget (12 for 120 s: 102 s of waits, the last one 51 s).
-        budget = self.retry_budget_s if retry_budget_s is None else retry_budget_s
-        kw["retries"] = max(1, int(math.log2(budget / 0.025 + 2)))
+        kw["retries"] = sdk_retries(self.retry_budget_s if retry_budget_s is None else retry_budget_s)
         return _ArrowS3(**kw)
 
     def read_bytes(self, uri: str, what: str = "file") -> bytes:
@@ -158,8 +151,8 @@ class Storage:
                 raise UserError(f"{data_path}: path does not exist")
             elif fs.isfile(raw):
                 found = [raw]
-            elif fs.exists(join(raw, SEED_FILE)):
-                found = [join(raw, SEED_FILE)]
+            elif fs.exists(join(raw, ORIGINAL_LAYOUT_FILE)):
+                found = [join(raw, ORIGINAL_LAYOUT_FILE)]
             else:
                 found = [
                     p
@@ -168,7 +161,9 @@ class Storage:
                     and not any(part.startswith((".", "_")) for part in p[len(raw) :].split("/"))
                 ]
                 if not found:
-                    raise UserError(f"{data_path}: no {SEED_FILE} and no *.parquet files in directory")
+                    raise UserError(
+                        f"{data_path}: no {ORIGINAL_LAYOUT_FILE} and no *.parquet files in directory"
+                    )
         except UserError:
             raise
         except Exception as e:  # botocore / s3fs errors: credentials, bucket, network
@@ -210,7 +205,7 @@ def _arrow_s3(args: dict) -> _ArrowS3:
 def describe_s3_error(path: str, e: BaseException) -> UserError:
     """One line for an S3 failure (botocore/s3fs/pyarrow messages carry no credentials)."""
     text = one_line(e)
-    if type(e).__name__ == "S3Unavailable":  # s3retry: the message names the object already
+    if isinstance(e, S3Unavailable):  # the message names the object and the budget already
         return UserError(text)
     if isinstance(e, PermissionError) or any(code in text for code in _ACCESS_DENIED):
         return UserError(f"{path}: access denied by S3 (check the AWS credentials/profile): {text}")
@@ -221,21 +216,3 @@ def describe_s3_error(path: str, e: BaseException) -> UserError:
             f"{path}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
         )
     return UserError(f"{path}: S3 request failed: {text}")
-
-
-def _orphaned_task_handler(loop, context: dict) -> None:
-    exc = context.get("exception")
-    if exc is not None and context.get("message") == "Task exception was never retrieved":
-        log.debug("S3 client: an I/O task's error was not retrieved (%s: %s)", type(exc).__name__, exc)
-        return
-    loop.default_exception_handler(context)
-
-
-def _quiet_orphaned_task_errors(loop) -> None:
-    """When a connection drops mid-upload, aiohttp's body-writer task fails next to the request
-    that awaits it. The request's error reaches the caller (and becomes the run's one-line
-    error), but the writer task's copy is never retrieved, so asyncio's default handler prints
-    "Task exception was never retrieved" and a traceback on stderr when the task is collected.
-    On fsspec's I/O loop those go to the debug log; anything else keeps the default handling."""
-    if loop.get_exception_handler() is None:
-        loop.set_exception_handler(_orphaned_task_handler)

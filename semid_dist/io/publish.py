@@ -13,7 +13,8 @@ import time
 import uuid
 
 from semid_dist.errors import UserError, one_line
-from semid_dist.storage import Storage, describe_s3_error, is_s3, join, strip_scheme
+from semid_dist.io.retry import fail_fast
+from semid_dist.io.storage import Storage, describe_s3_error, is_s3, join, strip_scheme
 
 SUCCESS = "_SUCCESS"
 STARTED = "_STARTED"  # first object of a staging prefix: proves the destination is writable
@@ -121,8 +122,6 @@ class Publisher:
         if not self.s3:
             self._remove_staging()
             return
-        from semid_dist.s3retry import fail_fast
-
         with fail_fast():
             self._remove_staging()
 
