@@ -21,7 +21,7 @@ import sys
 # local Ray inherit it (jobs/runtime_env.yaml sets it on a cluster).
 os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
-from semid_dist.config import GROUPS, Config, load_config_file
+from semid_dist.config import CODES_FIELD, GROUPS, Config, load_config_file
 from semid_dist.errors import find_user_error, one_line
 from semid_dist.options import ArgParser, add_fields
 
@@ -111,7 +111,7 @@ def print_summary(results: dict) -> None:
     from semid_dist.pipeline.collisions import CollisionSummary
 
     m, c = results["metrics"], results["config"]
-    k = c["n_embed"] if results["mode"] == "tiger" else c["n_clusters"]
+    k = c[CODES_FIELD[results["mode"]]]
     used = ", ".join(str(lv["codes_used"]) for lv in m["levels"])
     ppl = ", ".join(f"{lv['perplexity']:.0f}" for lv in m["levels"])
     print(

@@ -17,6 +17,7 @@ from semid_dist.errors import UserError, one_line
 from semid_dist.options import option
 
 MODES = ("tiger", "kmeans")
+CODES_FIELD = {"tiger": "n_embed", "kmeans": "n_clusters"}  # each mode's codes-per-level flag
 DEVICES = ("auto", "cpu", "cuda")
 KMEANS_FITS = ("auto", "sample", "stream")
 KEEP_MODELS = ("best", "last")
@@ -253,7 +254,7 @@ class Config:
     @property
     def n_codes(self) -> int:
         """Codes per level for the active mode (--n_embed for tiger, --n_clusters for kmeans)."""
-        return self.n_embed if self.mode == "tiger" else self.n_clusters
+        return getattr(self, CODES_FIELD[self.mode])
 
     @property
     def dataset_name(self) -> str:
@@ -322,7 +323,7 @@ class Config:
         if self.gumbel and self.use_ema:
             raise UserError("--gumbel needs --no_ema (codebooks learned by gradient)")
         if self.n_codes > 65535:
-            raise bad("n_embed" if self.mode == "tiger" else "n_clusters", "must be <= 65535")
+            raise bad(CODES_FIELD[self.mode], "must be <= 65535")
         if self.generation and not GENERATION_NAME.fullmatch(self.generation):
             raise bad(
                 "generation",

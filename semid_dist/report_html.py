@@ -24,6 +24,7 @@ import html
 import math
 from typing import Any
 
+from semid_dist.config import CODES_FIELD
 from semid_dist.pipeline.collisions import CollisionSummary
 from semid_dist.tiger import plots
 
@@ -92,7 +93,7 @@ def _png(plt, fig) -> bytes:
 
 def _codes_per_level(r: dict) -> Any:
     c = r.get("config") or {}
-    return c.get("n_embed") if r.get("mode") == "tiger" else c.get("n_clusters")
+    return c.get(CODES_FIELD.get(r.get("mode"), "n_clusters"))
 
 
 def _collisions(r: dict, name: str) -> Any:

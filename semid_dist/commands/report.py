@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 
+from semid_dist.config import CODES_FIELD
 from semid_dist.errors import UserError, one_line
 from semid_dist.io.storage import Storage, is_s3, join, strip_scheme
 from semid_dist.options import ArgParser
@@ -44,7 +45,7 @@ def fill_from_mappings(results: dict, run_dir: str, store: Storage) -> None:
     pol = CollisionSummary.read(results)
     suffix = pol is None or pol.policy == "suffix"  # runs from before the record used suffix
     want_groups = "group_sizes" not in m and suffix
-    k = (results.get("config") or {}).get("n_embed" if results.get("mode") == "tiger" else "n_clusters")
+    k = (results.get("config") or {}).get(CODES_FIELD.get(results.get("mode"), "n_clusters"))
     want_gini = suffix and isinstance(k, int) and any("gini" not in lv for lv in levels)
     if not (want_groups or want_gini):
         return

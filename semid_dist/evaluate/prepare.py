@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
+from semid_dist.config import CODES_FIELD
 from semid_dist.errors import UserError, one_line
 from semid_dist.evaluate.config import EvalConfig
 from semid_dist.evaluate.steps import Queries, Windows
@@ -58,7 +59,7 @@ class RunIDs:
 
 def _codes(results: dict):
     c = results.get("config") or {}
-    return c.get("n_embed") if results.get("mode") == "tiger" else c.get("n_clusters")
+    return c.get(CODES_FIELD.get(results.get("mode"), "n_clusters"))
 
 
 def load_runs(paths: list[str], store: Storage) -> list[RunIDs]:

@@ -8,7 +8,7 @@ import io
 from semid_dist import modes
 from semid_dist.catalog.scan import ScanResult, scan_pass
 from semid_dist.catalog.schema import Catalog
-from semid_dist.config import Config
+from semid_dist.config import CODES_FIELD, Config
 from semid_dist.errors import UserError
 from semid_dist.run import Run
 from semid_dist.tokenizer import Tokenizer
@@ -18,7 +18,7 @@ def check_enough_items(cfg: Config, n_items: int, dim: int) -> None:
     """Before fitting: a codebook cannot have more codes than there are items to fit it on, and
     the mode's sample must fit its memory cap (modes.sample_target raises if not)."""
     if cfg.n_codes > n_items:
-        flag = "n_embed" if cfg.mode == "tiger" else "n_clusters"
+        flag = CODES_FIELD[cfg.mode]
         raise UserError(f"--{flag} {cfg.n_codes} is larger than the number of items ({n_items})")
     modes.sample_target(cfg, dim, n_items)
 
