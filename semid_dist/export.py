@@ -35,36 +35,45 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"  # one per level in the LC-Rec style toke
 JSON_CHUNK = 65536  # items formatted at a time: the JSON files are streamed, never held whole
 
 
-def _mapping_parts(ids_N: np.ndarray, sid_NM: np.ndarray):
+def _is_names(ids) -> bool:
+    return isinstance(ids, (pa.Array, pa.ChunkedArray))
+
+
+def _keys(ids, s: int) -> list:
+    """JSON keys of items s.. s+JSON_CHUNK: integer ItemIDs as numbers (formatted "%d" in
+    quotes), string ItemIDs as JSON strings, as given (UTF-8, escaped only where JSON must)."""
+    if not _is_names(ids):
+        return ids[s : s + JSON_CHUNK].tolist()
+    return [json.dumps(v, ensure_ascii=False) for v in ids.slice(s, JSON_CHUNK).to_pylist()]
+
+
+def _mapping_parts(ids_N, sid_NM: np.ndarray):
     m = sid_NM.shape[1] if sid_NM.ndim == 2 else 0
-    fmt = '  "%d": [' + ", ".join(["%d"] * m) + "]"
+    fmt = ("  %s: [" if _is_names(ids_N) else '  "%d": [') + ", ".join(["%d"] * m) + "]"
     yield "{\n"
     for s in range(0, len(ids_N), JSON_CHUNK):
-        cols = [ids_N[s : s + JSON_CHUNK].tolist()] + [
-            sid_NM[s : s + JSON_CHUNK, j].tolist() for j in range(m)
-        ]
+        cols = [_keys(ids_N, s)] + [sid_NM[s : s + JSON_CHUNK, j].tolist() for j in range(m)]
         yield (",\n" if s else "") + ",\n".join([fmt % t for t in zip(*cols, strict=True)])
     yield "\n}\n"
 
 
-def mapping_json(ids_N: np.ndarray, sid_NM: np.ndarray) -> str:
+def mapping_json(ids_N, sid_NM: np.ndarray) -> str:
     """The original tool's format {"<ItemID>": [c0, ..., dedup]}, one item per line, ItemID order."""
     return "".join(_mapping_parts(ids_N, sid_NM))
 
 
-def _index_parts(ids_N: np.ndarray, sid_NM: np.ndarray):
+def _index_parts(ids_N, sid_NM: np.ndarray):
     """The bytes of json.dumps({str(id): ["<a_c0>", "<b_c1>", ...]}, indent=1) + newline,
     formatted per chunk (keys are digits and tokens plain ASCII: nothing to escape)."""
     if len(ids_N) == 0:
         yield "{}\n"
         return
     m = sid_NM.shape[1]
-    fmt = ' "%d": [\n' + ",\n".join(f'  "<{LETTERS[lv]}_%d>"' for lv in range(m)) + "\n ]"
+    key = " %s: [\n" if _is_names(ids_N) else ' "%d": [\n'
+    fmt = key + ",\n".join(f'  "<{LETTERS[lv]}_%d>"' for lv in range(m)) + "\n ]"
     yield "{\n"
     for s in range(0, len(ids_N), JSON_CHUNK):
-        cols = [ids_N[s : s + JSON_CHUNK].tolist()] + [
-            sid_NM[s : s + JSON_CHUNK, j].tolist() for j in range(m)
-        ]
+        cols = [_keys(ids_N, s)] + [sid_NM[s : s + JSON_CHUNK, j].tolist() for j in range(m)]
         yield (",\n" if s else "") + ",\n".join([fmt % t for t in zip(*cols, strict=True)])
     yield "\n}\n"
 
@@ -74,10 +83,12 @@ def index_json(ids_N: np.ndarray, sid_NM: np.ndarray) -> str:
     return "".join(_index_parts(ids_N, sid_NM))
 
 
-def mapping_table(ids_N: np.ndarray, sid_NM: np.ndarray) -> pa.Table:
+def mapping_table(ids_N, sid_NM: np.ndarray, id_type: pa.DataType | None = None) -> pa.Table:
+    """ItemID (int64, or string ItemIDs in the input's type id_type) and semantic_id."""
     m = sid_NM.shape[1]
     codes = pa.FixedSizeListArray.from_arrays(pa.array(sid_NM.astype(np.int32, copy=False).ravel()), m)
-    return pa.table({"ItemID": pa.array(ids_N, pa.int64()), "semantic_id": codes})
+    ids = ids_N.cast(id_type or pa.large_string()) if _is_names(ids_N) else pa.array(ids_N, pa.int64())
+    return pa.table({"ItemID": ids, "semantic_id": codes})
 
 
 def _write_parts(pub: Publisher, name: str, parts) -> None:
@@ -86,13 +97,15 @@ def _write_parts(pub: Publisher, name: str, parts) -> None:
             f.write(part)
 
 
-def write_mappings(pub: Publisher, ids_N: np.ndarray, sid_NM: np.ndarray, dataset: str) -> None:
+def write_mappings(pub: Publisher, ids_N, sid_NM: np.ndarray, dataset: str, id_type=None) -> None:
+    """ids_N: integer ItemIDs (numpy), or string ItemIDs (an Arrow array, written as id_type)."""
     # Streamed, JSON_CHUNK items at a time: the whole strings of a catalog of millions of items
     # (and the Python objects behind them) would take GBs.
     _write_parts(pub, MAPPING_JSON, _mapping_parts(ids_N, sid_NM))
     _write_parts(pub, f"{dataset}.index.json", _index_parts(ids_N, sid_NM))
     with pub.open(MAPPING_PARQUET, "wb") as f:
-        pq.write_table(mapping_table(ids_N, sid_NM), f, row_group_size=ROW_GROUP, compression="zstd")
+        table = mapping_table(ids_N, sid_NM, id_type)
+        pq.write_table(table, f, row_group_size=ROW_GROUP, compression="zstd")
 
 
 def token(level: int, code: int) -> str:

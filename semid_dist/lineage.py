@@ -31,6 +31,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from semid_dist import export
+from semid_dist.catalog.names import as_names
+from semid_dist.catalog.schema import is_string_id
 from semid_dist.errors import UserError, one_line
 from semid_dist.io.publish import SUCCESS, Publisher
 from semid_dist.io.storage import Storage, is_s3, join, strip_scheme
@@ -52,6 +54,12 @@ class Generation:
     mapping: gen.IdTable
     retired: gen.RetiredTable
     model_bytes: bytes
+    names: pa.Array | None = None  # string ItemIDs of mapping's rows (its ids are then ranks)
+    retired_names: pa.Array | None = None  # and of the retired list's rows (ids: placeholders)
+
+    @property
+    def id_kind(self) -> str:
+        return "integer" if self.names is None else "string"
 
 
 class Lineage:
@@ -107,6 +115,7 @@ class Lineage:
         width = int(manifest["id_width"])
         mapping = _read_table(self._read(GENERATIONS, name, export.MAPPING_PARQUET), self.gen_uri(name))
         retired = _read_table(self._read(GENERATIONS, name, RETIRED), self.gen_uri(name))
+        strings = is_string_id(mapping.schema.field("ItemID").type)
         return Generation(
             name,
             int(manifest["seq"]),
@@ -114,6 +123,8 @@ class Lineage:
             _id_table(mapping, width),
             _retired_table(retired, width),
             self.model_bytes(name),
+            as_names(mapping.column("ItemID")) if strings else None,
+            as_names(retired.column("ItemID")) if strings else None,
         )
 
     def model_bytes(self, name: str) -> bytes:
@@ -152,7 +163,10 @@ def _sid_column(table: pa.Table, width: int) -> np.ndarray:
 
 
 def _np(table: pa.Table, name: str, dtype) -> np.ndarray:
-    return table.column(name).to_numpy().astype(dtype)
+    col = table.column(name)
+    if name == "ItemID" and is_string_id(col.type):  # ranks, filled in by the night (nightly.py)
+        return np.zeros(len(col), dtype)
+    return col.to_numpy().astype(dtype)
 
 
 def _id_table(t: pa.Table, width: int) -> gen.IdTable:
@@ -184,10 +198,14 @@ def _sid_array(sid_NM: np.ndarray) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(sid_NM.astype(np.int32).ravel()), sid_NM.shape[1])
 
 
-def mapping_parquet(m: gen.IdTable) -> pa.Table:
+def _ids(ids: np.ndarray, names: pa.Array | None) -> pa.Array:
+    return pa.array(ids, pa.int64()) if names is None else names
+
+
+def mapping_parquet(m: gen.IdTable, names: pa.Array | None = None) -> pa.Table:
     return pa.table(
         {
-            "ItemID": pa.array(m.ids, pa.int64()),
+            "ItemID": _ids(m.ids, names),
             "semantic_id": _sid_array(m.sid),
             "fingerprint": pa.array(m.fp, pa.uint64()),
             "tokenizer": pa.array(m.tok, pa.uint64()),
@@ -195,13 +213,13 @@ def mapping_parquet(m: gen.IdTable) -> pa.Table:
     )
 
 
-def retired_parquet(r: gen.RetiredTable) -> pa.Table:
+def retired_parquet(r: gen.RetiredTable, item_names: pa.Array | None = None) -> pa.Table:
     names = [gen.REASON_NAMES[gen.REMOVED], gen.REASON_NAMES[gen.CHANGED]]
     reason = pa.DictionaryArray.from_arrays(pa.array((r.reason == gen.CHANGED).astype(np.int8)), names)
     return pa.table(
         {
             "semantic_id": _sid_array(r.sid),
-            "ItemID": pa.array(r.ids, pa.int64()),
+            "ItemID": _ids(r.ids, item_names),
             "fingerprint": pa.array(r.fp, pa.uint64()),
             "tokenizer": pa.array(r.tok, pa.uint64()),
             "retired_seq": pa.array(r.seq, pa.int64()),
@@ -210,11 +228,23 @@ def retired_parquet(r: gen.RetiredTable) -> pa.Table:
     )
 
 
-def content_digest(a: gen.Assignment, name: str, seq: int, parent: str | None, tok_fp: int) -> str:
+def content_digest(
+    a: gen.Assignment,
+    name: str,
+    seq: int,
+    parent: str | None,
+    tok_fp: int,
+    names: tuple[pa.Array, pa.Array] | None = None,
+) -> str:
     """What a generation IS (IDs, fingerprints, retired list, tokenizer), independent of file
-    encodings, timings and run ids: two runs with equal digests published the same thing."""
+    encodings, timings and run ids: two runs with equal digests published the same thing.
+    names: string ItemIDs of the mapping and the retired list (their ids are then ranks)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps([name, seq, parent, f"{tok_fp:016x}"]).encode())
+    for arr in names or ():
+        arr = as_names(arr)
+        for buf in arr.cast(pa.large_binary()).take(pa.array(np.arange(len(arr)))).buffers()[1:]:
+            h.update(b"" if buf is None else buf.to_pybytes())
     for arr in (
         a.mapping.ids,
         a.mapping.fp,
@@ -249,15 +279,27 @@ def tokenizer_fingerprint(tok) -> int:
 
 
 def write_generation(
-    pub: Publisher, a: gen.Assignment, model_bytes: bytes, manifest: dict, dataset: str, n_codes: int
+    pub: Publisher,
+    a: gen.Assignment,
+    model_bytes: bytes,
+    manifest: dict,
+    dataset: str,
+    n_codes: int,
+    names: tuple[pa.Array, pa.Array] | None = None,
 ) -> None:
     """A generation's files into pub's staging area: the live IDs (mappings, their prefix tree
-    and tokens), the retired list, the tokenizer's bytes and generation.json."""
+    and tokens), the retired list, the tokenizer's bytes and generation.json. names: for string
+    ItemIDs, those of the mapping's and the retired list's rows."""
     m = a.mapping
-    pub.write_text(export.MAPPING_JSON, export.mapping_json(m.ids, m.sid))
-    pub.write_text(f"{dataset}.index.json", export.index_json(m.ids, m.sid))
+    names, retired_names = names or (None, None)
+    pub.write_text(export.MAPPING_JSON, export.mapping_json(m.ids if names is None else names, m.sid))
+    pub.write_text(f"{dataset}.index.json", export.index_json(m.ids if names is None else names, m.sid))
     export.write_retrieval_files(pub, m.sid, n_codes)
-    for fname, table in ((export.MAPPING_PARQUET, mapping_parquet(m)), (RETIRED, retired_parquet(a.retired))):
+    tables = (
+        (export.MAPPING_PARQUET, mapping_parquet(m, names)),
+        (RETIRED, retired_parquet(a.retired, retired_names)),
+    )
+    for fname, table in tables:
         with pub.open(fname, "wb") as f:
             pq.write_table(table, f, row_group_size=export.ROW_GROUP, compression="zstd")
     with pub.open(export.MODEL, "wb") as f:

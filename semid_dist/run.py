@@ -197,25 +197,30 @@ class Run:
         self.pub.put_file(self.log_path, f"logs/{os.path.basename(self.log_path)}")
         self.pub.publish(manifest)
 
-    def example_items(self, ids_N: np.ndarray, sid_NM: np.ndarray) -> list[dict]:
-        """Items of the largest group sharing a two-code prefix: what the IDs mean, at a glance."""
+    def example_items(self, ids_N, sid_NM: np.ndarray) -> list[dict]:
+        """Items of the largest group sharing a two-code prefix: what the IDs mean, at a glance.
+        ids_N: integer ItemIDs (numpy) or string ItemIDs (an Arrow array)."""
         cfg = self.cfg
-        if cfg.examples <= 0 or ids_N.size == 0:
+        if cfg.examples <= 0 or len(ids_N) == 0:
             return []
         depth = min(2, sid_NM.shape[1] - 1)
         group_N = row_groups(sid_NM[:, :depth])[0]
         rows = np.flatnonzero(group_N == int(np.argmax(np.bincount(group_N))))[: cfg.examples]
-        titles = self._titles(ids_N[rows]) if cfg.item_titles else {}
+        if isinstance(ids_N, np.ndarray):
+            items = [int(i) for i in ids_N[rows]]
+        else:
+            items = ids_N.take(rows).to_pylist()
+        titles = self._titles(items) if cfg.item_titles else {}
         return [
             {
-                "ItemID": int(ids_N[r]),
+                "ItemID": item,
                 "semantic_id": sid_NM[r].tolist(),
-                **({"title": titles.get(int(ids_N[r]))} if titles else {}),
+                **({"title": titles.get(item)} if titles else {}),
             }
-            for r in rows
+            for item, r in zip(items, rows, strict=True)
         ]
 
-    def _titles(self, ids: np.ndarray) -> dict[int, str]:
+    def _titles(self, ids: list) -> dict:
         import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
@@ -227,7 +232,11 @@ class Run:
         except Exception as e:
             log.warning("cannot read --item_titles %s: %s", path, one_line(e))
             return {}
-        t = t.filter(pc.is_in(t.column("ItemID"), value_set=pa.array(ids.tolist())))
+        try:
+            t = t.filter(pc.is_in(t.column("ItemID"), value_set=pa.array(ids)))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+            log.warning("--item_titles %s: its ItemIDs do not match the catalog's: %s", path, one_line(e))
+            return {}
         return dict(zip(t.column("ItemID").to_pylist(), t.column("title").to_pylist(), strict=True))
 
 

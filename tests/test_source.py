@@ -99,7 +99,7 @@ def test_passes_fuse_the_read_and_do_not_depend_on_the_cut(ray_session, row_grou
         t = plumbing.map_catalog(
             fine,
             scan.scan_block,
-            scan.EMPTY_SCAN,
+            scan.empty_scan(False),
             "scan",
             info.num_rows,
             info,

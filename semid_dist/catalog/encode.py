@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from semid_dist.catalog import plumbing
-from semid_dist.catalog.plumbing import flat, guarded, lists, total
-from semid_dist.catalog.schema import Catalog, batch_to_arrays
+from semid_dist.catalog.plumbing import flat, flat_names, guarded, lists, name_lists, total
+from semid_dist.catalog.schema import Catalog, batch_names, batch_to_arrays
 from semid_dist.errors import UserError
 
 log = logging.getLogger("semid_dist")
@@ -38,6 +39,7 @@ class Extras:
     seed: int = 0  # of the hash sample
     n_items: int = 0  # the catalog's size, for the sample's fraction
     wide_codes: bool = False  # codes as int32 (more than 65,536 codes per level), else uint16
+    strings: bool = False  # string ItemIDs: the rows carry them as such too
 
     def code_types(self) -> tuple[type, pa.DataType]:
         return (np.int32, pa.int32()) if self.wide_codes else (np.uint16, pa.uint16())
@@ -54,7 +56,7 @@ SAMPLE_SALT = 7919  # the quality sample's hash seed differs from the fit sample
 
 @dataclass
 class EncodeResult:
-    ids_N: np.ndarray  # sorted by ItemID
+    ids_N: np.ndarray  # sorted by ItemID; for string ItemIDs their ranks 0..N-1 in names
     codes_NL: np.ndarray  # rows match ids_N; uint16 (int32 above 65,536 codes per level)
     sq_err_sum: float
     sq_norm_sum: float
@@ -64,6 +66,18 @@ class EncodeResult:
     sample_ids: np.ndarray | None = None  # the quality sample: ItemIDs (sorted),
     sample_x: np.ndarray | None = None  # their embeddings (float32)
     sample_codes: np.ndarray | None = None  # and their codes before the collision policy
+    names: pa.Array | None = None  # string ItemIDs sorted bytewise (row i is names[i]); None: integers
+
+    def check_unique(self, catalog: Catalog) -> None:
+        """No ItemID twice (when no scan pass checked it before)."""
+        if self.names is None:
+            catalog.check_unique_ids(self.ids_N)
+        else:
+            catalog.check_unique_names(self.names)
+
+    def item_ids(self):
+        """The ItemIDs as the outputs name them: the integers, or the strings."""
+        return self.ids_N if self.names is None else self.names
 
 
 def sq_norms(x_ND: np.ndarray) -> float:
@@ -101,6 +115,7 @@ def empty_encode(extras: Extras = Extras()) -> dict:
     """The columns of an encode result row with no items (what an error row carries)."""
     out = {
         "ids": lists(np.zeros(0, np.int64), pa.int64()),
+        **({"names": name_lists()} if extras.strings else {}),
         "codes": lists(np.zeros(0, extras.code_types()[0]), extras.code_types()[1]),
         "sq_err": [0.0],
         "sq_norm": [0.0],
@@ -124,6 +139,7 @@ def encode_block(block: pa.Table, dim: int, encoder, extras: Extras = Extras()) 
     codes_NL, sq_err_N = encode_rows(encoder, x_ND)
     out = {
         "ids": lists(ids_N, pa.int64()),
+        **({"names": name_lists(batch_names(block))} if extras.strings else {}),
         "codes": lists(np.asarray(codes_NL).astype(extras.code_types()[0]).ravel(), extras.code_types()[1]),
         "sq_err": [float(np.asarray(sq_err_N).sum(dtype=np.float64))],
         "sq_norm": [sq_norms(x_ND)],
@@ -149,12 +165,18 @@ def encode_result(t: pa.Table, n_layers: int, extras: Extras = Extras(), dim: in
     ids_N = flat(t, "ids").astype(np.int64, copy=False)
     # 2 bytes a code (uint16: Config caps the codes per level at 65,535) keep the driver small
     codes_NL = flat(t, "codes").reshape(-1, n_layers)
-    order = np.argsort(ids_N, kind="stable")
+    names = flat_names(t) if extras.strings else None
+    if names is None:
+        order = np.argsort(ids_N, kind="stable")
+    else:  # bytewise order; the rules that order items (dedup, relocate) then use the ranks
+        order = pc.sort_indices(names).to_numpy()
+        names, keys_N = names.take(order), ids_N[order]
     res = EncodeResult(
-        ids_N=ids_N[order],
+        ids_N=ids_N[order] if names is None else np.arange(len(order), dtype=np.int64),
         codes_NL=codes_NL[order],
         sq_err_sum=total(t, "sq_err"),
         sq_norm_sum=total(t, "sq_norm"),
+        names=names,
     )
     if extras.fingerprints:
         res.fp_N = flat(t, "fp").astype(np.uint64, copy=False)[order]
@@ -169,6 +191,9 @@ def encode_result(t: pa.Table, n_layers: int, extras: Extras = Extras(), dim: in
 
         h = hash_unit(s_ids, extras.seed + SAMPLE_SALT)
         pick = np.lexsort([s_ids, h])[: extras.sample]  # the smallest hashes
+        if names is not None:  # the sample's keys -> their rows (ranks)
+            by_key = np.argsort(keys_N, kind="stable")
+            s_ids = by_key[np.searchsorted(keys_N[by_key], s_ids)]
         pick = pick[np.argsort(s_ids[pick])]
         res.sample_ids, res.sample_x = s_ids[pick], s_x[pick]
         res.sample_codes = res.codes_NL[np.searchsorted(res.ids_N, res.sample_ids)]
@@ -261,7 +286,7 @@ def encode_catalog(
 ) -> EncodeResult:
     """The encode pass where encode_device() said: actors on the GPUs, else the fused CPU pass."""
     device, gpus = where
-    extras = dataclasses.replace(extras, wide_codes=tokenizer.n_codes > 2**16)
+    extras = dataclasses.replace(extras, wide_codes=tokenizer.n_codes > 2**16, strings=catalog.string_ids)
     if device == "cuda":
         return encode_pass_on_devices(catalog, tokenizer, n_items, device, gpus, batch_size, extras)
     return encode_pass(catalog, tokenizer, n_items, extras)

@@ -73,6 +73,18 @@ def lists(values: np.ndarray, type_: pa.DataType) -> pa.Array:
     return pa.array([values], pa.list_(type_))
 
 
+def name_lists(names: pa.Array | None = None) -> pa.Array:
+    """One result row's list column of string ItemIDs (large_string; none: an empty row)."""
+    names = pa.array([], pa.large_string()) if names is None else names.cast(pa.large_string())
+    return pa.LargeListArray.from_arrays(pa.array([0, len(names)], pa.int64()), names)
+
+
+def flat_names(t: pa.Table, name: str = "names") -> pa.Array:
+    """A list column of string ItemIDs over result rows, as one large_string array."""
+    out = pc.list_flatten(t.column(name))
+    return out.combine_chunks() if isinstance(out, pa.ChunkedArray) else out
+
+
 def result_row(error: Exception | None = None, **cols) -> pa.Table:
     """One result row per block, with the error (or null): a bad row's message and ItemID, or
     a whole message naming the file (error_item -2)."""

@@ -14,39 +14,55 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from semid_dist.catalog import plumbing
-from semid_dist.catalog.plumbing import flat, lists
-from semid_dist.catalog.schema import Catalog, batch_to_arrays
+from semid_dist.catalog.plumbing import flat, flat_names, lists, name_lists
+from semid_dist.catalog.schema import Catalog, batch_names, batch_to_arrays
 from semid_dist.math import sampling
 from semid_dist.math.rows import take_rows_in_place
 
 
 @dataclass
 class ScanResult:
-    ids_N: np.ndarray  # every ItemID, in arrival order
-    sample_ids_S: np.ndarray  # sorted by ItemID
+    ids_N: np.ndarray  # every ItemID key (schema.batch_to_arrays), in arrival order
+    sample_ids_S: np.ndarray  # sorted by ItemID key
     sample_SD: np.ndarray  # float32, rows match sample_ids_S
     maxabs: float = float("nan")  # the largest |embedding value| (only when the scan was asked for it)
+    names: pa.Array | None = None  # string ItemIDs, in arrival order (None: integer ItemIDs)
+
+    def check_unique(self, catalog: Catalog) -> None:
+        """No ItemID twice (string ItemIDs are compared as strings, not by their keys)."""
+        if self.names is None:
+            catalog.check_unique_ids(self.ids_N)
+        else:
+            catalog.check_unique_names(self.names.take(pc.sort_indices(self.names)))
 
 
-EMPTY_SCAN = {
-    "ids": lists(np.zeros(0, np.int64), pa.int64()),
-    "sample_ids": lists(np.zeros(0, np.int64), pa.int64()),
-    "sample": lists(np.zeros(0, np.float32), pa.float32()),
-    "maxabs": [0.0],
-}
+def empty_scan(strings: bool) -> dict:
+    out = {
+        "ids": lists(np.zeros(0, np.int64), pa.int64()),
+        "sample_ids": lists(np.zeros(0, np.int64), pa.int64()),
+        "sample": lists(np.zeros(0, np.float32), pa.float32()),
+        "maxabs": [0.0],
+    }
+    if strings:
+        out["names"] = name_lists()
+    return out
 
 
 def scan_block(block: pa.Table, dim: int, seed: int, fraction: float, maxabs: bool = False) -> dict:
-    """One block's ItemIDs, its rows that fall in the hash sample, and with maxabs its largest
-    |value|."""
+    """One block's ItemIDs (keys, and string ItemIDs as such), its rows that fall in the hash
+    sample, and with maxabs its largest |value|."""
     ids_N, x_ND = batch_to_arrays(block, dim)
     keep = sampling.hash_unit(ids_N, seed) < fraction
-    return {
+    out = {
         "ids": lists(ids_N, pa.int64()),
         "sample_ids": lists(ids_N[keep], pa.int64()),
         "sample": lists(x_ND[keep].ravel(), pa.float32()),
         "maxabs": [float(np.abs(x_ND).max()) if maxabs and len(x_ND) else 0.0],
     }
+    names = batch_names(block)
+    if names is not None:
+        out["names"] = name_lists(names)
+    return out
 
 
 def scan_pass(
@@ -60,7 +76,7 @@ def scan_pass(
     t = plumbing.map_catalog(
         plumbing.dataset(catalog, n_items),
         scan_block,
-        EMPTY_SCAN,
+        empty_scan(catalog.string_ids),
         "scan",
         n_items,
         catalog,
@@ -74,7 +90,10 @@ def scan_pass(
     sample_ids = flat(t, "sample_ids").astype(np.int64, copy=False)
     order = np.argsort(sample_ids, kind="stable")
     top = float(pc.max(t.column("maxabs")).as_py() or 0.0) if maxabs else float("nan")
-    return ScanResult(ids_N=ids_N, sample_ids_S=sample_ids[order], sample_SD=sink.sorted(order), maxabs=top)
+    names = flat_names(t) if catalog.string_ids else None
+    return ScanResult(
+        ids_N=ids_N, sample_ids_S=sample_ids[order], sample_SD=sink.sorted(order), maxabs=top, names=names
+    )
 
 
 class SampleSink:
@@ -98,13 +117,15 @@ class SampleSink:
             )
         self.rows[self.n : self.n + len(new)] = new
         self.n += len(new)
-        return pa.table(
-            {
-                "ids": lists(flat(b, "ids").copy(), pa.int64()),
-                "sample_ids": lists(flat(b, "sample_ids").copy(), pa.int64()),
-                "maxabs": [float(pc.max(b.column("maxabs")).as_py() or 0.0)],
-            }
-        )
+        out = {
+            "ids": lists(flat(b, "ids").copy(), pa.int64()),
+            "sample_ids": lists(flat(b, "sample_ids").copy(), pa.int64()),
+            "maxabs": [float(pc.max(b.column("maxabs")).as_py() or 0.0)],
+        }
+        if "names" in b.column_names:  # a fresh copy: a view would keep the whole block alive
+            names = flat_names(b)
+            out["names"] = name_lists(names.take(pa.array(np.arange(len(names)))))
+        return pa.table(out)
 
     def sorted(self, order: np.ndarray) -> np.ndarray:
         assert len(order) == self.n, (len(order), self.n)

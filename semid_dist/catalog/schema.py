@@ -27,12 +27,24 @@ ID_COL, EMB_COL = "ItemID", "embedding"
 SPLIT_ROWS = 4 * 65536
 
 
+MAX_ID_BYTES = 1024  # the longest string ItemID, in UTF-8 bytes
+
+
 class RowError(UserError):
-    """A bad row found inside a Ray task; the driver adds the file name (``Catalog.with_file``)."""
+    """A bad row found inside a Ray task; the driver adds the file name (``Catalog.with_file``).
+    item_id: the row's ItemID key (an integer ItemID, or a string's utf8_keys)."""
 
     def __init__(self, message: str, item_id: int | None = None):
         super().__init__(message)
         self.item_id = item_id
+
+
+def is_string_id(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def id_kind(t: pa.DataType) -> str:
+    return "string" if is_string_id(t) else "integer"
 
 
 @dataclass
@@ -46,6 +58,13 @@ class Catalog:
     store: Storage = field(default_factory=Storage)
     rows_per_file: list[int] = field(default_factory=list)  # from the footers, in files order
     largest_row_group: tuple[str, int] = ("", 0)  # (file, rows) of the largest row group
+    id_type: pa.DataType = field(default_factory=pa.int64)  # the first file's ItemID type
+
+    @property
+    def string_ids(self) -> bool:
+        """ItemIDs are strings: the driver keeps them as one Arrow array (names), sorted
+        bytewise, and every rule that orders items uses their rank in it."""
+        return is_string_id(self.id_type)
 
     @property
     def name(self) -> str:
@@ -56,13 +75,17 @@ class Catalog:
         return open_parquet(path, self.store)
 
     def locate_item(self, item_id: int) -> str | None:
-        """The first file holding ItemID item_id (used only to word an error message)."""
+        """The first file holding the ItemID whose key is item_id (used only to word an error
+        message)."""
         for path in self.files:
             try:
                 col = self.open(path).read(columns=[ID_COL]).column(0)
             except UserError:
                 continue
-            if pc.any(pc.equal(col, pa.scalar(item_id, col.type))).as_py():
+            if is_string_id(col.type):
+                if (id_keys(col.combine_chunks()) == item_id).any():
+                    return path
+            elif pc.any(pc.equal(col, pa.scalar(item_id, col.type))).as_py():
                 return path
         return None
 
@@ -72,6 +95,21 @@ class Catalog:
         files = self.files
         prefix = where if where else (files[0] if len(files) == 1 else f"one of {len(files)} input files")
         return UserError(f"{prefix}: {err.args[0]}")
+
+    def check_unique_names(self, names: pa.Array) -> None:
+        """Every string ItemID once (names sorted bytewise); else a one-line error naming the
+        file of the first duplicate."""
+        if len(names) == 0:
+            raise UserError(f"{self.name}: zero rows")
+        same = pc.equal(names.slice(1), names.slice(0, len(names) - 1))
+        n_dup = int(pc.sum(same).as_py() or 0)
+        if n_dup:
+            first = names.slice(1).filter(same)[0]
+            where = self.locate_item(int(id_keys(pa.array([first.as_py()], pa.large_string()))[0]))
+            raise UserError(
+                f"{where or 'input'}: duplicate ItemID {first.as_py()!r} "
+                f"({n_dup} duplicate row(s) in the catalog)"
+            )
 
     def check_unique_ids(self, ids_N: np.ndarray) -> None:
         """Every ItemID once; else a one-line error naming the file of the first duplicate."""
@@ -104,8 +142,8 @@ def check_schema(path: str, schema: pa.Schema) -> None:
         if col not in names:
             raise UserError(f"{path}: missing column '{col}' (columns: {', '.join(names)})")
     id_type = schema.field(ID_COL).type
-    if not pa.types.is_integer(id_type):
-        raise UserError(f"{path}: column '{ID_COL}' must be integer, got {id_type}")
+    if not (pa.types.is_integer(id_type) or is_string_id(id_type)):
+        raise UserError(f"{path}: column '{ID_COL}' must be integer or string, got {id_type}")
     emb_type = schema.field(EMB_COL).type
     is_list = (
         pa.types.is_list(emb_type)
@@ -120,10 +158,18 @@ def check_schema(path: str, schema: pa.Schema) -> None:
 
 def inspect_catalog(files: list[str], store: Storage) -> Catalog:
     """Check every file's footer (columns, types, row count) and find the embedding size."""
-    total, dim, rows, largest = 0, None, [], ("", 0)
+    total, dim, rows, largest, first_id = 0, None, [], ("", 0), None
     for path in files:
         pf = open_parquet(path, store)
         check_schema(path, pf.schema_arrow)
+        id_type = pf.schema_arrow.field(ID_COL).type
+        if first_id is None:
+            first_id = (path, id_type)
+        elif id_kind(id_type) != id_kind(first_id[1]):
+            raise UserError(
+                f"{path}: ItemID is {id_type}, but {first_id[0]} has {first_id[1]}: every file of a "
+                "catalog needs one ItemID type (integer or string)"
+            )
         n = pf.metadata.num_rows
         total += n
         rows.append(n)
@@ -143,11 +189,56 @@ def inspect_catalog(files: list[str], store: Storage) -> Catalog:
         name = files[0] if len(files) == 1 else "input"
         raise UserError(f"{name}: zero rows in {len(files)} parquet file(s)")
     assert dim is not None
-    return Catalog(files, total, dim, store, rows_per_file=rows, largest_row_group=largest)
+    return Catalog(
+        files, total, dim, store, rows_per_file=rows, largest_row_group=largest, id_type=first_id[1]
+    )
+
+
+def id_keys(names: pa.Array) -> np.ndarray:
+    """String ItemIDs as int64 keys (math.sampling.utf8_keys of their UTF-8 bytes)."""
+    from semid_dist.math.sampling import utf8_keys
+
+    names = names.cast(pa.large_string())
+    offsets = np.frombuffer(names.buffers()[1], np.int64)[names.offset : names.offset + len(names) + 1]
+    data = (
+        np.frombuffer(names.buffers()[2], np.uint8)
+        if names.buffers()[2] is not None
+        else np.zeros(0, np.uint8)
+    )
+    return utf8_keys(offsets, data)
+
+
+def batch_names(batch: pa.Table) -> pa.Array | None:
+    """A batch's string ItemIDs as one large_string array (None for integer ItemIDs)."""
+    ids = batch.column(ID_COL)
+    if not is_string_id(ids.type):
+        return None
+    ids = ids.chunk(0) if isinstance(ids, pa.ChunkedArray) and ids.num_chunks == 1 else ids
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    return ids.cast(pa.large_string())
+
+
+def _string_keys(ids) -> np.ndarray:
+    """Validate string ItemIDs (none empty, none over MAX_ID_BYTES) and return their keys."""
+    names = batch_names(pa.table({ID_COL: ids}))
+    size = pc.binary_length(names).to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero((size == 0) | (size > MAX_ID_BYTES))
+    if bad.size:
+        i = int(bad[0])
+        what = "empty ItemID" if size[i] == 0 else f"ItemID of {size[i]} bytes (at most {MAX_ID_BYTES})"
+        shown = "" if size[i] == 0 else f" {names[i].as_py()[:40]!r}..."
+        raise RowError(f"{what}{shown} at row {i} of a batch")
+    return id_keys(names)
+
+
+def _id_text(ids_N: np.ndarray, names: pa.Array | None, i: int) -> str:
+    return repr(names[i].as_py()) if names is not None else str(ids_N[i])
 
 
 def batch_to_arrays(batch: pa.Table, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Validate a batch and return (ItemID int64 (N,), embeddings float32 (N, dim)).
+    """Validate a batch and return (ItemID keys int64 (N,), embeddings float32 (N, dim)): an
+    integer ItemID is its own key, a string one its utf8_keys (batch_names gives the strings).
 
     Zero-copy where the layout allows: flatten the list column, view it as (N, dim). The view
     may be read-only (a batch from Ray's object store): copy it before writing, or to keep it.
@@ -156,13 +247,14 @@ def batch_to_arrays(batch: pa.Table, dim: int) -> tuple[np.ndarray, np.ndarray]:
     if ids.null_count:
         row = int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0])
         raise RowError(f"null ItemID at row {row} of a batch")
-    ids_N = ids.to_numpy().astype(np.int64, copy=False)
+    names = batch_names(batch)
+    ids_N = _string_keys(ids) if names is not None else ids.to_numpy().astype(np.int64, copy=False)
     emb = batch.column(EMB_COL)
     if isinstance(emb, pa.ChunkedArray):  # one chunk: use it as is (combine_chunks would copy it)
         emb = emb.chunk(0) if emb.num_chunks == 1 else emb.combine_chunks()
     if emb.null_count:
         bad = int(np.flatnonzero(emb.is_null().to_numpy(zero_copy_only=False))[0])
-        raise RowError(f"ItemID {ids_N[bad]}: embedding is null", int(ids_N[bad]))
+        raise RowError(f"ItemID {_id_text(ids_N, names, bad)}: embedding is null", int(ids_N[bad]))
     lengths = pc.list_value_length(emb).to_numpy(zero_copy_only=False)
     wrong = np.flatnonzero(lengths != dim)
     if wrong.size:
@@ -172,7 +264,7 @@ def batch_to_arrays(batch: pa.Table, dim: int) -> tuple[np.ndarray, np.ndarray]:
             if lengths[bad] == 0
             else f"ragged embedding: length {lengths[bad]}, expected {dim}"
         )
-        raise RowError(f"ItemID {ids_N[bad]}: {what}", int(ids_N[bad]))
+        raise RowError(f"ItemID {_id_text(ids_N, names, bad)}: {what}", int(ids_N[bad]))
     values = pc.list_flatten(emb)
     if values.null_count:
         raise RowError("null value inside an embedding vector")
@@ -180,5 +272,7 @@ def batch_to_arrays(batch: pa.Table, dim: int) -> tuple[np.ndarray, np.ndarray]:
     finite_N = np.isfinite(x_ND).all(axis=1)
     if not finite_N.all():
         bad = int(np.flatnonzero(~finite_N)[0])
-        raise RowError(f"ItemID {ids_N[bad]}: embedding contains NaN or Inf", int(ids_N[bad]))
+        raise RowError(
+            f"ItemID {_id_text(ids_N, names, bad)}: embedding contains NaN or Inf", int(ids_N[bad])
+        )
     return ids_N, x_ND

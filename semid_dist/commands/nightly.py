@@ -23,12 +23,16 @@ reproduces exactly the IDs whose ``tokenizer`` equals generation.json's tokenize
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
 from functools import cached_property
 
+import pyarrow as pa
+
 from semid_dist.catalog.encode import EncodeResult, encode_catalog
+from semid_dist.catalog.names import common_ranks
 from semid_dist.catalog.schema import Catalog
 from semid_dist.config import Config
 from semid_dist.errors import UserError
@@ -108,7 +112,7 @@ def run(cfg: Config, log_dir: str = "logs") -> dict:
         tok = given or train_tokenizer(r, catalog, n_items)
         check_tokenizer(r.cfg, night, tok, catalog)
         enc = encode(r, catalog, n_items, where, tok)
-        tonight = assign(r, night, enc, tok)
+        tonight = assign(r, night, enc, tok, catalog.id_type)
         return publish(r, night, tok, tonight, (catalog, n_items, where))
 
 
@@ -191,7 +195,14 @@ def train_tokenizer(r: Run, catalog: Catalog, n_items: int) -> NightTokenizer:
 
 
 def check_tokenizer(cfg: Config, night: Night, tok: NightTokenizer, catalog: Catalog) -> None:
-    """The tokenizer fits the catalog and the lineage."""
+    """The tokenizer fits the catalog and the lineage, and the catalog's ItemIDs are of the
+    lineage's type."""
+    kind = "string" if catalog.string_ids else "integer"
+    if night.parent is not None and night.parent.id_kind != kind:
+        raise UserError(
+            f"{cfg.data_path}: ItemIDs are {kind}s, generation {night.parent.name}'s are "
+            f"{night.parent.id_kind}s; a lineage keeps its ItemID type (start a new --output_dir)"
+        )
     t = tok.tokenizer
     log.info(
         "tokenizer: %s (%s, %d levels x %d codes, fingerprint %016x)",
@@ -230,7 +241,7 @@ def encode(
             extras(cfg, n_items, fingerprints=True),
         )
         if not tok.scanned:
-            catalog.check_unique_ids(enc.ids_N)
+            enc.check_unique(catalog)
     return enc
 
 
@@ -239,19 +250,29 @@ class Tonight:
     a: gen.Assignment
     quality: dict
     digest: str  # of the generation's content (a re-run must match it)
+    names: tuple | None = None  # string ItemIDs of the mapping's and the retired list's rows
 
 
-def assign(r: Run, night: Night, enc: EncodeResult, tok: NightTokenizer) -> Tonight:
+def assign(r: Run, night: Night, enc: EncodeResult, tok: NightTokenizer, id_type: pa.DataType) -> Tonight:
     """Tonight's IDs against the parent's (math/generations.py), the quality figures and the
-    content digest."""
+    content digest. id_type: the catalog's ItemID type (string ItemIDs are written as it)."""
     tok_fp = tok.fingerprint
     width = tok.tokenizer.n_layers + 1
     parent = night.parent
     with r.stage("assign"):
+        prev = parent.mapping if parent else gen.IdTable.empty(width)
+        retired = parent.retired if parent else gen.RetiredTable.empty(width)
+        ids_N, union = enc.ids_N, None
+        if enc.names is not None:  # one rank space for the parent's, the retired and tonight's
+            none = pa.array([], pa.large_string())
+            union, (prev_r, retired_r, ids_N) = common_ranks(
+                parent.names if parent else none, parent.retired_names if parent else none, enc.names
+            )
+            prev, retired = dataclasses.replace(prev, ids=prev_r), dataclasses.replace(retired, ids=retired_r)
         a = gen.assign(
-            parent.mapping if parent else gen.IdTable.empty(width),
-            parent.retired if parent else gen.RetiredTable.empty(width),
-            enc.ids_N,
+            prev,
+            retired,
+            ids_N,
             enc.fp_N,
             enc.codes_NL,
             tok.fingerprint,
@@ -260,7 +281,10 @@ def assign(r: Run, night: Night, enc: EncodeResult, tok: NightTokenizer) -> Toni
             enc.cand_NK,
             enc.cand_err_NK,
         )
-        digest = content_digest(a, night.name, night.seq, night.parent_name, tok_fp)
+        names = None
+        if union is not None:
+            names = (union.take(a.mapping.ids).cast(id_type), union.take(a.retired.ids).cast(id_type))
+        digest = content_digest(a, night.name, night.seq, night.parent_name, tok_fp, names)
         quality = quality_report(enc.codes_NL, tok.tokenizer.n_codes, enc.sq_err_sum, enc.sq_norm_sum)
         quality["max_dedup_code"] = a.counts["max_dedup_code"]
         quality["published_ids"] = collision_stats(a.mapping.sid[:, :-1])
@@ -273,7 +297,7 @@ def assign(r: Run, night: Night, enc: EncodeResult, tok: NightTokenizer) -> Toni
             quality["collision_rate"],
             quality["published_ids"]["collision_rate"],
         ).to_dict()
-    return Tonight(a, quality, digest)
+    return Tonight(a, quality, digest, names)
 
 
 def publish(r: Run, night: Night, tok: NightTokenizer, tonight: Tonight, inputs: tuple) -> dict:
@@ -299,13 +323,14 @@ def publish(r: Run, night: Night, tok: NightTokenizer, tonight: Tonight, inputs:
         "tokenizer_source": tok.source,
         "path": night.root.gen_uri(name),
     }
+    items = a.mapping.ids if tonight.names is None else tonight.names[0]
     results = r.results(
         catalog,
         n_items,
         quality,
         tok.fit_info,
         where,
-        a.mapping.ids,
+        items,
         a.mapping.sid,
         generation=generation,
         counts=counts,
@@ -321,7 +346,9 @@ def publish(r: Run, night: Night, tok: NightTokenizer, tonight: Tonight, inputs:
         log.info("generation %s is already published with identical content: nothing rewritten", name)
     else:
         with r.stage("export"):
-            write_generation(r.pub, a, tok.model_bytes, manifest, cfg.dataset_name, tok.tokenizer.n_codes)
+            write_generation(
+                r.pub, a, tok.model_bytes, manifest, cfg.dataset_name, tok.tokenizer.n_codes, tonight.names
+            )
             write_report(r, results)
         generation["status"] = "published"
         r.publish(results, {"generation": name, "seq": night.seq, "items": n_items, "content_digest": digest})

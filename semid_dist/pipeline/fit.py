@@ -33,7 +33,7 @@ def scan_stage(r: Run, catalog: Catalog, n_items: int) -> ScanResult:
         scan = scan_pass(
             catalog, cfg.seed, target, n_items, maxabs=modes.wants_maxabs(cfg, catalog.dim, n_items)
         )
-        catalog.check_unique_ids(scan.ids_N)
+        scan.check_unique(catalog)
     return scan
 
 

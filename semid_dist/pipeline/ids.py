@@ -46,7 +46,7 @@ def export_ids(
     with r.stage("encode"):
         enc = encode_catalog(catalog, tokenizer, n_items, where, cfg.encode_batch_size, extras(cfg, n_items))
         if not scanned:
-            catalog.check_unique_ids(enc.ids_N)
+            enc.check_unique(catalog)
     with r.stage("dedup"):
         codes_NL, dedup_N, collisions, sizes_G = apply_policy(cfg, enc)
         sid_NM = export.semantic_ids(codes_NL, dedup_N)
@@ -60,12 +60,12 @@ def export_ids(
         add_group_sizes(quality, enc.codes_NL, codes_NL, sizes_G)  # before the export: their sorts' memory
     figures = background(add_coherence, quality, enc, codes_NL)  # overlaps the export's writing
     with r.stage("export"):
-        export.write_mappings(r.pub, enc.ids_N, sid_NM, cfg.dataset_name)
+        export.write_mappings(r.pub, enc.item_ids(), sid_NM, cfg.dataset_name, catalog.id_type)
         export.write_retrieval_files(r.pub, sid_NM, tokenizer.n_codes)
         export.write_torch(r.pub, export.MODEL, tokenizer.payload())
     with r.stage("quality"):  # what the figures add to the wall time, beyond the export
         figures()
-    results = r.results(catalog, n_items, quality, fit_info, where, enc.ids_N, sid_NM)
+    results = r.results(catalog, n_items, quality, fit_info, where, enc.item_ids(), sid_NM)
     log.info(
         "collision rate before dedup %.3f%%, max bucket %d, codes used per level %s, "
         "relative reconstruction error %.4f",
