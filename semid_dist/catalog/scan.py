@@ -29,11 +29,13 @@ class ScanResult:
     names: pa.Array | None = None  # string ItemIDs, in arrival order (None: integer ItemIDs)
 
     def check_unique(self, catalog: Catalog) -> None:
-        """No ItemID twice (string ItemIDs are compared as strings, not by their keys)."""
+        """No ItemID twice (string ItemIDs are compared as strings, not by their keys). The
+        strings are let go then: the encode pass collects them again, sorted."""
         if self.names is None:
             catalog.check_unique_ids(self.ids_N)
         else:
-            catalog.check_unique_names(self.names.take(pc.sort_indices(self.names)))
+            names, self.names = self.names, None
+            catalog.check_unique_names(names.take(pc.sort_indices(names)))
 
 
 def empty_scan(strings: bool) -> dict:

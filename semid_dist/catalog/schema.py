@@ -1,8 +1,10 @@
 """The catalog's data contract, and the catalog as the driver knows it (no embedding read).
 
-Input: parquet with ``ItemID`` (integer, unique) and ``embedding`` (list, large_list or
-fixed_size_list of floats, one length on every row). Bad input raises a UserError naming the
-file and the ItemID or row.
+Input: parquet with ``ItemID`` (integer, or string of 1 to MAX_ID_BYTES UTF-8 bytes; unique; one
+kind in every file) and ``embedding`` (list, large_list or fixed_size_list of floats, one length
+on every row). Bad input raises a UserError naming the file and the ItemID or row. A string
+ItemID travels through the tasks as its key (``id_keys``), the driver's rules use its rank
+(docs/architecture.md, "String ItemIDs").
 
 The happy path carries no file names through the pipeline (a string per row would cost more
 than the codes themselves); when a batch fails validation, the driver finds the offending file
