@@ -10,7 +10,9 @@ import io
 import json
 
 import numpy as np
+import pyarrow as pa
 
+from semid_dist.catalog.names import ids_kind, positions, sorted_ids
 from semid_dist.errors import UserError, one_line
 from semid_dist.io.publish import SUCCESS
 from semid_dist.io.retry import DEFAULT_RETRY_BUDGET_S
@@ -86,39 +88,54 @@ def read_evaluation(run_dir: str, store: Storage) -> dict:
     return e
 
 
+def read_mappings(run_dir: str, store: Storage) -> tuple[np.ndarray | pa.Array, np.ndarray]:
+    """A published run's ItemIDs (N,), sorted ascending (catalog.names.sorted_ids: int64 numpy,
+    or one Arrow array of strings), and their semantic IDs (N, L+1), int64, in the same order."""
+    import pyarrow.parquet as pq
+
+    uri = join(run_dir, MAPPING_PARQUET)
+    try:
+        t = pq.read_table(
+            io.BytesIO(store.read_bytes(uri, "mappings file")), columns=["ItemID", "semantic_id"]
+        )
+        ids_N, order = sorted_ids(t.column("ItemID"))
+        flat = t.column("semantic_id").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        sid_NM = flat.astype(np.int64).reshape(len(ids_N), -1)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{uri}: not a semantic ID mappings file ({one_line(e)})") from e
+    return ids_N, sid_NM[order]
+
+
 class PublishedRun:
-    """A published run's mappings: ItemIDs (N,) and semantic IDs (N, L+1), sorted by ItemID."""
+    """A published run's mappings: ItemIDs (N,) and semantic IDs (N, L+1), sorted by ItemID.
+    String ItemIDs stay one Arrow array (read_mappings); ``item`` gives one as a Python value."""
 
     def __init__(self, run: str, store: Storage):
-        import pyarrow.parquet as pq
-
         self.dir, self.name = resolve_run(run, store)
         self.store = store
-        uri = join(self.dir, MAPPING_PARQUET)
-        try:
-            t = pq.read_table(
-                io.BytesIO(store.read_bytes(uri, "mappings file")), columns=["ItemID", "semantic_id"]
-            )
-            ids_N = t.column("ItemID").to_numpy().astype(np.int64)
-            flat = t.column("semantic_id").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            sid_NM = flat.astype(np.int64).reshape(len(ids_N), -1)
-        except UserError:
-            raise
-        except Exception as e:
-            raise UserError(f"{uri}: not a semantic ID mappings file ({one_line(e)})") from e
-        order = np.argsort(ids_N, kind="stable")
-        self.ids_N, self.sid_NM = ids_N[order], sid_NM[order]
-        self.n_levels = sid_NM.shape[1] - 1  # the last column is the dedup code
+        self.ids_N, self.sid_NM = read_mappings(self.dir, store)
+        self.n_levels = self.sid_NM.shape[1] - 1  # the last column is the dedup code
+        self.kind = ids_kind(self.ids_N)
 
-    def row_of(self, item: int) -> int:
-        i = int(np.searchsorted(self.ids_N, item))
-        if i == len(self.ids_N) or self.ids_N[i] != item:
-            raise UserError(f"{self.name}: ItemID {item} is not in the published mappings")
+    def item(self, row: int) -> int | str:
+        return self.ids_N[row].as_py() if self.kind == "string" else int(self.ids_N[row])
+
+    def shown(self, item: int | str) -> str:
+        """An ItemID as messages show it: a string quoted, an integer as is."""
+        return repr(item) if self.kind == "string" else str(item)
+
+    def row_of(self, item: int | str) -> int:
+        i = int(positions([item], self.ids_N)[0])
+        if i < 0:
+            raise UserError(f"{self.name}: ItemID {self.shown(item)} is not in the published mappings")
         return i
 
     def under(self, prefix: list[int]) -> np.ndarray:
-        """Rows whose semantic ID starts with prefix, in semantic ID order (then ItemID)."""
+        """Rows whose semantic ID starts with prefix, in semantic ID order (then ItemID: rows
+        are in ItemID order)."""
         p = np.asarray(prefix, np.int64)
         rows = np.flatnonzero((self.sid_NM[:, : len(p)] == p).all(axis=1))
-        keys = [self.ids_N[rows]] + [self.sid_NM[rows, j] for j in range(self.sid_NM.shape[1] - 1, -1, -1)]
+        keys = [rows] + [self.sid_NM[rows, j] for j in range(self.sid_NM.shape[1] - 1, -1, -1)]
         return rows[np.lexsort(keys)]

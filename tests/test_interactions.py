@@ -260,8 +260,8 @@ def test_nan_timestamp(tmp_path, bad):
 
 
 def test_wrong_id_types(tmp_path):
-    path = _write(tmp_path / "i.parquet", [1], ["a"], [1], ItemID=pa.string())
-    assert _error(path) == f"{path}: ItemID must be integer, found string"
+    path = _write(tmp_path / "i.parquet", [1], [1.5], [1], ItemID=pa.float64())
+    assert _error(path) == f"{path}: ItemID must be integer or string, found double"
     path = _write(tmp_path / "u.parquet", [1.5], [1], [1], UserID=pa.float64())
     assert _error(path) == f"{path}: UserID must be integer or string, found double"
 

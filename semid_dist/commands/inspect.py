@@ -3,10 +3,12 @@
     semid inspect --run RUN --item ITEMID [--data_path CATALOG] [--item_titles FILE] [--neighbours 10]
     semid inspect --run RUN --prefix 12,34 [--item_titles FILE]
 
-RUN is a published output dir or a nightly output root (its LATEST generation). For an item:
-its semantic ID, how many items share its prefix at each depth 1..L (with a few of them), and
-its nearest neighbours with their IDs: by embedding cosine when --data_path is given, else by
-the cosine of the tokenizer's reconstructions (final_model.pt decodes every item's codes).
+RUN is a published output dir or a nightly output root (its LATEST generation); ITEMID is an
+integer, or for a run of string ItemIDs the string as given (titles and the catalog have the
+run's ItemID kind). For an item: its semantic ID, how many items share its prefix at each depth
+1..L (with a few of them), and its nearest neighbours with their IDs: by embedding cosine when
+--data_path is given, else by the cosine of the tokenizer's reconstructions (final_model.pt
+decodes every item's codes).
 Everything is read on this machine (the mappings, the titles and, with --data_path, the catalog).
 """
 
@@ -35,8 +37,21 @@ def parse_prefix(text: str, width: int) -> list[int]:
     return codes
 
 
-def read_titles(path: str, store: Storage) -> dict[int, str]:
+def parse_item(text: str, run: PublishedRun) -> int | str:
+    """--item as the run's ItemIDs are: the string as given, or an integer (argparse's error,
+    as when the flag was typed int, for one that is not)."""
+    if run.kind == "string":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        build_parser().error(f"argument --item: invalid int value: {text!r}")
+
+
+def read_titles(path: str, store: Storage, run: PublishedRun) -> dict[int | str, str]:
     import pyarrow.parquet as pq
+
+    from semid_dist.catalog.schema import id_kind
 
     if not path:
         return {}
@@ -46,20 +61,38 @@ def read_titles(path: str, store: Storage) -> dict[int, str]:
         raise
     except Exception as e:
         raise UserError(f"{path}: expected a parquet file with ItemID and title ({one_line(e)})") from e
+    kind = id_kind(t.schema.field("ItemID").type)
+    if kind != run.kind:
+        raise UserError(f"{path}: its ItemIDs are {kind}s, but {run.name} maps {run.kind} ItemIDs")
     return dict(zip(t.column("ItemID").to_pylist(), t.column("title").to_pylist(), strict=True))
 
 
-def _batches(data_path: str, store: Storage):
-    """(path, ItemIDs, embeddings) of every batch of the catalog, validated, read here."""
-    from semid_dist.catalog.schema import EMB_COL, ID_COL, RowError, batch_to_arrays, inspect_catalog
+def _batches(data_path: str, run: PublishedRun):
+    """(rows in run, embeddings) of every batch of the catalog, validated, read here: each
+    item's row in the run's mappings, -1 for an item the run does not map."""
+    from semid_dist.catalog.names import positions
+    from semid_dist.catalog.schema import (
+        EMB_COL,
+        ID_COL,
+        RowError,
+        batch_names,
+        batch_to_arrays,
+        id_kind,
+        inspect_catalog,
+    )
 
-    catalog = inspect_catalog(store.list_parquet(data_path), store)
+    catalog = inspect_catalog(run.store.list_parquet(data_path), run.store)
+    if id_kind(catalog.id_type) != run.kind:
+        kind = id_kind(catalog.id_type)
+        raise UserError(f"{data_path}: its ItemIDs are {kind}s, but {run.name} maps {run.kind} ItemIDs")
     for path in catalog.files:
         for batch in catalog.open(path).iter_batches(batch_size=16384, columns=[ID_COL, EMB_COL]):
             try:
-                yield path, *batch_to_arrays(batch, catalog.dim)
+                keys_B, x_BD = batch_to_arrays(batch, catalog.dim)
             except RowError as e:
                 raise UserError(f"{path}: {e.args[0]}") from e
+            names = batch_names(batch)
+            yield positions(keys_B if names is None else names, run.ids_N), x_BD
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -67,23 +100,23 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def embedding_neighbours(data_path: str, store: Storage, item: int, ids_N: np.ndarray, k: int):
-    """The k items of ids_N (sorted) nearest item by embedding cosine, streamed over the catalog
-    (two passes, a batch at a time: the catalog never has to fit in memory); (ItemIDs, cosines,
+def embedding_neighbours(data_path: str, run: PublishedRun, row: int, k: int):
+    """The k items of the run nearest its row by embedding cosine, streamed over the catalog
+    (two passes, a batch at a time: the catalog never has to fit in memory); (rows, cosines,
     items compared)."""
-    q = next((x_BD[ids_B == item][0] for _, ids_B, x_BD in _batches(data_path, store) if item in ids_B), None)
+    q = next((x_BD[rows_B == row][0] for rows_B, x_BD in _batches(data_path, run) if row in rows_B), None)
     if q is None:
-        raise UserError(f"{data_path}: ItemID {item} is not in the catalog")
+        raise UserError(f"{data_path}: ItemID {run.shown(run.item(row))} is not in the catalog")
     q = _unit(q)
-    best_ids, best_sim, seen = np.zeros(0, np.int64), np.zeros(0), 0
-    for _, ids_B, x_BD in _batches(data_path, store):
-        keep = np.isin(ids_B, ids_N) & (ids_B != item)
+    best_rows, best_sim, seen = np.zeros(0, np.int64), np.zeros(0), 0
+    for rows_B, x_BD in _batches(data_path, run):
+        keep = (rows_B >= 0) & (rows_B != row)
         seen += int(keep.sum())
-        best_ids = np.concatenate([best_ids, ids_B[keep]])
+        best_rows = np.concatenate([best_rows, rows_B[keep]])
         best_sim = np.concatenate([best_sim, _unit(x_BD[keep]) @ q])
-        top = np.lexsort([best_ids, -best_sim])[:k]  # most similar first; ties by ItemID
-        best_ids, best_sim = best_ids[top], best_sim[top]
-    return best_ids, best_sim, seen + 1
+        top = np.lexsort([best_rows, -best_sim])[:k]  # most similar first; ties by row (ItemID order)
+        best_rows, best_sim = best_rows[top], best_sim[top]
+    return best_rows, best_sim, seen + 1
 
 
 def reconstruction_neighbours(run: PublishedRun, row: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -109,20 +142,19 @@ def reconstruction_neighbours(run: PublishedRun, row: int, k: int) -> tuple[np.n
     return top, sim_N[top]
 
 
-def _line(run: PublishedRun, row: int, titles: dict[int, str], extra: str = "") -> str:
-    item = int(run.ids_N[row])
+def _line(run: PublishedRun, row: int, titles: dict, extra: str = "") -> str:
+    item = run.item(row)
     title = titles.get(item)
     return f"{item:>12}  {run.sid_NM[row].tolist()}{extra}" + (f"  {title}" if title else "")
 
 
-def show_item(run: PublishedRun, item: int, titles: dict, data_path: str, k: int) -> None:
+def show_item(run: PublishedRun, item: int | str, titles: dict, data_path: str, k: int) -> None:
     row = run.row_of(item)
     sid = run.sid_NM[row]
     top, sim, how = np.zeros(0, np.int64), np.zeros(0), ""
     if k > 0 and data_path:  # before any output: a catalog error is the only thing printed
-        ids, sim, n = embedding_neighbours(data_path, run.store, item, run.ids_N, k)
+        top, sim, n = embedding_neighbours(data_path, run, row, k)
         how = f"by embedding cosine over {n} items of {data_path}"
-        top = np.searchsorted(run.ids_N, ids)  # every one is in the mappings
     elif k > 0:
         how = (
             "by the cosine of the tokenizer's reconstructions of their codes (--data_path: of the embeddings)"
@@ -160,7 +192,7 @@ def build_parser() -> ArgParser:
     p = ArgParser(prog="semid inspect", description="Look up an item's semantic ID or a prefix's items.")
     p.add_argument("--run", required=True, help="published output dir or nightly output root")
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--item", type=int, help="an ItemID")
+    what.add_argument("--item", help="an ItemID (as given, for a run of string ItemIDs)")
     what.add_argument("--prefix", help="leading codes separated by commas, e.g. 12,34")
     p.add_argument("--data_path", default="", help="the catalog: neighbours by embedding cosine (--item)")
     p.add_argument("--item_titles", default="", help="parquet with ItemID,title shown next to items")
@@ -176,9 +208,10 @@ def main(argv: list[str]) -> int:
         store = storage(args)
         run = PublishedRun(args.run, store)
         prefix = parse_prefix(args.prefix, run.sid_NM.shape[1]) if args.prefix is not None else None
-        titles = read_titles(args.item_titles, store)
-        if prefix is None:
-            show_item(run, args.item, titles, args.data_path, args.neighbours)
+        item = parse_item(args.item, run) if prefix is None else None
+        titles = read_titles(args.item_titles, store, run)
+        if item is not None:
+            show_item(run, item, titles, args.data_path, args.neighbours)
         else:
             show_prefix(run, prefix, titles, args.limit)
     except UserError as e:

@@ -1,11 +1,14 @@
 """The interactions input of ``semid evaluate``: read, validate, turn into user histories.
 
 Input: parquet (a file, a directory of shards, a glob, or s3://) with the columns
-``UserID`` (integer or string), ``ItemID`` (integer) and ``timestamp`` (integer, float, or an
-Arrow timestamp/date type, read as its integer value); other columns are not read. Every bad
-input raises a UserError of one line naming the file: no parquet, an unreadable file, a missing
-column, a column of the wrong type, shards that disagree on a column's type (both files named),
-a null, a NaN or infinite timestamp, zero rows. Every ItemID must be in the run's mapping.
+``UserID`` (integer or string), ``ItemID`` (integer or string: the kind of the run's ItemIDs)
+and ``timestamp`` (integer, float, or an Arrow timestamp/date type, read as its integer value);
+other columns are not read. Every bad input raises a UserError of one line naming the file: no
+parquet, an unreadable file, a missing column, a column of the wrong type, shards that disagree
+on a column's type (both files named), a null, a NaN or infinite timestamp, zero rows, ItemIDs of
+another kind than the run's. Every ItemID must be in the run's mapping. String ItemIDs become
+their positions in the run's sorted ItemIDs here, so that everything after (histories, the
+retriever, the figures) is integer.
 
 The table returned carries the input's path in its schema metadata (``SOURCE_KEY``), so that
 ``to_histories`` can name it in its own errors.
@@ -17,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from semid_dist.catalog.names import is_names, positions
 from semid_dist.catalog.schema import open_parquet
 from semid_dist.errors import UserError, one_line
 from semid_dist.io.storage import Storage
@@ -55,8 +59,8 @@ def _check_type(path: str, col: str, t: pa.DataType) -> None:
     t = _value_type(t)
     if col == "UserID" and not (pa.types.is_integer(t) or _is_string(t)):
         raise UserError(f"{path}: UserID must be integer or string, found {t}")
-    if col == "ItemID" and not pa.types.is_integer(t):
-        raise UserError(f"{path}: ItemID must be integer, found {t}")
+    if col == "ItemID" and not (pa.types.is_integer(t) or _is_string(t)):
+        raise UserError(f"{path}: ItemID must be integer or string, found {t}")
     numeric = pa.types.is_integer(t) or pa.types.is_floating(t)
     if col == "timestamp" and not (numeric or pa.types.is_timestamp(t) or pa.types.is_date(t)):
         raise UserError(f"{path}: {TS_RULE}, found {t}")
@@ -78,7 +82,7 @@ def _check_schemas(files: list[str], store: Storage) -> None:
 
 
 def _normalize(col: str, a: pa.ChunkedArray) -> pa.ChunkedArray:
-    """One type per column across shards: int64 / large_string UserID, int64 ItemID, int64 or
+    """One type per column across shards: int64 / large_string UserID and ItemID, int64 or
     float64 timestamp (a timestamp or date as its integer value)."""
     t = _value_type(a.type)
     if a.type != t:
@@ -126,21 +130,36 @@ def read_interactions(path: str, store: Storage) -> pa.Table:
     return table.replace_schema_metadata({SOURCE_KEY: path.encode()})
 
 
-def _item_index(item_T: np.ndarray, item_ids_N: np.ndarray, run_name: str, src: str) -> np.ndarray:
-    """Each ItemID's index in item_ids_N (sorted, unique); an absent ItemID is a UserError."""
-    idx_T = np.searchsorted(item_ids_N, item_T)
-    found_T = np.zeros(item_T.size, dtype=bool)
-    if item_ids_N.size:  # searchsorted gives N past the largest ItemID: clip before comparing
-        found_T = item_ids_N[np.minimum(idx_T, item_ids_N.size - 1)] == item_T
-    if not found_T.all():
-        missing = item_T[~found_T]
-        distinct = np.unique(missing)
-        examples = ", ".join(str(int(i)) for i in distinct[:MAX_EXAMPLES])
+def _item_index(items: pa.ChunkedArray, item_ids_N, run_name: str, src: str) -> np.ndarray:
+    """Each ItemID's index in item_ids_N (the run's ItemIDs, sorted, unique); ItemIDs of another
+    kind than the run's, or absent from it, are a UserError."""
+    kind, run_kind = ("string" if is_names(a) else "integer" for a in (items, item_ids_N))
+    if kind != run_kind:
         raise UserError(
-            f"{src}{missing.size} interactions ({distinct.size} distinct ItemIDs) are not in "
+            f"{src}ItemID is {kind}, but {run_name} maps {run_kind} ItemIDs (the interactions "
+            "need the ItemID type of the run's catalog)"
+        )
+    idx_T = positions(items, item_ids_N)
+    missing = idx_T < 0
+    if missing.any():
+        if kind == "string":
+            distinct = items.filter(pa.array(missing)).unique()
+            first = distinct.take(pc.sort_indices(distinct)[:MAX_EXAMPLES]).to_pylist()
+            examples = ", ".join(map(repr, first))
+        else:
+            distinct = np.unique(items.to_numpy()[missing])
+            examples = ", ".join(str(int(i)) for i in distinct[:MAX_EXAMPLES])
+        raise UserError(
+            f"{src}{int(missing.sum())} interactions ({len(distinct)} distinct ItemIDs) are not in "
             f"{run_name}'s mapping, e.g. {examples}"
         )
-    return idx_T.astype(np.int64, copy=False)
+    return idx_T
+
+
+def _ascending(ids_N) -> bool:
+    if is_names(ids_N):
+        return bool(pc.all(pc.less(ids_N.slice(0, len(ids_N) - 1), ids_N.slice(1))).as_py())
+    return bool((np.diff(ids_N) > 0).all())
 
 
 def _user_codes(users: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -162,15 +181,16 @@ def to_histories(
     table: pa.Table, item_ids_N: np.ndarray, run_name: str, min_len: int = 3
 ) -> tuple[Histories, dict]:
     """Per-user chronological histories of item indices into item_ids_N (the run's ItemIDs,
-    sorted ascending, unique), users with fewer than min_len interactions dropped. The info dict
-    is build_histories' plus "rows" (the input's rows)."""
-    item_ids_N = np.asarray(item_ids_N, dtype=np.int64)
-    if item_ids_N.size > 1 and not (np.diff(item_ids_N) > 0).all():
+    sorted ascending, unique: int64, or an Arrow array of strings, as catalog.names.sorted_ids
+    gives them), users with fewer than min_len interactions dropped. The info dict is
+    build_histories' plus "rows" (the input's rows)."""
+    if not is_names(item_ids_N):
+        item_ids_N = np.asarray(item_ids_N, dtype=np.int64)
+    if len(item_ids_N) > 1 and not _ascending(item_ids_N):
         raise ValueError("item_ids_N must be sorted ascending and unique")
     meta = table.schema.metadata or {}
     src = f"{meta[SOURCE_KEY].decode()}: " if SOURCE_KEY in meta else ""
-    item_T = table.column("ItemID").to_numpy().astype(np.int64, copy=False)
-    index_T = _item_index(item_T, item_ids_N, run_name, src)
+    index_T = _item_index(table.column("ItemID"), item_ids_N, run_name, src)
     codes_T, names = _user_codes(table.column("UserID"))
     h, info = build_histories(codes_T, index_T, table.column("timestamp").to_numpy(), min_len)
     if names is not None:  # back from codes to the UserIDs themselves

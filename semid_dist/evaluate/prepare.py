@@ -9,21 +9,21 @@ every run and baseline.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 
+from semid_dist.catalog.names import ids_kind
 from semid_dist.config import CODES_FIELD
-from semid_dist.errors import UserError, one_line
+from semid_dist.errors import UserError
 from semid_dist.evaluate.config import EvalConfig
 from semid_dist.evaluate.steps import Queries, Windows
-from semid_dist.io.storage import Storage, join
+from semid_dist.io.storage import Storage
 from semid_dist.math import histories as H
 from semid_dist.pipeline.collisions import CollisionSummary
-from semid_dist.published import MAPPING_PARQUET, read_results, resolve_run
+from semid_dist.published import read_mappings, read_results, resolve_run
 
 log = logging.getLogger("semid_dist")
 
@@ -34,7 +34,7 @@ SHUFFLE_SEED = 20230516  # the shuffled baseline's permutation: fixed, so reruns
 class RunIDs:
     name: str  # how the figures name it
     path: str  # the published output dir
-    ids_N: np.ndarray  # ItemIDs, ascending
+    ids_N: np.ndarray | pa.Array  # ItemIDs, ascending (catalog.names.sorted_ids)
     sid_NM: np.ndarray  # int64 IDs (L codes, then the dedup code), row i is ids_N[i]'s
     results: dict  # its training_results.json
 
@@ -67,28 +67,25 @@ def load_runs(paths: list[str], store: Storage) -> list[RunIDs]:
     for p in paths:
         run_dir, title = resolve_run(p, store)
         results = read_results(run_dir, store)
-        uri = join(run_dir, MAPPING_PARQUET)
-        try:
-            t = pq.read_table(
-                io.BytesIO(store.read_bytes(uri, "mappings file")), columns=["ItemID", "semantic_id"]
-            )
-            ids = t.column("ItemID").to_numpy()
-            col = t.column("semantic_id").combine_chunks()
-            sid = col.flatten().to_numpy(zero_copy_only=False).astype(np.int64).reshape(len(ids), -1)
-        except UserError:
-            raise
-        except Exception as e:
-            raise UserError(f"{uri}: not a semid_dist mappings file ({one_line(e)})") from e
-        order = np.argsort(ids, kind="stable")
-        runs.append(RunIDs(title, run_dir, ids[order], sid[order], results))
+        ids_N, sid_NM = read_mappings(run_dir, store)
+        runs.append(RunIDs(title, run_dir, ids_N, sid_NM, results))
     first = runs[0]
     for r in runs[1:]:
-        if len(r.ids_N) != len(first.ids_N) or not np.array_equal(r.ids_N, first.ids_N):
+        if not _same_ids(r.ids_N, first.ids_N):
+            kinds = ("", "")
+            if ids_kind(r.ids_N) != ids_kind(first.ids_N):
+                kinds = (f" {ids_kind(r.ids_N)}", f" {ids_kind(first.ids_N)}")
             raise UserError(
-                f"{r.name} maps {len(r.ids_N)} items and {first.name} {len(first.ids_N)}: runs compared "
-                "side by side must map the same ItemIDs"
+                f"{r.name} maps {len(r.ids_N)}{kinds[0]} items and {first.name} {len(first.ids_N)}"
+                f"{kinds[1]}: runs compared side by side must map the same ItemIDs"
             )
     return runs
+
+
+def _same_ids(a, b) -> bool:
+    if ids_kind(a) != ids_kind(b) or len(a) != len(b):
+        return False
+    return a.equals(b) if ids_kind(a) == "string" else bool(np.array_equal(a, b))
 
 
 def variants(cfg: EvalConfig, runs: list[RunIDs]) -> tuple[dict[str, np.ndarray], list[dict]]:

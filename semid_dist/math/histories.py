@@ -3,8 +3,9 @@
 Rules (every function is deterministic, vectorised, and independent of the input's row order):
 
 - **Order**: a user's history is sorted by timestamp, ties broken by item index (the index into
-  the catalog's ItemIDs sorted ascending, so by ItemID), then by nothing else: rows that agree
-  on (user, timestamp, item) are identical, so their relative order cannot show.
+  the catalog's ItemIDs sorted ascending, so by ItemID; string ItemIDs bytewise), then by
+  nothing else: rows that agree on (user, timestamp, item) are identical, so their relative
+  order cannot show.
 - **Short users**: a user with fewer than ``min_len`` interactions is dropped (and counted).
 - **Splits**: "loo" (leave-one-out): the last item is the test target, the one before it the
   validation target, the rest is training. "dense": the last k = min(test_last, n - 2) items are
