@@ -2,6 +2,7 @@
 sharding, row order and worker count; bytewise order for dedup and relocation ties; the outputs
 keep the strings as given; `semid encode` reproduces a run; every bad input gets its line."""
 
+import glob
 import json
 import os
 
@@ -92,6 +93,10 @@ def test_same_ids_whatever_the_sharding_and_order(ray_session, catalog, policy):
     ) as f:
         js = json.load(f)
     assert list(js) == ids_a and js[ids_a[0]] == sid_a[0].tolist()
+    (index,) = glob.glob(os.path.join(str(base / f"out_a_{policy}"), "*.index.json"))
+    with open(index, encoding="utf-8") as f:
+        tokens = json.load(f)
+    assert list(tokens) == ids_a and tokens[ids_a[-1]][0] == f"<a_{sid_a[-1, 0]}>"
     assert all(isinstance(e["ItemID"], str) for e in ra["examples"])
 
 
