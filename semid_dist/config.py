@@ -188,6 +188,14 @@ class Config:
         0.05, "share of items held out for validation", "tiger", defines_run=True, hyperparameter=14
     )
     num_workers: int = _opt(1, "Ray Train workers", "tiger", hyperparameter=17)
+    train_sample_gb: str = _opt(
+        "auto",
+        "at most this many GB of the catalog in the train workers' memory: tiger then trains on a "
+        "hash sample of that size (kmeans's rule) and still encodes every item; auto: the whole "
+        "catalog when it fits the memory Ray gives the workers, else the largest sample that fits",
+        "tiger",
+        metavar="GB|auto",
+    )
     cpus_per_worker: float = _opt(0.5, "CPUs each Ray Train worker asks for", "tiger")
     resume: bool = _opt(False, "continue from the latest checkpoint", "tiger")
     max_failures: int = _opt(0, "restarts allowed after a worker failure", "tiger")
@@ -314,6 +322,13 @@ class Config:
             raise bad("learning_rate", "must be > 0")
         if not 0 < self.ema_decay < 1:
             raise bad("ema_decay", "must be in (0, 1)")
+        if self.train_sample_gb != "auto":
+            try:
+                ok = float(self.train_sample_gb) > 0
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise bad("train_sample_gb", "must be a number of GB > 0, or auto")
         if not 0 <= self.val_fraction < 0.5:
             raise bad("val_fraction", "must be in [0, 0.5)")
         if self.cpus_per_worker <= 0:

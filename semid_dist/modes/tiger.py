@@ -1,5 +1,6 @@
-"""tiger mode: an RQ-VAE trained with DDP under Ray Train on every item (docs/tiger.md); and its
-tokenizer, TigerTokenizer: the trained model, encoding with its encoder and codebooks.
+"""tiger mode: an RQ-VAE trained with DDP under Ray Train on the catalog or a hash sample of it
+(docs/tiger.md); and its tokenizer, TigerTokenizer: the trained model, encoding with its encoder
+and codebooks.
 
 fit() is the mode's entry; the Ray Train driver (tiger/trainer.py), the loop every worker runs
 (tiger/worker.py) and the steps (tiger/steps.py) are the tiger package's. Its imports wait for
@@ -28,20 +29,25 @@ KEEP_RULE = (
 
 
 def fit(job) -> tuple[TigerTokenizer, dict]:
-    """The tiger mode's fit (job: modes.FitJob): train on every item of the catalog under Ray
-    Train (tiger/trainer.py); write checkpoint_epoch_*.pt and the plots next to the outputs."""
+    """The tiger mode's fit (job: modes.FitJob): train under Ray Train (tiger/trainer.py) on every
+    item of the catalog, or on the hash sample --train_sample_gb allows (tiger/sample.py); write
+    checkpoint_epoch_*.pt and the plots next to the outputs."""
     from semid_dist import export, testhooks
     from semid_dist.catalog import plumbing
     from semid_dist.catalog.source import training_dataset
     from semid_dist.tiger import batches, checkpoint, plots, steps
+    from semid_dist.tiger import sample as train_sample
     from semid_dist.tiger.trainer import train
 
     cfg, scan, pub = job.cfg, job.scan, job.pub
-    n_train = int((~batches.validation_mask(scan.ids_N, cfg.seed, cfg.val_fraction)).sum())
+    sample = train_sample.resolve(cfg, job.n_items, job.catalog.dim)
+    in_sample = train_sample.keep(scan.ids_N, cfg.seed, sample.fraction)
+    n_train = int((in_sample & ~batches.validation_mask(scan.ids_N, cfg.seed, cfg.val_fraction)).sum())
     if n_train < cfg.n_embed:
+        where = "" if sample.whole else f" of the {int(in_sample.sum())}-item training sample"
         raise UserError(
             f"--n_embed {cfg.n_embed} is larger than the number of training items "
-            f"({n_train} after holding out --val_fraction {cfg.val_fraction})"
+            f"({n_train}{where} after holding out --val_fraction {cfg.val_fraction})"
         )
     if cfg.learning_rate > steps.ADAMW_LR_WARN:
         log.warning(
@@ -50,9 +56,8 @@ def fit(job) -> tuple[TigerTokenizer, dict]:
             cfg.learning_rate,
         )
     ds = training_dataset(job.catalog, job.n_items, plumbing.read_tasks())
-    run = train(
-        cfg, ds, job.catalog.dim, job.n_items, job.catalog.store, fail_at_step=testhooks.fail_at_step()
-    )
+    fail_at = testhooks.fail_at_step()
+    run = train(cfg, ds, job.catalog.dim, job.n_items, job.catalog.store, fail_at_step=fail_at, sample=sample)
     for epoch, ckpt in run.checkpoints:
         with ckpt.as_directory() as d:
             export.write_torch(

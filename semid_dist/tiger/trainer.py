@@ -30,6 +30,7 @@ from semid_dist.math.rqvae import RQVAE
 from semid_dist.options import hyperparameters, run_fields
 from semid_dist.tiger import checkpoint, steps
 from semid_dist.tiger.progress import log_record
+from semid_dist.tiger.sample import TrainSample
 from semid_dist.tiger.worker import RESTART_EVERY, train_loop_per_worker
 
 log = logging.getLogger("semid_dist")
@@ -62,9 +63,11 @@ class TrainRun:
         return model
 
 
-def run_name(cfg: Config, input_dim: int, n_items: int) -> str:
+def run_name(cfg: Config, input_dim: int, n_items: int, sample_fraction: float = 1.0) -> str:
     key = {f: getattr(cfg, f) for f in RUN_FIELDS}
     key.update(input_dim=int(input_dim), n_items=int(n_items))
+    if sample_fraction < 1.0:  # trained on a hash sample (tiger/sample.py): another run
+        key["train_sample"] = float(sample_fraction)
     return "tiger-" + hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -82,13 +85,16 @@ def train(
     store: Storage,
     trace_dir: str | None = None,
     fail_at_step: int = -1,
+    sample: TrainSample | None = None,
 ) -> TrainRun:
-    """Run the TorchTrainer; return the trained model, its history and checkpoints.
-    trace_dir and fail_at_step are test hooks (worker._Hooks)."""
+    """Run the TorchTrainer; return the trained model, its history and checkpoints. sample:
+    what the workers keep of the catalog (tiger/sample.py; None: every item). trace_dir and
+    fail_at_step are test hooks (worker._Hooks)."""
+    sample = sample or TrainSample(1.0, n_items, 0.0, "every item")
     use_gpu = raytrain.use_gpu(cfg.device, cfg.num_workers, "tiger")
     device = "cuda" if use_gpu else "cpu"
     root = storage_root(cfg)
-    name = run_name(cfg, input_dim, n_items)
+    name = run_name(cfg, input_dim, n_items, sample.fraction)
     run_dir = storage.join(root, name)
     raytrain.prepare_run_dir(run_dir, store, cfg.resume, "tiger")
     args = steps.model_args(cfg, input_dim)
@@ -104,8 +110,9 @@ def train(
         "trace_dir": trace_dir,
         "fail_at_step": fail_at_step,
         "store": store,
-        "expect_rows": -(-n_items // max(cfg.num_workers, 1)),  # a shard's size, about
-        "n_items": n_items,
+        "expect_rows": -(-sample.expect_rows // max(cfg.num_workers, 1)),  # a shard's size, about
+        "n_items": sample.expect_rows,  # what the workers hold (the intake's memory check)
+        "sample_fraction": sample.fraction,
     }
     trainer = _torch_trainer(cfg, loop_cfg, name, root, ds, store)
     log.info(
@@ -116,7 +123,9 @@ def train(
         run_dir,
     )
     result = raytrain.fit(trainer, progress, log_record, cfg.max_failures, run_dir, "tiger")
-    return _train_run(cfg, result, run_dir, use_gpu)
+    run = _train_run(cfg, result, run_dir, use_gpu)
+    run.fit_info["train_sample"] = sample.record()
+    return run
 
 
 def _train_run(cfg: Config, result, run_dir: str, use_gpu: bool) -> TrainRun:

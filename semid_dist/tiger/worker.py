@@ -28,6 +28,7 @@ from semid_dist.errors import UserError
 from semid_dist.io import storage
 from semid_dist.math.rqvae import RQVAE
 from semid_dist.tiger import checkpoint, steps
+from semid_dist.tiger import sample as train_sample
 from semid_dist.tiger.collectives import Collectives
 
 # Dead-code restarts are checked every this many optimizer steps: a restarted code then has
@@ -118,7 +119,9 @@ def _intake(loop_cfg: dict, cfg: Config, comm: Collectives, device, local_world:
     dim = loop_cfg["model_args"]["input_dim"]
     check_shard_fits(loop_cfg.get("n_items", 0), dim, comm.world, local_world)
     t_read = time.perf_counter()
-    ids_N, x_ND = read_shard(ray.train.get_dataset_shard("train"), dim, loop_cfg.get("expect_rows", 0))
+    shard = ray.train.get_dataset_shard("train")
+    keep = loop_cfg.get("sample_fraction", 1.0), cfg.seed
+    ids_N, x_ND = read_shard(shard, dim, loop_cfg.get("expect_rows", 0), keep)
     data = steps.RankData.build(ids_N, x_ND, cfg, comm, device, consume=True)
     del ids_N, x_ND
     read_s = time.perf_counter() - t_read
@@ -184,8 +187,11 @@ def check_shard_fits(n_items: int, dim: int, world: int, local_world: int) -> No
     )
 
 
-def read_shard(shard, dim: int, expect_rows: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Stream this rank's shard once: (ItemID (N,), embeddings (N, dim)) in arrival order.
+def read_shard(
+    shard, dim: int, expect_rows: int = 0, sample: tuple[float, int] = (1.0, 0)
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stream this rank's shard once: (ItemID keys (N,), embeddings (N, dim)) in arrival order,
+    only the rows of the hash sample (fraction, seed) when tiger trains on one (tiger/sample.py).
 
     Every row is copied once, from its Arrow chunk (a view into Ray's object store) straight
     into one array sized for expect_rows (grown by half when the shard is bigger: with
@@ -199,6 +205,9 @@ def read_shard(shard, dim: int, expect_rows: int = 0) -> tuple[np.ndarray, np.nd
     for block in shard.iter_batches(batch_format="pyarrow", batch_size=None):
         for batch in block.to_batches():  # zero-copy: one record batch per chunk
             ids_B, x_BD = batch_to_arrays(batch, dim)
+            if sample[0] < 1.0:
+                kept = train_sample.keep(ids_B, sample[1], sample[0])
+                ids_B, x_BD = ids_B[kept], x_BD[kept]
             if at + len(x_BD) > rows.shape[0]:
                 grown = np.empty((max(at + len(x_BD), rows.shape[0] * 3 // 2), dim), np.float32)
                 grown[:at] = rows[:at]
