@@ -71,7 +71,8 @@ clean:
 #   make bench-kmeans           kmeans end to end vs a FAISS baseline, N = 1,000,000 (N=250000 quicker);
 #                               SIDES=product skips the baseline (e.g. N=10000000 SIDES=product
 #                               SHARDS=160: the driver's memory at catalog scale), FLAGS='--collision_policy
-#                               relocate' passes flags to the product
+#                               relocate' passes flags to the product, IDS=string (with SIDES=product) a
+#                               catalog of string ItemIDs ("SKU-%012d", 16 bytes; /tmp/bench/catalog_<N>_str)
 #   make bench-tiger            tiger throughput, 1 and 2 workers, vs the same loop in memory
 #                               (TIGER_ITEMS = 100,000 of the N-item catalog, 2 epochs)
 #   make bench-nightly          the nightly job from and to S3 (a local SeaweedFS), three nights,
@@ -89,12 +90,13 @@ BENCH_OUT ?= bench_out
 SIDES ?= product,baseline
 SHARDS ?= 16
 FLAGS ?=
+IDS ?= int
 
 bench: bench-kmeans bench-tiger
 
 bench-kmeans: install
 	BENCH_OUT=$(BENCH_OUT) $(BIN)/python bench/kmeans_bench.py --n $(N) --sides $(SIDES) --shards $(SHARDS) \
-	  --product-flags "$(FLAGS)"
+	  --id_type $(IDS) --product-flags "$(FLAGS)"
 
 bench-tiger: install
 	BENCH_OUT=$(BENCH_OUT) $(BIN)/python bench/tiger_bench.py --n $(N) --items $(TIGER_ITEMS)

@@ -1,6 +1,7 @@
 """kmeans mode at catalog scale: the product end to end against a FAISS baseline, in one run.
 
     python bench/kmeans_bench.py --n 1000000 [--device cpu|cuda] [--out DIR]   (or BENCH_OUT=DIR)
+    python bench/kmeans_bench.py --n 1000000 --sides product --id_type string   (string ItemIDs)
 
 Both sides run as subprocesses over the same synthetic parquet catalog (bench/synth.py,
 generated once under /tmp/bench):
@@ -23,7 +24,7 @@ mappings (costly for a Ray worker's many mappings), so a process is re-read only
 (statm) moved by more than 1%; the sampler's own CPU time is recorded (sampler_cpu_s). CPU
 time of each side is the user + system time of all its processes, as last sampled.
 
-Writes <out>/kmeans_<n>_<device>_<timestamp>.json and .md (the table) and prints the table.
+Writes <out>/kmeans_<n>_<device>[_str]_<timestamp>.json and .md (the table) and prints the table.
 """
 
 from __future__ import annotations
@@ -450,7 +451,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--shards", type=int, default=16)
-    ap.add_argument("--data", default=None, help="catalog dir (default /tmp/bench/catalog_<n>)")
+    ap.add_argument("--data", default=None, help="catalog dir (default /tmp/bench/catalog_<n>[_str])")
+    ap.add_argument(
+        "--id_type",
+        default="int",
+        choices=synth.ID_TYPES,
+        help='ItemIDs of the synthetic catalog: int, or string ("SKU-%%012d", 16 bytes)',
+    )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--out", default=os.environ.get("BENCH_OUT") or os.path.join(REPO, "bench_out"))
     ap.add_argument("--sides", default="product,baseline", help="comma list: product, baseline")
@@ -466,11 +473,14 @@ def main() -> None:
         help="more semid flags for the product, e.g. '--kmeans_full_dim_levels 2'",
     )
     a = ap.parse_args()
+    if a.id_type == "string" and "baseline" in a.sides:
+        ap.error("the FAISS baseline reads integer ItemIDs: --id_type string needs --sides product")
 
-    data = synth.ensure(a.n, a.data or f"/tmp/bench/catalog_{a.n}", a.shards, a.dim)
+    data = synth.ensure(a.n, a.data or synth.default_out(a.n, a.id_type), a.shards, a.dim, id_type=a.id_type)
     stamp = time.strftime("%Y%m%d_%H%M%S")
+    tag = f"{a.n}_{a.device}" + ("_str" if a.id_type == "string" else "")
     os.makedirs(a.out, exist_ok=True)
-    work = os.path.join(a.out, f"work_{a.n}_{a.device}_{stamp}")
+    work = os.path.join(a.out, f"work_{tag}_{stamp}")
     os.makedirs(work)
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=pythonpath(REPO))
     res = {
@@ -479,6 +489,7 @@ def main() -> None:
         "levels": 3,
         "codes": 256,
         "device": a.device,
+        "id_type": a.id_type,
         "data": data,
         "timestamp": stamp,
         "machine": machine(),
@@ -502,12 +513,12 @@ def main() -> None:
         }
     res["targets_met"] = targets(res)
     md = table(res)
-    base = save(os.path.join(a.out, f"kmeans_{a.n}_{a.device}_{stamp}"), res, md)
+    base = save(os.path.join(a.out, f"kmeans_{tag}_{stamp}"), res, md)
     if not a.keep:
         for d in ("product_out", "baseline_out"):
             shutil.rmtree(os.path.join(work, d), ignore_errors=True)
     print(
-        f"\nkmeans benchmark: N={a.n}, D={a.dim}, 3 x 256, device {a.device}, "
+        f"\nkmeans benchmark: N={a.n}, D={a.dim}, 3 x 256, device {a.device}, {a.id_type} ItemIDs, "
         + (f"product flags '{a.product_flags}', " if a.product_flags else "")
         + f"{machine_line(res['machine'])}"
     )

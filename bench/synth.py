@@ -1,6 +1,7 @@
 """Deterministic synthetic item catalog, shaped like real item embeddings, as sharded parquet.
 
     python bench/synth.py --n 1000000 --out /tmp/bench/catalog_1000000
+    python bench/synth.py --n 1000000 --id_type string   (-> /tmp/bench/catalog_1000000_str)
 
 What "shaped like real item embeddings" means here (sentence embeddings of item text); the
 statistics were set against real 768-d mpnet catalogs (MovieLens, Wikidata films), and the
@@ -19,7 +20,9 @@ Deterministic: row i depends only on (seed, i // BLOCK) and i, never on the shar
 N = 250,000 catalog is the first 250,000 rows of the N = 1,000,000 one. Generated BLOCK rows at a
 time (the full matrix is never in memory); written as list<float32> with 64k-row row groups
 (large row groups of list columns exhaust memory on read). ItemIDs are
-sparse and unordered (an odd multiplier mod 2^32 is a bijection, so they are unique).
+sparse and unordered (an odd multiplier mod 2^32 is a bijection, so they are unique); with
+--id_type string each becomes "SKU-" and its 12 digits (16 bytes, e.g. "SKU-002654448106"), the
+embeddings unchanged.
 """
 
 from __future__ import annotations
@@ -31,11 +34,13 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 VERSION = 2  # bump when the generator changes: ensure() then regenerates
 BLOCK = 16384
 ROW_GROUP = 65536
+ID_TYPES = ("int", "string")
 N_TOPICS, N_SUB, N_LEAF = 64, 32, 32  # per parent
 SPEC = 0.45  # std of coordinate d ~ (1 + d)^-SPEC
 ALPHA = 2.0  # Dirichlet concentration of topic / subtopic popularity (smaller: more skewed)
@@ -92,6 +97,16 @@ def item_ids(start: int, stop: int) -> np.ndarray:
         return ((i * np.uint64(2654435761) + np.uint64(12345)) % np.uint64(1 << 32)).astype(np.int64)
 
 
+def item_names(ids: np.ndarray) -> pa.Array:
+    """String ItemIDs "SKU-%012d" of the integer ones (16 bytes each, unique as they are)."""
+    digits = pc.utf8_lpad(pc.cast(pa.array(ids), pa.string()), 12, "0")
+    return pc.binary_join_element_wise("SKU-", digits, "")
+
+
+def default_out(n: int, id_type: str = "int") -> str:
+    return f"/tmp/bench/catalog_{n}" + ("_str" if id_type == "string" else "")
+
+
 def rows(cat: Catalog, start: int, stop: int) -> np.ndarray:
     """Rows [start, stop) of the catalog, generated block by block."""
     out = np.empty((stop - start, cat.dim), np.float32)
@@ -101,14 +116,16 @@ def rows(cat: Catalog, start: int, stop: int) -> np.ndarray:
     return out
 
 
-def _table(ids: np.ndarray, x: np.ndarray) -> pa.Table:
+def _table(ids: np.ndarray, x: np.ndarray, id_type: str = "int") -> pa.Table:
     d = x.shape[1]
     offsets = pa.array(np.arange(0, x.size + 1, d, dtype=np.int32))
     emb = pa.ListArray.from_arrays(offsets, pa.array(x.ravel()))
-    return pa.table({"ItemID": pa.array(ids), "embedding": emb})
+    item = item_names(ids) if id_type == "string" else pa.array(ids)
+    return pa.table({"ItemID": item, "embedding": emb})
 
 
-def generate(n: int, out: str, shards: int = 16, dim: int = 768, seed: int = 0) -> dict:
+def generate(n: int, out: str, shards: int = 16, dim: int = 768, seed: int = 0, id_type: str = "int") -> dict:
+    assert id_type in ID_TYPES, id_type
     os.makedirs(out, exist_ok=True)
     cat = Catalog(dim, seed)
     bounds = np.linspace(0, n, shards + 1).round().astype(int)
@@ -116,10 +133,10 @@ def generate(n: int, out: str, shards: int = 16, dim: int = 768, seed: int = 0) 
     for s in range(shards):
         path = os.path.join(out, f"part-{s:05d}.parquet")
         tmp = path + ".tmp"
-        with pq.ParquetWriter(tmp, _table(item_ids(0, 1), rows(cat, 0, 1)).schema) as w:
+        with pq.ParquetWriter(tmp, _table(item_ids(0, 1), rows(cat, 0, 1), id_type).schema) as w:
             for lo in range(bounds[s], bounds[s + 1], ROW_GROUP):
                 hi = min(lo + ROW_GROUP, bounds[s + 1])
-                w.write_table(_table(item_ids(lo, hi), rows(cat, lo, hi)), row_group_size=ROW_GROUP)
+                w.write_table(_table(item_ids(lo, hi), rows(cat, lo, hi), id_type), row_group_size=ROW_GROUP)
         os.replace(tmp, path)
         print(f"  {path}: rows {bounds[s]}..{bounds[s + 1]} ({time.time() - t0:.0f} s)", flush=True)
     meta = {
@@ -132,28 +149,29 @@ def generate(n: int, out: str, shards: int = 16, dim: int = 768, seed: int = 0) 
         "version": VERSION,
         "seconds": round(time.time() - t0, 1),
     }
+    if id_type != "int":  # integer catalogs keep the _catalog.json they always had
+        meta["id_type"] = id_type
     with open(os.path.join(out, "_catalog.json"), "w") as f:
         json.dump(meta, f, indent=2)
     return meta
 
 
-def ensure(n: int, out: str, shards: int = 16, dim: int = 768, seed: int = 0) -> str:
-    """Generate the catalog unless `out` already holds the same one (checked by _catalog.json)."""
+def ensure(n: int, out: str, shards: int = 16, dim: int = 768, seed: int = 0, id_type: str = "int") -> str:
+    """Generate the catalog unless `out` already holds the same one (checked by _catalog.json;
+    one without "id_type" has integer ItemIDs)."""
     try:
         with open(os.path.join(out, "_catalog.json")) as f:
             meta = json.load(f)
-        if (meta["n"], meta["dim"], meta["shards"], meta["seed"], meta.get("version")) == (
-            n,
-            dim,
-            shards,
-            seed,
-            VERSION,
-        ):
+        have = (meta["n"], meta["dim"], meta["shards"], meta["seed"], meta.get("version"))
+        if have == (n, dim, shards, seed, VERSION) and meta.get("id_type", "int") == id_type:
             return out
     except (OSError, ValueError, KeyError):
         pass
-    print(f"generating a synthetic catalog: {n} x {dim} in {shards} shards -> {out}", flush=True)
-    generate(n, out, shards, dim, seed)
+    print(
+        f"generating a synthetic catalog: {n} x {dim} in {shards} shards, {id_type} ItemIDs -> {out}",
+        flush=True,
+    )
+    generate(n, out, shards, dim, seed, id_type)
     return out
 
 
@@ -163,14 +181,15 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--shards", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="default: /tmp/bench/catalog_<n>")
+    p.add_argument("--id_type", default="int", choices=ID_TYPES, help='string: ItemIDs "SKU-%%012d"')
+    p.add_argument("--out", default=None, help="default: /tmp/bench/catalog_<n> (string: catalog_<n>_str)")
     p.add_argument("--force", action="store_true", help="regenerate even if present")
     a = p.parse_args()
-    out = a.out or f"/tmp/bench/catalog_{a.n}"
+    out = a.out or default_out(a.n, a.id_type)
     if a.force:
-        generate(a.n, out, a.shards, a.dim, a.seed)
+        generate(a.n, out, a.shards, a.dim, a.seed, a.id_type)
     else:
-        ensure(a.n, out, a.shards, a.dim, a.seed)
+        ensure(a.n, out, a.shards, a.dim, a.seed, a.id_type)
     print(out)
 
 
