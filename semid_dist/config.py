@@ -49,6 +49,15 @@ def _opt(default: Any, help: str, group: str, commands: tuple[str, ...] = FIT, *
     return option(default, help, group=group, commands=commands, **roles)
 
 
+def _gb_or_auto(value: Any) -> bool:
+    if value == "auto":
+        return True
+    try:
+        return float(value) > 0
+    except (TypeError, ValueError):
+        return False
+
+
 @dataclass
 class Config:
     # --- the original tool's contract (its flag names and defaults) ---
@@ -322,13 +331,8 @@ class Config:
             raise bad("learning_rate", "must be > 0")
         if not 0 < self.ema_decay < 1:
             raise bad("ema_decay", "must be in (0, 1)")
-        if self.train_sample_gb != "auto":
-            try:
-                ok = float(self.train_sample_gb) > 0
-            except (TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise bad("train_sample_gb", "must be a number of GB > 0, or auto")
+        if not _gb_or_auto(self.train_sample_gb):
+            raise bad("train_sample_gb", "must be a number of GB > 0, or auto")
         if not 0 <= self.val_fraction < 0.5:
             raise bad("val_fraction", "must be in [0, 0.5)")
         if self.cpus_per_worker <= 0:

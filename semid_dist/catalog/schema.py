@@ -221,9 +221,8 @@ def batch_names(batch: pa.Table) -> pa.Array | None:
     return ids.cast(pa.large_string())
 
 
-def _string_keys(ids) -> np.ndarray:
+def _string_keys(names: pa.Array) -> np.ndarray:
     """Validate string ItemIDs (none empty, none over MAX_ID_BYTES) and return their keys."""
-    names = batch_names(pa.table({ID_COL: ids}))
     size = pc.binary_length(names).to_numpy(zero_copy_only=False)
     bad = np.flatnonzero((size == 0) | (size > MAX_ID_BYTES))
     if bad.size:
@@ -250,7 +249,7 @@ def batch_to_arrays(batch: pa.Table, dim: int) -> tuple[np.ndarray, np.ndarray]:
         row = int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0])
         raise RowError(f"null ItemID at row {row} of a batch")
     names = batch_names(batch)
-    ids_N = _string_keys(ids) if names is not None else ids.to_numpy().astype(np.int64, copy=False)
+    ids_N = _string_keys(names) if names is not None else ids.to_numpy().astype(np.int64, copy=False)
     emb = batch.column(EMB_COL)
     if isinstance(emb, pa.ChunkedArray):  # one chunk: use it as is (combine_chunks would copy it)
         emb = emb.chunk(0) if emb.num_chunks == 1 else emb.combine_chunks()
