@@ -156,6 +156,13 @@ class Config:
     relocate_candidates: int = _opt(
         16, "last-level candidates per item kept by the encode pass (relocate)", "ids", ALL
     )
+    relocate_task_rows: int = _opt(
+        1_000_000,
+        "items per relocation task (relocate): each Ray task relocates about this many items, whole "
+        "prefixes; the IDs do not depend on it",
+        "ids",
+        ALL,
+    )
     # --- tiger mode ---
     beta: float = _opt(0.25, "commitment loss weight", "tiger", defines_run=True, hyperparameter=7)
     ema_decay: float = _opt(0.99, "EMA codebook decay", "tiger", defines_run=True, hyperparameter=8)
@@ -313,6 +320,7 @@ class Config:
             "kmeans_stream_passes",
             "beam_size",
             "relocate_candidates",
+            "relocate_task_rows",
         )
         for name in positive:
             if int(getattr(self, name)) < 1:

@@ -44,7 +44,9 @@ def test_tiger_one_worker_per_node(ray_cluster, cluster_catalog, tiger_reference
     print(f"tiger on 2 nodes: {job.seconds:.1f} s")
 
 
-def test_kmeans_then_encode_with_its_tokenizer(ray_cluster, cluster_catalog, kmeans_reference, s3):
+def test_kmeans_then_encode_with_its_tokenizer(ray_cluster, cluster_catalog, kmeans_reference, s3, tmp_path):
+    from test_collision_policy import driver_relocation
+
     job, out = kmeans_reference
     fs = s3.filesystem()
     ids = cluster_catalog[1]
@@ -59,12 +61,15 @@ def test_kmeans_then_encode_with_its_tokenizer(ray_cluster, cluster_catalog, kme
     for name in manifest["files"]:  # no credential in anything published
         assert s3.secret_key.encode() not in fs.cat_file(out.replace("s3://", "") + name), name
     # jobs.encode with that tokenizer under --collision_policy relocate, on S3 through the job
-    # API: items alone on their codes keep their IDs exactly; the others move only their last
-    # code, fewer keep a suffix, and the quality report is published with the IDs
+    # API, relocated in Ray tasks of about 100 items over both nodes: items alone on their codes
+    # keep their IDs exactly; the others move only their last code, fewer keep a suffix, and
+    # the quality report is published with the IDs
     enc_out = "s3://semid-test/cluster/encoded-relocate/"
     tok = out + "final_model.pt"
     enc_args = ["--data_path", cluster_catalog[0], "--output_dir", enc_out, "--tokenizer", tok]
-    enc = ray_cluster.run("jobs.encode", [*enc_args, "--collision_policy", "relocate"])
+    enc = ray_cluster.run(
+        "jobs.encode", [*enc_args, "--collision_policy", "relocate", "--relocate_task_rows", "100"]
+    )
     assert enc.ok, enc.logs()[-4000:]
     got = mapping(fs, enc_out)
     assert sorted(got) == sorted(ref) and len(set(got.values())) == len(got)
@@ -73,7 +78,11 @@ def test_kmeans_then_encode_with_its_tokenizer(ray_cluster, cluster_catalog, kme
     assert alone and all(got[i] == ref[i] for i in alone)
     assert all(got[i][0] == ref[i][0] for i in ref)
     c = read_json(fs, enc_out + "training_results.json")["metrics"]["collisions"]
-    assert c["policy"] == "relocate" and c["moved"] > 0
+    assert c["policy"] == "relocate" and c["moved"] > 0 and c["tasks"] > 1
+    # the very IDs of relocate() over all items at once, in this process
+    fs.get(tok.replace("s3://", ""), str(tmp_path / "final_model.pt"))
+    ref_ids, ref_sid = driver_relocation(str(tmp_path), ids, cluster_catalog[2])
+    assert got == {int(i): tuple(s) for i, s in zip(ref_ids.tolist(), ref_sid.tolist(), strict=True)}
     assert c["suffix_items"] == sum(v[-1] > 0 for v in got.values()) < sum(v[-1] > 0 for v in ref.values())
     assert "quality_report.html" in read_json(fs, enc_out + "_SUCCESS")["files"]
     print(f"kmeans {job.seconds:.1f} s, encode (relocate) {enc.seconds:.1f} s")

@@ -115,12 +115,25 @@ def test_nightly_lineage_keeps_its_first_policy_and_night_one_equals_train(
         assert json.load(f)["config"]["collision_policy"] == "relocate"
 
 
+def driver_relocation(out, ids, x, k=16):
+    """relocate() over every item at once, in this process, with the published tokenizer and the
+    encode pass's CPU arithmetic: ItemIDs sorted, and their semantic IDs."""
+    from semid_dist.math.relocate import relocate
+
+    enc = load_tokenizer(os.path.join(out, "final_model.pt")).cpu_encoder()
+    order = np.argsort(ids)
+    codes, _ = enc.encode_with_error(x[order])
+    cand, err = enc.last_level_candidates(x[order], codes, k)
+    rel = relocate(ids[order], codes, cand, err)
+    return ids[order], np.concatenate([rel.codes_NL, rel.dedup_N[:, None]], axis=1)
+
+
 def test_relocated_ids_do_not_depend_on_sharding_row_order_or_workers(ray_session, small_catalog, tmp_path):
     from conftest import write_shards
 
     data, ids, x = small_catalog
     a = str(tmp_path / "a")
-    train(data, a, *KMEANS, "--collision_policy", "relocate")
+    train(data, a, *KMEANS, "--collision_policy", "relocate")  # 600 items: one relocation task
     perm = np.random.default_rng(4).permutation(len(ids))
     shuffled = str(tmp_path / "shuffled")
     write_shards(shuffled, ids[perm], x[perm], 7)  # other row order, 7 shards: other tasks
@@ -128,9 +141,15 @@ def test_relocated_ids_do_not_depend_on_sharding_row_order_or_workers(ray_sessio
     tok = os.path.join(a, "final_model.pt")
     log_dir = str(tmp_path / "logs")
     argv = ["encode", "--data_path", shuffled, "--output_dir", b, "--tokenizer", tok, "--log_dir", log_dir]
-    assert main([*argv, "--collision_policy", "relocate"]) == 0
+    # relocated by many tasks (a bucket of prefixes each): the same IDs
+    assert main([*argv, "--collision_policy", "relocate", "--relocate_task_rows", "40"]) == 0
     a_ids, a_sid = published(a)
     b_ids, b_sid = published(b)
     np.testing.assert_array_equal(a_ids, b_ids)
     np.testing.assert_array_equal(a_sid, b_sid)
-    assert json.load(open(os.path.join(b, "training_results.json")))["metrics"]["collisions"]["moved"] > 20
+    ref_ids, ref_sid = driver_relocation(a, ids, x)  # and relocate() over all rows at once
+    np.testing.assert_array_equal(a_ids, ref_ids)
+    np.testing.assert_array_equal(a_sid, ref_sid)
+    assert (ref_sid[:, -1] > 0).any()  # some items kept a suffix
+    c = json.load(open(os.path.join(b, "training_results.json")))["metrics"]["collisions"]
+    assert c["moved"] > 20 and c["tasks"] > 1

@@ -25,6 +25,7 @@ from semid_dist.catalog import plumbing
 from semid_dist.catalog.plumbing import flat, flat_names, guarded, lists, name_lists, total
 from semid_dist.catalog.schema import Catalog, batch_names, batch_to_arrays
 from semid_dist.errors import UserError
+from semid_dist.pipeline.relocation import CandidateSpool
 
 log = logging.getLogger("semid_dist")
 
@@ -67,6 +68,8 @@ class EncodeResult:
     sample_x: np.ndarray | None = None  # their embeddings (float32)
     sample_codes: np.ndarray | None = None  # and their codes before the collision policy
     names: pa.Array | None = None  # string ItemIDs sorted bytewise (row i is names[i]); None: integers
+    spool: CandidateSpool | None = None  # relocate in Ray tasks: the candidates, spooled by bucket
+    stream_order: np.ndarray | None = None  # with a spool: the result stream's row of each row
 
     def check_unique(self, catalog: Catalog) -> None:
         """No ItemID twice (when no scan pass checked it before)."""
@@ -161,7 +164,9 @@ def encode_block(block: pa.Table, dim: int, encoder, extras: Extras = Extras()) 
     return out
 
 
-def encode_result(t: pa.Table, n_layers: int, extras: Extras = Extras(), dim: int = 0) -> EncodeResult:
+def encode_result(
+    t: pa.Table, n_layers: int, extras: Extras = Extras(), dim: int = 0, spool: CandidateSpool | None = None
+) -> EncodeResult:
     ids_N = flat(t, "ids").astype(np.int64, copy=False)
     # 2 bytes a code (uint16: Config caps the codes per level at 65,535) keep the driver small
     codes_NL = flat(t, "codes").reshape(-1, n_layers)
@@ -178,9 +183,11 @@ def encode_result(t: pa.Table, n_layers: int, extras: Extras = Extras(), dim: in
         sq_norm_sum=total(t, "sq_norm"),
         names=names,
     )
+    if spool is not None:  # the candidates are in the object store, not in t
+        res.spool, res.stream_order = spool, order
     if extras.fingerprints:
         res.fp_N = flat(t, "fp").astype(np.uint64, copy=False)[order]
-    if extras.candidates:
+    if extras.candidates and spool is None:
         k = extras.candidates
         res.cand_NK = flat(t, "cand").reshape(-1, k)[order]
         res.cand_err_NK = flat(t, "cand_err").reshape(-1, k)[order]
@@ -200,9 +207,11 @@ def encode_result(t: pa.Table, n_layers: int, extras: Extras = Extras(), dim: in
     return res
 
 
-def encode_pass(catalog: Catalog, tokenizer, n_items: int, extras: Extras = Extras()) -> EncodeResult:
+def encode_pass(
+    catalog: Catalog, tokenizer, n_items: int, extras: Extras = Extras(), spool: CandidateSpool | None = None
+) -> EncodeResult:
     """The encode pass over the first n_items rows on CPUs, fused with the read: codes of every
-    item (and the extras asked for), sorted by ItemID."""
+    item (and the extras asked for), sorted by ItemID. With a spool, the candidates go to it."""
     t = plumbing.map_catalog(
         plumbing.dataset(catalog, n_items),
         encode_block,
@@ -210,11 +219,12 @@ def encode_pass(catalog: Catalog, tokenizer, n_items: int, extras: Extras = Extr
         "encode",
         n_items,
         catalog,
+        keep=None if spool is None else spool.take,
         dim=catalog.dim,
         encoder=tokenizer.cpu_encoder(),
         extras=extras,
     )
-    return encode_result(t, tokenizer.n_layers, extras, catalog.dim)
+    return encode_result(t, tokenizer.n_layers, extras, catalog.dim, spool)
 
 
 class DeviceEncoder:
@@ -253,6 +263,7 @@ def encode_pass_on_devices(
     actors: int,
     batch_size: int,
     extras: Extras = Extras(),
+    spool: CandidateSpool | None = None,
 ) -> EncodeResult:
     """The encode pass with `actors` actors (one GPU each when device is cuda) that hold the
     tokenizer on the device. Not fused with the read (actors cannot be): the read tasks' blocks
@@ -272,8 +283,8 @@ def encode_pass_on_devices(
         num_gpus=1 if device == "cuda" else 0,
     )
     log.info("encode: %d actor(s) on %s, batches of %d", actors, device, batch_size)
-    t = plumbing.collect(mapped, "encode", n_items, catalog)
-    return encode_result(t, tokenizer.n_layers, extras, catalog.dim)
+    t = plumbing.collect(mapped, "encode", n_items, catalog, None if spool is None else spool.take)
+    return encode_result(t, tokenizer.n_layers, extras, catalog.dim, spool)
 
 
 def encode_catalog(
@@ -283,10 +294,16 @@ def encode_catalog(
     where: tuple[str, int],
     batch_size: int,
     extras: Extras = Extras(),
+    task_rows: int | None = None,
 ) -> EncodeResult:
-    """The encode pass where encode_device() said: actors on the GPUs, else the fused CPU pass."""
+    """The encode pass where encode_device() said: actors on the GPUs, else the fused CPU pass.
+    With candidates and task_rows, the candidates are spooled for relocation in Ray tasks of
+    about task_rows items (pipeline/relocation.py) instead of kept on the driver."""
     device, gpus = where
     extras = dataclasses.replace(extras, wide_codes=tokenizer.n_codes > 2**16, strings=catalog.string_ids)
+    spool = None
+    if extras.candidates and task_rows:
+        spool = CandidateSpool(n_items, tokenizer.n_layers, extras.candidates, catalog.string_ids, task_rows)
     if device == "cuda":
-        return encode_pass_on_devices(catalog, tokenizer, n_items, device, gpus, batch_size, extras)
-    return encode_pass(catalog, tokenizer, n_items, extras)
+        return encode_pass_on_devices(catalog, tokenizer, n_items, device, gpus, batch_size, extras, spool)
+    return encode_pass(catalog, tokenizer, n_items, extras, spool)

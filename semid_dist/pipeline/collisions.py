@@ -41,6 +41,7 @@ class CollisionSummary:
     error_before: float | None = None  # relative reconstruction error of the encoded codes
     error_after: float | None = None  # of the published codes
     seconds: float | None = None  # the policy's wall time
+    tasks: int | None = None  # Ray tasks that relocated, a bucket of prefixes each (relocate)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -100,20 +101,29 @@ def apply_policy(
         )
         return enc.codes_NL, dedup_N, summary, sizes_G
     rate_before = collision_stats(enc.codes_NL)["collision_rate"]
-    rel = relocate(enc.ids_N, enc.codes_NL, enc.cand_NK, enc.cand_err_NK)
-    err_after = (enc.sq_err_sum + rel.err_delta) / enc.sq_norm_sum if enc.sq_norm_sum > 0 else 0.0
+    if enc.spool is not None:  # in Ray tasks, a bucket of prefixes each (pipeline/relocation.py)
+        spool, enc.spool = enc.spool, None
+        codes_NL, dedup_N, counts = spool.relocate(enc.codes_NL, enc.stream_order)
+        enc.stream_order, candidates = None, spool.k
+    else:
+        rel = relocate(enc.ids_N, enc.codes_NL, enc.cand_NK, enc.cand_err_NK)
+        codes_NL, dedup_N, candidates = rel.codes_NL, rel.dedup_N, enc.cand_NK.shape[1]
+        counts = {"moved": int(rel.moved_N.sum()), "suffix_items": int(rel.suffix_N.sum())}
+        counts["err_delta"] = rel.err_delta
+    err_after = (enc.sq_err_sum + counts["err_delta"]) / enc.sq_norm_sum if enc.sq_norm_sum > 0 else 0.0
     summary = CollisionSummary(
         policy="relocate",
-        candidates=int(enc.cand_NK.shape[1]),
+        candidates=int(candidates),
         rate_before=rate_before,
-        rate_after=collision_stats(rel.codes_NL)["collision_rate"],
-        moved=int(rel.moved_N.sum()),
-        suffix_items=int(rel.suffix_N.sum()),
+        rate_after=collision_stats(codes_NL)["collision_rate"],
+        moved=counts["moved"],
+        suffix_items=counts["suffix_items"],
         error_before=err_before,
         error_after=float(err_after),
         seconds=round(time.perf_counter() - t0, 3),
+        tasks=counts.get("tasks"),
     )
-    return rel.codes_NL, rel.dedup_N, summary, None
+    return codes_NL, dedup_N, summary, None
 
 
 def log_policy(c: CollisionSummary) -> None:
@@ -122,7 +132,7 @@ def log_policy(c: CollisionSummary) -> None:
         return
     log.info(
         "collision policy relocate (%d candidates): collision rate %.3f%% -> %.3f%%, %d items moved, "
-        "%d still need a suffix, relative reconstruction error %.4f -> %.4f, %.2f s",
+        "%d still need a suffix, relative reconstruction error %.4f -> %.4f, %.2f s%s",
         c.candidates,
         100 * c.rate_before,
         100 * c.rate_after,
@@ -131,4 +141,5 @@ def log_policy(c: CollisionSummary) -> None:
         c.error_before,
         c.error_after,
         c.seconds,
+        f" in {c.tasks} Ray task(s)" if c.tasks else "",
     )

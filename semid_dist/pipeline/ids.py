@@ -44,7 +44,8 @@ def export_ids(
     are checked on the encode pass's ItemIDs."""
     cfg = r.cfg
     with r.stage("encode"):
-        enc = encode_catalog(catalog, tokenizer, n_items, where, cfg.encode_batch_size, extras(cfg, n_items))
+        ext, rows = extras(cfg, n_items), cfg.relocate_task_rows
+        enc = encode_catalog(catalog, tokenizer, n_items, where, cfg.encode_batch_size, ext, rows)
         if not scanned:
             enc.check_unique(catalog)
     with r.stage("dedup"):

@@ -1,0 +1,181 @@
+"""The ``relocate`` collision policy in Ray tasks: the driver never holds the candidates.
+
+The rule (math/relocate.py) decides each prefix (the first L-1 codes) on its own, so the catalog
+splits into buckets of whole prefixes, and each bucket is relocated by one Ray task:
+
+1. During the encode pass, ``CandidateSpool.take`` gets each result block the driver receives.
+   It cuts the block's rows by bucket (a hash of the prefix), buffers the pieces, and puts them in
+   Ray's object store about every ``FLUSH_BYTES``: the driver keeps object references, not the
+   candidates (96 bytes per item with 16 of them), and Ray spills them to disk under pressure.
+   It hands back the block without the candidate columns.
+2. After the pass, ``CandidateSpool.relocate`` runs one task per bucket on that bucket's pieces,
+   ``relocate()`` over them; a task returns only what changed: the rows that moved with their
+   new last code, and the rows with a dedup code above 0.
+3. The driver applies those to a copy of the codes. Rows are named by their place in the encode
+   pass's result stream (``EncodeResult.stream_order`` maps them to the ItemID order).
+
+The IDs equal ``relocate()`` over all rows at once for any number of buckets and any sharding:
+a bucket holds whole prefixes, and within a bucket ``relocate()`` orders rows by ItemID only
+relative to each other (string ItemIDs: by their bytes, as the driver's ranks do).
+
+Driver memory beyond the ``suffix`` policy: the codes' copy and the stream order (about 16
+bytes per item with 3 levels), the buffer (``FLUSH_BYTES``), a reference per piece and the
+changes, whatever the catalog's size; each task holds about ``task_rows`` rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from semid_dist.catalog.plumbing import flat, flat_names
+
+log = logging.getLogger("semid_dist")
+
+FLUSH_BYTES = 64 << 20  # the candidates the driver buffers before it puts them in the object store
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+
+
+def prefix_buckets(codes_NL: np.ndarray, n_buckets: int) -> np.ndarray:
+    """The bucket of each row: a hash of its first L-1 codes, mod n_buckets (all 0 with one level:
+    every item then shares the empty prefix)."""
+    n, n_levels = codes_NL.shape
+    if n_buckets == 1 or n_levels == 1:
+        return np.zeros(n, np.int64)
+    h = np.zeros(n, np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(n_levels - 1):
+            h = (h ^ codes_NL[:, j].astype(np.uint64)) * _MIX
+            h ^= h >> np.uint64(29)
+    return (h % np.uint64(n_buckets)).astype(np.int64)
+
+
+@dataclass
+class _Buffer:
+    parts: list[dict] = field(default_factory=list)  # pieces not yet put, one dict per block
+    nbytes: int = 0
+
+
+class CandidateSpool:
+    """Takes the encode pass's result blocks (``plumbing.collect``'s keep), keeps their candidates
+    in the object store by bucket, and relocates each bucket in a Ray task (module docstring)."""
+
+    CANDIDATE_COLUMNS = ("cand", "cand_err")
+
+    def __init__(self, n_items: int, n_levels: int, k: int, strings: bool, task_rows: int) -> None:
+        self.n_levels, self.k, self.strings = n_levels, k, strings
+        self.n_buckets = 1 if n_levels == 1 else max(1, math.ceil(n_items / max(1, task_rows)))
+        self.refs: list[list] = [[] for _ in range(self.n_buckets)]
+        self.buffers = [_Buffer() for _ in range(self.n_buckets)]
+        self.buffered = 0
+        self.rows = 0  # result rows seen: the next block's first stream row
+
+    def take(self, b: pa.Table) -> pa.Table:
+        """Spool a result block's candidates; return the block without them, in memory of its
+        own (a view would keep the whole block, candidates included, in the object store)."""
+        codes = flat(b, "codes").reshape(-1, self.n_levels)
+        n = codes.shape[0]
+        piece = {
+            "row": np.arange(self.rows, self.rows + n, dtype=np.int64),
+            "codes": codes,
+            "cand": flat(b, "cand").reshape(n, self.k),
+            "err": flat(b, "cand_err").reshape(n, self.k),
+        }
+        piece["order"] = flat_names(b) if self.strings else flat(b, "ids").astype(np.int64, copy=False)
+        self.rows += n
+        bucket = prefix_buckets(codes, self.n_buckets)
+        by_bucket = np.argsort(bucket, kind="stable")
+        bounds = np.searchsorted(bucket[by_bucket], np.arange(self.n_buckets + 1))
+        for q in range(self.n_buckets):
+            rows = by_bucket[bounds[q] : bounds[q + 1]]
+            if rows.size:
+                part = {name: _take(col, rows) for name, col in piece.items()}
+                self.buffers[q].parts.append(part)
+                size = sum(_nbytes(c) for c in part.values())
+                self.buffers[q].nbytes += size
+                self.buffered += size
+        if self.buffered >= FLUSH_BYTES:
+            self.flush()
+        kept = b.drop_columns(list(self.CANDIDATE_COLUMNS))
+        return kept.take(pa.array(np.arange(len(kept))))  # take copies
+
+    def flush(self) -> None:
+        """Put every bucket's buffered pieces in the object store, one object per bucket."""
+        import ray
+
+        for q, buf in enumerate(self.buffers):
+            if buf.parts:
+                self.refs[q].append(ray.put(_concat(buf.parts)))
+                self.buffers[q] = _Buffer()
+        self.buffered = 0
+
+    def relocate(self, codes_NL: np.ndarray, stream_order: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+        """Every bucket relocated in a Ray task; returns the codes after the policy and the dedup
+        codes (rows of codes_NL, in ItemID order: row i is stream row stream_order[i]) and
+        counts: moved, suffix_items, err_delta, tasks."""
+        import ray
+
+        self.flush()
+        task = ray.remote(num_cpus=1)(relocate_bucket)
+        pending = [task.remote(*refs) for refs in self.refs if refs]
+        self.refs = [[] for _ in range(self.n_buckets)]  # the tasks hold the pieces until they end
+        row_of = np.empty(len(stream_order), np.int64)
+        row_of[stream_order] = np.arange(len(stream_order))
+        new_codes = codes_NL.copy()
+        dedup_N = np.zeros(len(codes_NL), np.int64)
+        counts = {"moved": 0, "suffix_items": 0, "err_delta": 0.0, "tasks": len(pending)}
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            r = ray.get(done[0])
+            new_codes[row_of[r["moved_rows"]], -1] = r["moved_codes"]
+            dedup_N[row_of[r["dedup_rows"]]] = r["dedup"]
+            counts["moved"] += int(r["moved_rows"].size)
+            counts["suffix_items"] += int(r["dedup_rows"].size)
+            counts["err_delta"] += float(r["err_delta"])
+        return new_codes, dedup_N, counts
+
+
+def relocate_bucket(*pieces: dict) -> dict:
+    """A Ray task: ``relocate()`` over one bucket's rows; returns what changed, by stream row."""
+    from semid_dist.math.relocate import relocate
+
+    p = _concat(list(pieces))
+    order = p["order"]
+    if isinstance(order, (pa.Array, pa.ChunkedArray)):  # string ItemIDs: their ranks in the bucket
+        import pyarrow.compute as pc
+
+        ranks = np.empty(len(order), np.int64)
+        ranks[pc.sort_indices(order).to_numpy()] = np.arange(len(order))
+        order = ranks
+    rel = relocate(order, p["codes"], p["cand"], p["err"])
+    moved = np.flatnonzero(rel.moved_N)
+    suffix = np.flatnonzero(rel.dedup_N > 0)
+    return {
+        "moved_rows": p["row"][moved],
+        "moved_codes": rel.codes_NL[moved, -1],
+        "dedup_rows": p["row"][suffix],
+        "dedup": rel.dedup_N[suffix],
+        "err_delta": rel.err_delta,
+    }
+
+
+def _take(col, rows: np.ndarray):
+    return col.take(pa.array(rows)) if isinstance(col, pa.Array) else col[rows]
+
+
+def _nbytes(col) -> int:
+    return col.nbytes if isinstance(col, (np.ndarray, pa.Array)) else 0
+
+
+def _concat(parts: list[dict]) -> dict:
+    if len(parts) == 1:
+        return parts[0]
+    out = {}
+    for name, first in parts[0].items():
+        cols = [p[name] for p in parts]
+        out[name] = pa.concat_arrays(cols) if isinstance(first, pa.Array) else np.concatenate(cols)
+    return out
