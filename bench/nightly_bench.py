@@ -14,6 +14,15 @@ memory (kmeans_bench.run_side):
 After night 3 the published mappings are read back from S3 and checked against the policy:
 stable items keep their ID, changed items keep theirs only where the report says so, removed
 items are gone, new items are there, every ID is unique and no retired ID was handed out again.
+
+    python bench/nightly_bench.py --n 10000000 --shards 160 --churn 0.01 --flags "--collision_policy relocate"
+
+``--churn F``: local files instead of S3 (a 10M catalog does not fit twice in a small disk), two
+nights: the catalog, then the catalog with the first F x n rows' embeddings perturbed (changed),
+the next F x n rows gone (removed) and F x n new rows; shards holding none of those rows are
+linked, not copied. The checks then read the mappings with numpy. ``--flags``: more
+``semid nightly`` flags, both nights.
+
 Writes <out>/nightly_<n>_<timestamp>.json and .md and prints the table; exits non-zero if a
 check fails.
 """
@@ -68,6 +77,81 @@ def night3_files(data: str, n: int, new: int, work: str) -> list[str]:
     return [changed] + [os.path.join(data, s) for s in shards[1:-1]] + [fresh]
 
 
+def churn_files(data: str, n: int, frac: float, out: str) -> dict[str, int]:
+    """Night 2 of --churn in out/: rows [0, m) perturbed, rows [m, 2m) gone, m new rows (m = frac
+    x n); the shards past row 2m are links to night 1's. Returns the expected counts."""
+    m = int(frac * n)
+    os.makedirs(out)
+    shards = sorted(p for p in os.listdir(data) if p.endswith(".parquet"))
+    rng, start = np.random.default_rng(3), 0
+    for name in shards:
+        src = os.path.join(data, name)
+        lo = start
+        start += pq.ParquetFile(src).metadata.num_rows
+        if lo >= 2 * m:
+            os.symlink(src, os.path.join(out, name))
+            continue
+        t = pq.read_table(src)
+        x = t.column("embedding").combine_chunks().flatten().to_numpy().reshape(t.num_rows, -1).copy()
+        row = np.arange(lo, start)
+        chg = row < m
+        x[chg] += 0.05 * rng.standard_normal((int(chg.sum()), x.shape[1]), dtype=np.float32)
+        x[chg] /= np.linalg.norm(x[chg], axis=1, keepdims=True)
+        keep = (row < m) | (row >= 2 * m)
+        ids = t.column("ItemID").to_numpy()[keep]
+        pq.write_table(synth._table(ids, x[keep]), os.path.join(out, name), row_group_size=synth.ROW_GROUP)
+    cat = synth.Catalog(768, 0)
+    for i, lo in enumerate(range(n, n + m, synth.ROW_GROUP * 4)):
+        hi = min(n + m, lo + synth.ROW_GROUP * 4)
+        path = os.path.join(out, f"part-{len(shards) + i:05d}.parquet")
+        pq.write_table(
+            synth._table(synth.item_ids(lo, hi), synth.rows(cat, lo, hi)),
+            path,
+            row_group_size=synth.ROW_GROUP,
+        )
+    return {"changed": m, "removed": m, "new": m}
+
+
+def local_mapping(root: str, night: str) -> tuple[np.ndarray, np.ndarray]:
+    """A night's published (ItemIDs sorted, semantic IDs) from local files, as numpy."""
+    t = pq.read_table(os.path.join(root, "generations", night, "semantic_id_mappings.parquet"))
+    ids = t.column("ItemID").to_numpy()
+    sid = t.column("semantic_id").combine_chunks().flatten().to_numpy().reshape(len(ids), -1)
+    o = np.argsort(ids)
+    return ids[o], sid[o]
+
+
+def churn(a, data: str, work: str, env: dict, res: dict) -> None:
+    """--churn: two nights on local files (module docstring), checked with numpy."""
+    root, logs = os.path.join(work, "semids"), os.path.join(work, "logs")
+    expect = churn_files(data, a.n, a.churn, os.path.join(work, "night2"))
+    flags = a.flags.split()
+    for night, path, extra in (
+        (NIGHTS[0], data, ["--mode", "kmeans", "--n_layers", "3", "--n_clusters", "256"]),
+        (NIGHTS[1], os.path.join(work, "night2"), []),
+    ):
+        cmd = [sys.executable, "-m", "semid_dist", "nightly", "--data_path", path, "--output_dir", root]
+        cmd += ["--generation", night, "--log_dir", logs, *extra, *flags]
+        side = run_side(night, cmd, os.path.join(work, f"{night}.log"), env)
+        side.pop("processes_at_peak")
+        with open(os.path.join(root, "generations", night, "training_results.json")) as f:
+            r = json.load(f)
+        side.update(
+            stages_s=r["timings_s"], counts=r["counts"], collision_rate=r["metrics"]["collision_rate"]
+        )
+        side["driver"] = r.get("driver")
+        res["nights"][night] = side
+    (i1, s1), (i2, s2) = local_mapping(root, NIGHTS[0]), local_mapping(root, NIGHTS[1])
+    c = res["nights"][NIGHTS[1]]["counts"]
+    common = np.intersect1d(i1, i2, assume_unique=True)
+    same = (s1[np.searchsorted(i1, common)] == s2[np.searchsorted(i2, common)]).all(axis=1)
+    res["checks"] = {
+        "counts as made": all(c[k] == v for k, v in expect.items()),
+        "stable + changed-and-kept IDs unchanged": int(same.sum()) == c["stable"] + c["changed_kept_id"],
+        "IDs unique": len(np.unique(s2, axis=0)) == len(s2),
+    }
+
+
 def upload(s3: pafs.S3FileSystem, files: list[str], prefix: str) -> float:
     t0 = time.perf_counter()
     for f in files:
@@ -109,26 +193,8 @@ def checks(s3: pafs.S3FileSystem, gen3: dict) -> dict[str, bool]:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description="nightly job at catalog scale through a local S3 server")
-    ap.add_argument("--n", type=int, default=1_000_000)
-    ap.add_argument("--new", type=int, default=20_000, help="new items on night 3")
-    ap.add_argument("--data", default=None, help="catalog dir (default /tmp/bench/catalog_<n>)")
-    ap.add_argument("--out", default=os.environ.get("BENCH_OUT") or os.path.join(REPO, "bench_out"))
-    a = ap.parse_args()
-
-    data = synth.ensure(a.n, a.data or f"/tmp/bench/catalog_{a.n}")
-    stamp = time.strftime("%Y%m%d_%H%M%S")
-    work = os.path.join(a.out, f"nightly_work_{a.n}_{stamp}")
-    os.makedirs(work)
-    res = {
-        "n": a.n,
-        "new": a.new,
-        "timestamp": stamp,
-        "machine": machine(),
-        "nights": {},
-        "command": " ".join([os.path.relpath(sys.executable, REPO)] + sys.argv),
-    }
+def s3_nights(a, data: str, work: str, res: dict) -> None:
+    """Three nights from and to a local SeaweedFS (module docstring)."""
     with tempfile.TemporaryDirectory(prefix="nightly_bench_s3_") as s3dir:
         server = S3Server(bucket=BUCKET, base_dir=s3dir)
         server.start()
@@ -165,6 +231,7 @@ def main() -> None:
                     "--log_dir",
                     os.path.join(work, "logs"),
                     *extra,
+                    *a.flags.split(),
                 ]
                 side = run_side(night, cmd, os.path.join(work, f"{night}.log"), env)
                 side.pop("processes_at_peak")
@@ -176,16 +243,49 @@ def main() -> None:
             res["checks"] = checks(s3, results(s3, NIGHTS[2]))
         finally:
             server.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="nightly job at catalog scale through a local S3 server")
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--new", type=int, default=20_000, help="new items on night 3")
+    ap.add_argument("--data", default=None, help="catalog dir (default /tmp/bench/catalog_<n>)")
+    ap.add_argument("--shards", type=int, default=16, help="the catalog's files (bench/synth.py)")
+    ap.add_argument(
+        "--churn", type=float, default=0.0, help="two local nights, this share changed/removed/new"
+    )
+    ap.add_argument("--flags", default="", help="more semid nightly flags, every night")
+    ap.add_argument("--out", default=os.environ.get("BENCH_OUT") or os.path.join(REPO, "bench_out"))
+    a = ap.parse_args()
+
+    data = synth.ensure(a.n, a.data or f"/tmp/bench/catalog_{a.n}", shards=a.shards)
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    work = os.path.join(a.out, f"nightly_work_{a.n}_{stamp}")
+    os.makedirs(work)
+    res = {
+        "n": a.n,
+        "new": a.new,
+        "timestamp": stamp,
+        "machine": machine(),
+        "nights": {},
+        "command": " ".join([os.path.relpath(sys.executable, REPO)] + sys.argv),
+    }
+    if a.churn:
+        churn(a, data, work, dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=pythonpath(REPO)), res)
+    else:
+        s3_nights(a, data, work, res)
     md = table(res)
     with open(os.path.join(a.out, f"nightly_{a.n}_{stamp}.json"), "w") as f:
         json.dump(res, f, indent=1)
     with open(os.path.join(a.out, f"nightly_{a.n}_{stamp}.md"), "w") as f:
         f.write(md + "\n")
-    print(
-        f"\nnightly benchmark: N={a.n} from and to S3 (SeaweedFS on 127.0.0.1), "
-        f"{machine_line(res['machine'])}; "
-        f"uploads {res['upload_s']['night1']} s (night 1), {res['upload_s']['night3']} s (night 3)"
+    where = (
+        f"from and to S3 (SeaweedFS on 127.0.0.1), uploads {res['upload_s']['night1']} s (night 1), "
+        f"{res['upload_s']['night3']} s (night 3)"
+        if "upload_s" in res
+        else f"local files, {a.churn:.1%} changed / removed / new on night 2, flags '{a.flags}'"
     )
+    print(f"\nnightly benchmark: N={a.n}, {machine_line(res['machine'])}; {where}")
     print(md)
     for k, ok in res["checks"].items():
         print(f"  check {k}: {'ok' if ok else 'FAILED'}")

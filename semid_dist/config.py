@@ -157,7 +157,7 @@ class Config:
         16, "last-level candidates per item kept by the encode pass (relocate)", "ids", ALL
     )
     relocate_task_rows: int = _opt(
-        1_000_000,
+        250_000,
         "items per relocation task (relocate): each Ray task relocates about this many items, whole "
         "prefixes; the IDs do not depend on it",
         "ids",

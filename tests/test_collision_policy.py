@@ -153,3 +153,64 @@ def test_relocated_ids_do_not_depend_on_sharding_row_order_or_workers(ray_sessio
     assert (ref_sid[:, -1] > 0).any()  # some items kept a suffix
     c = json.load(open(os.path.join(b, "training_results.json")))["metrics"]["collisions"]
     assert c["moved"] > 20 and c["tasks"] > 1
+
+
+def test_nightly_relocation_in_tasks_equals_the_driver_version(ray_session, tmp_path):
+    """Two nights under relocate, the second with 100 changed, 100 removed and 100 new items,
+    relocated in tasks of about 60 items: the IDs of math.generations.assign with every item's
+    candidates at hand; and string ItemIDs in the same bytewise order get the same IDs."""
+    from test_string_ids import string_ids, write
+
+    from conftest import make_catalog, write_parquet
+    from semid_dist.lineage import tokenizer_fingerprint
+    from semid_dist.math import generations as gen
+
+    _, x1 = make_catalog(700, 32, seed=6)
+    x2 = x1.copy()
+    x2[100:200] += 0.3 * np.random.default_rng(1).normal(size=(100, 32)).astype(np.float32)
+    x2[100:200] /= np.linalg.norm(x2[100:200], axis=1, keepdims=True)
+    names = string_ids(700, seed=9)
+    ints = np.empty(700, np.int64)  # integer ItemIDs in the names' bytewise order
+    ints[sorted(range(700), key=lambda i: names[i].encode())] = np.arange(700) + 5000
+    nights = (("n1", np.arange(0, 600), x1), ("n2", np.arange(100, 700), x2))
+    for name, rows, x in nights:
+        write_parquet(str(tmp_path / "int" / name / "part-0.parquet"), ints[rows], x[rows])
+        write(str(tmp_path / "str" / name / "part-0.parquet"), names[rows], x[rows])
+    tok = str(tmp_path / "tok")
+    train(str(tmp_path / "int" / "n1"), tok, *KMEANS)
+    flags = ["--tokenizer", os.path.join(tok, "final_model.pt"), "--collision_policy", "relocate"]
+    for kind in ("int", "str"):
+        for name, _, _ in nights:
+            argv = ["nightly", "--data_path", str(tmp_path / kind / name), "--generation", name]
+            argv += ["--output_dir", str(tmp_path / kind / "ids"), "--log_dir", str(tmp_path / "logs")]
+            assert main([*argv, *flags, "--relocate_task_rows", "60"]) == 0
+
+    tokenizer = load_tokenizer(os.path.join(tok, "final_model.pt"))
+    enc = tokenizer.cpu_encoder()
+    prev, retired = gen.IdTable.empty(3), gen.RetiredTable.empty(3)
+    for seq, (name, rows, x) in enumerate(nights, start=1):
+        order = np.argsort(ints[rows])
+        codes, _ = enc.encode_with_error(x[rows][order])
+        cand, err = enc.last_level_candidates(x[rows][order], codes, 16)
+        fp = gen.embedding_fingerprints(x[rows][order])
+        ref = gen.assign(prev, retired, ints[rows][order], fp, codes, tokenizer_fingerprint(tokenizer), seq,
+                         "keep_if_same_codes", cand, err)  # fmt: skip
+        prev, retired = ref.mapping, ref.retired
+        got_ids, got_sid = published(str(tmp_path / "int" / "ids" / "generations" / name))
+        np.testing.assert_array_equal(got_ids, ref.mapping.ids)
+        np.testing.assert_array_equal(got_sid, ref.mapping.sid)
+        s = pq.read_table(
+            str(tmp_path / "str" / "ids" / "generations" / name / "semantic_id_mappings.parquet")
+        )
+        as_int = {n: i for n, i in zip(names.tolist(), ints.tolist(), strict=True)}
+        by_int = dict(
+            zip(
+                [as_int[n] for n in s.column("ItemID").to_pylist()],
+                s.column("semantic_id").to_pylist(),
+                strict=True,
+            )
+        )
+        assert by_int == {int(i): list(v) for i, v in zip(got_ids, got_sid.tolist(), strict=True)}
+    assert (
+        ref.counts["changed"] == 100 and ref.counts["fresh_ids"] >= 100 and (ref.mapping.sid[:, -1] > 0).any()
+    )

@@ -299,3 +299,57 @@ def test_relocate_lineage_first_night_equals_train_and_later_nights_keep_ids():
             assert all((*codes2[r, :-1].tolist(), int(c)) in held for c in cand2[r, 1:])
     assert a2.counts["fresh_ids"] >= 25
     assert 0 < a2.counts["changed_kept_id"] < 10, a2.counts  # both sides of the rule were exercised
+
+
+def _relocated(ids, fps, codes, cand, err, prev):
+    """What the nightly job hands assign: the whole relocation done elsewhere, and candidates
+    only for the rows that are not stable against prev (none on a first night)."""
+    from semid_dist.math.relocate import relocate
+
+    rel = relocate(ids, codes, cand, err)
+    pos = np.minimum(np.searchsorted(prev.ids, ids), max(len(prev) - 1, 0))
+    stable = (prev.ids[pos] == ids) & (prev.fp[pos] == fps) if len(prev) else np.zeros(len(ids), bool)
+    rows = np.flatnonzero(~stable) if len(prev) else np.zeros(0, np.int64)
+    return gen.Relocated(rel.codes_NL, rel.dedup_N, rows, cand[rows], err[rows])
+
+
+@pytest.mark.parametrize("policy", gen.POLICIES)
+def test_relocation_done_elsewhere_gives_the_same_ids_over_three_nights(policy):
+    rng = np.random.default_rng(8)
+    n, L = 300, 2
+    ids = np.arange(n, dtype=np.int64) * 3
+    fps = rng.integers(0, 2**63, n).astype(np.uint64)
+    codes, cand, err = _relocate_night(rng, n, L, K=8, k=3)
+    prev, retired = gen.IdTable.empty(L + 1), gen.RetiredTable.empty(L + 1)
+    for night in range(1, 4):
+        full = gen.assign(prev, retired, ids, fps, codes, 1, night, policy, cand, err)
+        here = gen.assign(
+            prev,
+            retired,
+            ids,
+            fps,
+            codes,
+            1,
+            night,
+            policy,
+            relocated=_relocated(ids, fps, codes, cand, err, prev),
+        )
+        np.testing.assert_array_equal(here.mapping.sid, full.mapping.sid)
+        np.testing.assert_array_equal(here.retired.sid, full.retired.sid)
+        assert here.counts == full.counts
+        assert night == 1 or full.counts["fresh_ids"] > 20
+        prev, retired = full.mapping, full.retired
+        # tomorrow: 20 removed, 20 changed (another embedding and other codes), 30 new items
+        keep = np.ones(len(ids), bool)
+        keep[rng.choice(len(ids), 20, replace=False)] = False
+        c_new, cand_new, err_new = _relocate_night(rng, 50, L, K=8, k=3)
+        ids = np.concatenate([ids[keep], ids.max() + 1 + np.arange(30)])
+        order = np.argsort(ids)
+        fps = np.concatenate([fps[keep], rng.integers(0, 2**63, 30).astype(np.uint64)])
+        codes = np.concatenate([codes[keep], c_new[:30]])
+        cand = np.concatenate([cand[keep], cand_new[:30]])
+        err = np.concatenate([err[keep], err_new[:30]])
+        changed = rng.choice(len(ids) - 30, 20, replace=False)
+        fps[changed] ^= np.uint64(1)
+        codes[changed], cand[changed], err[changed] = c_new[30:], cand_new[30:], err_new[30:]
+        ids, fps, codes, cand, err = ids[order], fps[order], codes[order], cand[order], err[order]

@@ -62,8 +62,6 @@ class EncodeResult:
     sq_err_sum: float
     sq_norm_sum: float
     fp_N: np.ndarray | None = None  # embedding fingerprints (uint64), rows match ids_N; nightly only
-    cand_NK: np.ndarray | None = None  # uint16 last-level candidates, own code first (relocate only)
-    cand_err_NK: np.ndarray | None = None  # float32 squared error with each candidate
     sample_ids: np.ndarray | None = None  # the quality sample: ItemIDs (sorted),
     sample_x: np.ndarray | None = None  # their embeddings (float32)
     sample_codes: np.ndarray | None = None  # and their codes before the collision policy
@@ -187,10 +185,6 @@ def encode_result(
         res.spool, res.stream_order = spool, order
     if extras.fingerprints:
         res.fp_N = flat(t, "fp").astype(np.uint64, copy=False)[order]
-    if extras.candidates and spool is None:
-        k = extras.candidates
-        res.cand_NK = flat(t, "cand").reshape(-1, k)[order]
-        res.cand_err_NK = flat(t, "cand_err").reshape(-1, k)[order]
     if extras.sample:
         s_ids = flat(t, "s_ids").astype(np.int64, copy=False)
         s_x = flat(t, "s_x").reshape(-1, dim)
@@ -294,16 +288,20 @@ def encode_catalog(
     where: tuple[str, int],
     batch_size: int,
     extras: Extras = Extras(),
-    task_rows: int | None = None,
+    task_rows: int = 250_000,
+    hold=None,
 ) -> EncodeResult:
     """The encode pass where encode_device() said: actors on the GPUs, else the fused CPU pass.
-    With candidates and task_rows, the candidates are spooled for relocation in Ray tasks of
-    about task_rows items (pipeline/relocation.py) instead of kept on the driver."""
+    The candidates (relocate) go to a CandidateSpool for relocation in Ray tasks of about
+    task_rows items (pipeline/relocation.py); the driver keeps those of the rows hold(block)
+    picks, if any."""
     device, gpus = where
     extras = dataclasses.replace(extras, wide_codes=tokenizer.n_codes > 2**16, strings=catalog.string_ids)
     spool = None
-    if extras.candidates and task_rows:
-        spool = CandidateSpool(n_items, tokenizer.n_layers, extras.candidates, catalog.string_ids, task_rows)
+    if extras.candidates:
+        spool = CandidateSpool(
+            n_items, tokenizer.n_layers, extras.candidates, catalog.string_ids, task_rows, hold
+        )
     if device == "cuda":
         return encode_pass_on_devices(catalog, tokenizer, n_items, device, gpus, batch_size, extras, spool)
     return encode_pass(catalog, tokenizer, n_items, extras, spool)

@@ -50,6 +50,7 @@ from semid_dist.pipeline.collisions import CollisionSummary
 from semid_dist.pipeline.fit import as_run, check_enough_items, fit_stage, payload_bytes, scan_stage
 from semid_dist.pipeline.ids import extras, write_report
 from semid_dist.pipeline.quality import add_quality
+from semid_dist.pipeline.relocation import NotStable
 from semid_dist.run import Run
 from semid_dist.tokenizer import Tokenizer, read_tokenizer, tokenizer_from_bytes
 
@@ -111,7 +112,7 @@ def run(cfg: Config, log_dir: str = "logs") -> dict:
         where = r.connect()
         tok = given or train_tokenizer(r, catalog, n_items)
         check_tokenizer(r.cfg, night, tok, catalog)
-        enc = encode(r, catalog, n_items, where, tok)
+        enc = encode(r, catalog, n_items, where, tok, night.parent)
         tonight = assign(r, night, enc, tok, catalog.id_type)
         return publish(r, night, tok, tonight, (catalog, n_items, where))
 
@@ -227,10 +228,20 @@ def check_tokenizer(cfg: Config, night: Night, tok: NightTokenizer, catalog: Cat
 
 
 def encode(
-    r: Run, catalog: Catalog, n_items: int, where: tuple[str, int], tok: NightTokenizer
+    r: Run,
+    catalog: Catalog,
+    n_items: int,
+    where: tuple[str, int],
+    tok: NightTokenizer,
+    parent: Generation | None,
 ) -> EncodeResult:
-    """One pass: every item's codes and its embedding's fingerprint (and candidates under relocate)."""
+    """One pass: every item's codes and its embedding's fingerprint. Under relocate the
+    candidates go to the relocation tasks, and the driver keeps those of the items that are not
+    stable against the parent (only they can need a fresh ID)."""
     cfg = r.cfg
+    hold = None
+    if parent is not None:
+        hold = NotStable(parent.mapping.ids, parent.mapping.fp, parent.names)
     with r.stage("encode"):
         enc = encode_catalog(
             catalog,
@@ -239,6 +250,8 @@ def encode(
             where,
             cfg.encode_batch_size,
             extras(cfg, n_items, fingerprints=True),
+            cfg.relocate_task_rows,
+            hold,
         )
         if not tok.scanned:
             enc.check_unique(catalog)
@@ -278,9 +291,9 @@ def assign(r: Run, night: Night, enc: EncodeResult, tok: NightTokenizer, id_type
             tok.fingerprint,
             night.seq,
             r.cfg.changed_policy,
-            enc.cand_NK,
-            enc.cand_err_NK,
+            relocated=enc.spool.relocated(enc.codes_NL, enc.stream_order) if enc.spool else None,
         )
+        enc.spool = enc.stream_order = None
         names = None
         if union is not None:
             names = (union.take(a.mapping.ids).cast(id_type), union.take(a.retired.ids).cast(id_type))

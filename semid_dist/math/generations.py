@@ -219,7 +219,27 @@ class _Match:
     kept: np.ndarray  # changed, and keeps its ID (same tokenizer, same codes)
 
 
-def _match(prev: IdTable, ids_N, fp_N, codes_NL, tok, policy, cand_NK, err_NK) -> _Match:
+@dataclass
+class Relocated:
+    """The collision policy relocate applied elsewhere (in Ray tasks: pipeline/relocation.py),
+    for ``assign``: tonight's codes and dedup codes after relocation over all of tonight's rows,
+    and the candidates of the rows that may need a fresh ID only (at least every row that is not
+    stable against the previous generation; none on a first night, which takes the relocation
+    as it is)."""
+
+    codes_NL: np.ndarray
+    dedup_N: np.ndarray
+    rows: np.ndarray  # sorted rows that have candidates
+    cand_RK: np.ndarray
+    err_RK: np.ndarray
+
+    def candidates(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        at = np.minimum(np.searchsorted(self.rows, rows), max(len(self.rows) - 1, 0))
+        assert len(self.rows) and (self.rows[at] == rows).all(), "no candidates for a fresh item"
+        return self.cand_RK[at], self.err_RK[at]
+
+
+def _match(prev: IdTable, ids_N, fp_N, codes_NL, tok, policy, cand_NK, err_NK, relocated=None) -> _Match:
     n, L = codes_NL.shape
     pos = np.minimum(np.searchsorted(prev.ids, ids_N), max(len(prev) - 1, 0))
     in_prev = (prev.ids[pos] == ids_N) if len(prev) else np.zeros(n, bool)
@@ -227,19 +247,27 @@ def _match(prev: IdTable, ids_N, fp_N, codes_NL, tok, policy, cand_NK, err_NK) -
     changed = in_prev & ~stable
     kept = np.zeros(n, bool)
     if policy == "keep_if_same_codes" and changed.any():
-        after_NL = codes_NL if cand_NK is None else relocate(ids_N, codes_NL, cand_NK, err_NK).codes_NL
+        if relocated is not None:
+            after_NL = relocated.codes_NL
+        else:
+            after_NL = codes_NL if cand_NK is None else relocate(ids_N, codes_NL, cand_NK, err_NK).codes_NL
         kept = changed & (prev.tok[pos] == tok) & (prev.sid[pos, :L] == after_NL).all(axis=1)
     return _Match(pos, in_prev, stable, changed, kept)
 
 
-def _fresh_ids(sid_NM, fresh, ids_N, codes_NL, cand_NK, err_NK, used_UM) -> None:
+def _fresh_ids(sid_NM, fresh, ids_N, codes_NL, cand_NK, err_NK, used_UM, relocated=None) -> None:
     """Fill the rows `fresh` (ascending, so in ItemID order) of sid_NM with IDs no one holds."""
     L = codes_NL.shape[1]
-    if cand_NK is None:
+    if cand_NK is None and relocated is None:  # suffix
         sid_NM[fresh, :L] = codes_NL[fresh]
         sid_NM[fresh, L] = fresh_dedup_codes(codes_NL[fresh].astype(np.int64), used_UM)
-    elif fresh.size:
-        rel = relocate(ids_N[fresh], codes_NL[fresh], cand_NK[fresh], err_NK[fresh], used_UM[:, :L])
+        return
+    if relocated is not None and not len(used_UM) and fresh.size == len(ids_N):
+        sid_NM[:, :L], sid_NM[:, L] = relocated.codes_NL, relocated.dedup_N  # no history: as is
+        return
+    if fresh.size:
+        c_FK, e_FK = relocated.candidates(fresh) if relocated is not None else (cand_NK[fresh], err_NK[fresh])
+        rel = relocate(ids_N[fresh], codes_NL[fresh], c_FK, e_FK, used_UM[:, :L])
         serve = np.lexsort([ids_N[fresh], ~rel.stays_N])  # the item that kept its codes first
         sid_NM[fresh, :L] = rel.codes_NL
         sid_NM[fresh[serve], L] = fresh_dedup_codes(rel.codes_NL[serve], used_UM)
@@ -278,10 +306,11 @@ def assign(
     policy: str = "keep_if_same_codes",
     cand_NK: np.ndarray | None = None,
     err_NK: np.ndarray | None = None,
+    relocated: Relocated | None = None,
 ) -> Assignment:
     """Tonight's semantic IDs (rules in the module docstring). ids_N sorted, unique. With the
-    last-level candidates (cand_NK, err_NK: math/relocate.py) the collision policy is relocate,
-    without them suffix."""
+    last-level candidates (cand_NK, err_NK: math/relocate.py), or the relocation done elsewhere
+    (relocated), the collision policy is relocate, without them suffix."""
     if policy not in POLICIES:
         raise ValueError(f"changed-item policy {policy!r}: choose one of {', '.join(POLICIES)}")
     n, L = codes_NL.shape
@@ -293,7 +322,7 @@ def assign(
     ids_N = ids_N.astype(np.int64)
     fp_N = fp_N.astype(np.uint64)
     tok = np.uint64(tok)
-    m = _match(prev, ids_N, fp_N, codes_NL, tok, policy, cand_NK, err_NK)
+    m = _match(prev, ids_N, fp_N, codes_NL, tok, policy, cand_NK, err_NK, relocated)
 
     sid_NM = np.zeros((n, M), np.int64)
     tok_N = np.full(n, tok, np.uint64)
@@ -310,7 +339,7 @@ def assign(
 
     fresh = rest[back < 0]
     used_UM = np.concatenate([prev.sid, retired.sid]).astype(np.int64)
-    _fresh_ids(sid_NM, fresh, ids_N, codes_NL, cand_NK, err_NK, used_UM)
+    _fresh_ids(sid_NM, fresh, ids_N, codes_NL, cand_NK, err_NK, used_UM, relocated)
     all_retired, n_gone, n_retired = _retire(prev, retired, m, rec_rows, seq)
 
     mapping = IdTable(ids_N, fp_N, sid_NM, tok_N)

@@ -81,8 +81,6 @@ def apply_policy(
 ) -> tuple[np.ndarray, np.ndarray, CollisionSummary, np.ndarray | None]:
     """The codes and dedup codes of every item under --collision_policy, what the policy did,
     and under suffix the sizes of the groups."""
-    from semid_dist.math.relocate import relocate
-
     t0 = time.perf_counter()
     n = len(enc.ids_N)
     err_before = enc.sq_err_sum / enc.sq_norm_sum if enc.sq_norm_sum > 0 else 0.0
@@ -101,19 +99,13 @@ def apply_policy(
         )
         return enc.codes_NL, dedup_N, summary, sizes_G
     rate_before = collision_stats(enc.codes_NL)["collision_rate"]
-    if enc.spool is not None:  # in Ray tasks, a bucket of prefixes each (pipeline/relocation.py)
-        spool, enc.spool = enc.spool, None
-        codes_NL, dedup_N, counts = spool.relocate(enc.codes_NL, enc.stream_order)
-        enc.stream_order, candidates = None, spool.k
-    else:
-        rel = relocate(enc.ids_N, enc.codes_NL, enc.cand_NK, enc.cand_err_NK)
-        codes_NL, dedup_N, candidates = rel.codes_NL, rel.dedup_N, enc.cand_NK.shape[1]
-        counts = {"moved": int(rel.moved_N.sum()), "suffix_items": int(rel.suffix_N.sum())}
-        counts["err_delta"] = rel.err_delta
+    spool, enc.spool = enc.spool, None  # relocation in Ray tasks (pipeline/relocation.py)
+    codes_NL, dedup_N, counts = spool.relocate(enc.codes_NL, enc.stream_order)
+    enc.stream_order = None
     err_after = (enc.sq_err_sum + counts["err_delta"]) / enc.sq_norm_sum if enc.sq_norm_sum > 0 else 0.0
     summary = CollisionSummary(
         policy="relocate",
-        candidates=int(candidates),
+        candidates=spool.k,
         rate_before=rate_before,
         rate_after=collision_stats(codes_NL)["collision_rate"],
         moved=counts["moved"],

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -66,8 +67,19 @@ class CandidateSpool:
 
     CANDIDATE_COLUMNS = ("cand", "cand_err")
 
-    def __init__(self, n_items: int, n_levels: int, k: int, strings: bool, task_rows: int) -> None:
-        self.n_levels, self.k, self.strings = n_levels, k, strings
+    def __init__(
+        self,
+        n_items: int,
+        n_levels: int,
+        k: int,
+        strings: bool,
+        task_rows: int,
+        hold: Callable[[pa.Table], np.ndarray] | None = None,
+    ) -> None:
+        """hold: which rows of a result block the driver keeps the candidates of as well (the
+        nightly job: the rows that may need a fresh ID)."""
+        self.n_levels, self.k, self.strings, self.hold = n_levels, k, strings, hold
+        self.held: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # stream rows, cand, err
         self.n_buckets = 1 if n_levels == 1 else max(1, math.ceil(n_items / max(1, task_rows)))
         self.refs: list[list] = [[] for _ in range(self.n_buckets)]
         self.buffers = [_Buffer() for _ in range(self.n_buckets)]
@@ -87,6 +99,9 @@ class CandidateSpool:
         }
         piece["order"] = flat_names(b) if self.strings else flat(b, "ids").astype(np.int64, copy=False)
         self.rows += n
+        if self.hold is not None:
+            h = np.flatnonzero(self.hold(b))
+            self.held.append((piece["row"][h], piece["cand"][h], piece["err"][h]))
         bucket = prefix_buckets(codes, self.n_buckets)
         by_bucket = np.argsort(bucket, kind="stable")
         bounds = np.searchsorted(bucket[by_bucket], np.arange(self.n_buckets + 1))
@@ -138,10 +153,65 @@ class CandidateSpool:
             counts["err_delta"] += float(r["err_delta"])
         return new_codes, dedup_N, counts
 
+    def held_candidates(self, stream_order: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The rows hold() chose, in ItemID order (rows of the encode result), and their
+        candidates and errors."""
+        row_of = np.empty(len(stream_order), np.int64)
+        row_of[stream_order] = np.arange(len(stream_order))
+        rows = row_of[np.concatenate([h[0] for h in self.held])] if self.held else np.zeros(0, np.int64)
+        o = np.argsort(rows)
+        cand = np.concatenate([h[1] for h in self.held]) if self.held else np.zeros((0, self.k), np.uint16)
+        err = np.concatenate([h[2] for h in self.held]) if self.held else np.zeros((0, self.k), np.float32)
+        self.held = []
+        return rows[o], cand[o], err[o]
+
+    def relocated(self, codes_NL: np.ndarray, stream_order: np.ndarray):
+        """For the nightly job: the relocation in tasks and the held candidates, as
+        math.generations.Relocated."""
+        from semid_dist.math.generations import Relocated
+
+        codes, dedup, _ = self.relocate(codes_NL, stream_order)
+        return Relocated(codes, dedup, *self.held_candidates(stream_order))
+
+
+class NotStable:
+    """The nightly job's hold: the rows of a result block that are not stable against the
+    previous generation (an ItemID it lacks, or another embedding fingerprint); only those can
+    need a fresh ID. ids: the previous ItemIDs (sorted integers), or names: its string ItemIDs,
+    looked up by their keys and then compared (two names with one key are never taken as one)."""
+
+    def __init__(self, ids: np.ndarray, fp: np.ndarray, names: pa.Array | None = None) -> None:
+        self.fp, self.names, self.perm = fp, names, None
+        self.keys = ids
+        if names is not None:
+            from semid_dist.catalog.schema import id_keys
+
+            keys = id_keys(names)
+            self.perm = np.argsort(keys, kind="stable")
+            self.keys = keys[self.perm]
+
+    def __call__(self, b: pa.Table) -> np.ndarray:
+        keys = flat(b, "ids").astype(np.int64, copy=False)
+        if not len(self.keys):
+            return np.ones(len(keys), bool)
+        at = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        pos = at if self.perm is None else self.perm[at]
+        stable = (self.keys[at] == keys) & (self.fp[pos] == flat(b, "fp"))
+        if self.names is not None and stable.any():
+            import pyarrow.compute as pc
+
+            rows = np.flatnonzero(stable)
+            same = pc.equal(flat_names(b).take(pa.array(rows)), self.names.take(pa.array(pos[rows])))
+            stable[rows] = same.to_numpy(zero_copy_only=False)
+        return ~stable
+
 
 def relocate_bucket(*pieces: dict) -> dict:
     """A Ray task: ``relocate()`` over one bucket's rows; returns what changed, by stream row."""
+    from semid_dist.catalog.plumbing import trim_heap
     from semid_dist.math.relocate import relocate
+
+    trim_heap()  # a worker that ran an earlier pass holds its freed heap
 
     p = _concat(list(pieces))
     order = p["order"]
@@ -152,15 +222,19 @@ def relocate_bucket(*pieces: dict) -> dict:
         ranks[pc.sort_indices(order).to_numpy()] = np.arange(len(order))
         order = ranks
     rel = relocate(order, p["codes"], p["cand"], p["err"])
+    del p["cand"], p["err"], pieces
     moved = np.flatnonzero(rel.moved_N)
     suffix = np.flatnonzero(rel.dedup_N > 0)
-    return {
+    out = {
         "moved_rows": p["row"][moved],
         "moved_codes": rel.codes_NL[moved, -1],
         "dedup_rows": p["row"][suffix],
         "dedup": rel.dedup_N[suffix],
         "err_delta": rel.err_delta,
     }
+    del rel
+    trim_heap()  # the next task, or an idle worker, starts small
+    return out
 
 
 def _take(col, rows: np.ndarray):
