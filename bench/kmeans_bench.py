@@ -22,7 +22,9 @@ its allocated size (st_blocks of the file, via /proc/PID/map_files), exactly onc
 USS and RSS sums are reported alongside. smaps_rollup costs the kernel a walk of the process's
 mappings (costly for a Ray worker's many mappings), so a process is re-read only when its RSS
 (statm) moved by more than 1%; the sampler's own CPU time is recorded (sampler_cpu_s). CPU
-time of each side is the user + system time of all its processes, as last sampled.
+time of each side is the user + system time of all its processes, as last sampled. The driver's
+own peak is its PSS without shared memory: its VmHWM (training_results.json's ``driver``) also
+counts the object store pages it wrote or read, which the tree's figure counts once.
 
 Writes <out>/kmeans_<n>_<device>[_str]_<timestamp>.json and .md (the table) and prints the table.
 """
@@ -98,6 +100,7 @@ class TreeMemory:
         self._cache: dict[int, tuple] = {}
         self._names: dict[int, str] = {}
         self._cpu: dict[int, float] = {}  # last CPU seconds (user + system) seen per process
+        self.driver_peak = 0  # the root process's peak PSS without shared memory
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -143,6 +146,8 @@ class TreeMemory:
                 continue
             uss = r.get("Private_Clean", 0) + r.get("Private_Dirty", 0)
             tot["total"] += r["Pss"] - r.get("Pss_Shmem", 0)
+            if p.pid == self.root.pid:  # the driver without the object store pages it maps
+                self.driver_peak = max(self.driver_peak, r["Pss"] - r.get("Pss_Shmem", 0))
             tot["pss"] += r["Pss"]
             tot["uss"] += uss
             tot["rss"] += r["Rss"]
@@ -211,6 +216,7 @@ def run_side(name: str, cmd: list[str], log_path: str, env: dict, cwd: str = REP
         "peak_shm_gb": round(mem.peak["shm"] / GB, 3),
         "peak_uss_gb": round(mem.peak["uss"] / GB, 3),
         "peak_rss_gb": round(mem.peak["rss"] / GB, 3),
+        "driver_peak_gb": round(mem.driver_peak / GB, 3),
         "cpu_s": round(mem.cpu_s, 1),
         "processes_max": mem.max_procs,
         "memory_samples": mem.samples,
@@ -410,6 +416,12 @@ def table(res: dict) -> str:
         ratio=False,
     )
     row("peak sum of PSS (GB)", [s["peak_pss_gb"] for s in sides], lambda v: f"{v:.2f}")
+    row(
+        "  driver's own peak (PSS without the object store, GB)",
+        [s.get("driver_peak_gb", 0) for s in sides],
+        lambda v: f"{v:.2f}",
+        ratio=False,
+    )
     row("peak sum of USS (GB)", [s["peak_uss_gb"] for s in sides], lambda v: f"{v:.2f}")
     row("peak sum of RSS (GB, double counts shared)", [s["peak_rss_gb"] for s in sides], lambda v: f"{v:.2f}")
     row("processes (max)", [s["processes_max"] for s in sides], lambda v: str(v), ratio=False)

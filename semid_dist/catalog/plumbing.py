@@ -99,14 +99,15 @@ _last_trim = [0.0]
 
 
 def trim_heap(every_s: float = 0.0) -> None:
-    """Return freed heap memory to the OS (glibc's malloc_trim; a no-op elsewhere). glibc keeps
-    what numpy and Arrow free for reuse, so a process's RSS stays at its high-water mark: the
-    idle Ray workers of a finished pass, and the driver between stages, would otherwise hold
-    hundreds of MB at catalog scale (BENCHMARKS.md)."""
+    """Return freed heap memory to the OS (glibc's malloc_trim, a no-op elsewhere; and what
+    Arrow's memory pool keeps). Both keep what numpy and Arrow free for reuse, so a process's
+    RSS stays at its high-water mark: the idle Ray workers of a finished pass, and the driver
+    between stages, would otherwise hold hundreds of MB at catalog scale (BENCHMARKS.md)."""
     now = time.monotonic()
     if now - _last_trim[0] < every_s:
         return
     _last_trim[0] = now
+    pa.default_memory_pool().release_unused()
     try:
         import ctypes
 
@@ -125,9 +126,11 @@ def guarded(fn: Callable, empty: dict) -> Callable:
         if "error" in block.column_names:  # an unreadable file (source.read_unit)
             return result_row(UserError(block.column("error")[0].as_py()), **empty)
         try:
-            return result_row(**fn(block, **kw))
+            out = fn(block, **kw)
         except RowError as e:
             return result_row(e, **empty)
+        trim_heap(TRIM_EVERY_S)  # fn's temporaries (a worker's last block would keep them)
+        return result_row(**out)
 
     run.__name__ = fn.__name__
     run.__qualname__ = fn.__qualname__

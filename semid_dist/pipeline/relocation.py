@@ -20,7 +20,9 @@ relative to each other (string ItemIDs: by their bytes, as the driver's ranks do
 
 Driver memory beyond the ``suffix`` policy: the codes' copy and the stream order (about 16
 bytes per item with 3 levels), the buffer (``FLUSH_BYTES``), a reference per piece and the
-changes, whatever the catalog's size; each task holds about ``task_rows`` rows.
+changes, whatever the catalog's size; each task holds about ``task_rows`` rows. The nightly job
+also keeps, through ``hold`` (``NotStable``), the candidates of the items that can need a fresh
+ID.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from semid_dist.catalog.plumbing import flat, flat_names
+from semid_dist.catalog.plumbing import flat, flat_names, parallelism
 
 log = logging.getLogger("semid_dist")
 
@@ -136,15 +138,20 @@ class CandidateSpool:
 
         self.flush()
         task = ray.remote(num_cpus=1)(relocate_bucket)
-        pending = [task.remote(*refs) for refs in self.refs if refs]
-        self.refs = [[] for _ in range(self.n_buckets)]  # the tasks hold the pieces until they end
+        waiting = [refs for refs in self.refs if refs]
+        self.refs = [[] for _ in range(self.n_buckets)]  # a task holds its pieces until it ends
         row_of = np.empty(len(stream_order), np.int64)
         row_of[stream_order] = np.arange(len(stream_order))
         new_codes = codes_NL.copy()
         dedup_N = np.zeros(len(codes_NL), np.int64)
-        counts = {"moved": 0, "suffix_items": 0, "err_delta": 0.0, "tasks": len(pending)}
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
+        counts = {"moved": 0, "suffix_items": 0, "err_delta": 0.0, "tasks": len(waiting)}
+        # at most parallelism() at once: a local Ray advertises more CPUs than cores, and each
+        # task more would start a worker process of its own (the idle encode workers run these)
+        window, running = parallelism(), []
+        while waiting or running:
+            while waiting and len(running) < window:
+                running.append(task.remote(*waiting.pop()))
+            done, running = ray.wait(running, num_returns=1)
             r = ray.get(done[0])
             new_codes[row_of[r["moved_rows"]], -1] = r["moved_codes"]
             dedup_N[row_of[r["dedup_rows"]]] = r["dedup"]
