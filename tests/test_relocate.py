@@ -184,3 +184,14 @@ def test_suffix_dedup_in_one_sort_equals_dedup_codes():
         dedup, sizes = suffix_dedup(codes)
         np.testing.assert_array_equal(dedup, dedup_codes(ids, codes))
         assert sizes.sum() == n and collision_stats(codes, sizes) == collision_stats(codes)
+
+
+def test_rows_without_a_collision_all_stay():
+    ids, codes, cand, err, *_ = catalog(12, n=40)
+    _, first = np.unique(codes, axis=0, return_index=True)  # one row per L-code tuple
+    rel = relocate(ids[first], codes[first], cand[first], err[first])
+    assert rel.stays_N.all() and not rel.moved_N.any() and not rel.dedup_N.any()
+    np.testing.assert_array_equal(rel.codes_NL, codes[first])
+    occupied = codes[first][:3]  # ... unless a tuple is held outside: those rows move or suffix
+    rel = relocate(ids[first], codes[first], cand[first], err[first], occupied)
+    assert (~rel.stays_N).sum() == 3

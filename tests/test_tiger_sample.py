@@ -86,3 +86,22 @@ def test_sampled_tiger_ignores_sharding_and_workers(ray_session, tmp_path):
     whole = _train(a, str(tmp_path / "whole"))
     assert whole["training"]["train_sample"]["fraction"] == 1.0
     assert whole["training"]["run_dir"] != r1["training"]["run_dir"]  # --resume would not mix them
+
+
+def test_resume_continues_only_the_same_sample(ray_session, tmp_path):
+    ids, x = make_catalog(600, DIM, seed=4)
+    data = str(tmp_path / "data")
+    write_shards(data, ids, x, 2)
+    out, logs = str(tmp_path / "out"), str(tmp_path / "logs")
+    half, third = str(300 * ROW / 1e9), str(200 * ROW / 1e9)
+
+    def log_of(r):
+        return open(os.path.join(logs, r["log_file"])).read()
+
+    first = _train(data, out, "--train_sample_gb", half)
+    same = _train(data, out, "--train_sample_gb", half, "--resume", "--epochs", "3")
+    assert "tiger: resumed from checkpoint after epoch 2" in log_of(same)
+    other = _train(data, out, "--train_sample_gb", third, "--resume", "--epochs", "3")
+    assert "resumed from checkpoint" not in log_of(other)  # another sample: another run, from epoch 1
+    assert other["training"]["run_dir"] != first["training"]["run_dir"] == same["training"]["run_dir"]
+    assert other["training"]["train_sample"]["fraction"] < first["training"]["train_sample"]["fraction"]

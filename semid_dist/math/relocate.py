@@ -158,9 +158,10 @@ def _stayers(ids_N, key_N, own_err, occ_key) -> tuple[np.ndarray, np.ndarray]:
     stays = np.zeros(n, bool)
     stays[by_key[start & ~shared]] = True  # alone in its group
     rows = by_key[shared]
-    o = np.lexsort([ids_N[rows], own_err[rows], key_N[rows]])
-    g = key_N[rows][o]
-    stays[rows[o][np.r_[True, g[1:] != g[:-1]]]] = True
+    if rows.size:  # groups of two or more: the nearest stays
+        o = np.lexsort([ids_N[rows], own_err[rows], key_N[rows]])
+        g = key_N[rows][o]
+        stays[rows[o][np.r_[True, g[1:] != g[:-1]]]] = True
     taken = np.unique(np.concatenate([k_sorted[start], occ_key]))
     if occ_key.shape[0]:
         stays &= ~_sorted_has(np.unique(occ_key), key_N)  # held outside these rows
