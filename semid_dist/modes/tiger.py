@@ -56,6 +56,9 @@ def fit(job) -> tuple[TigerTokenizer, dict]:
             cfg.learning_rate,
         )
     ds = training_dataset(job.catalog, job.n_items, plumbing.read_tasks())
+    if not sample.whole:  # the read tasks drop what is not in the sample
+        args = (sample.fraction, cfg.seed)
+        ds = ds.map_batches(train_sample.sample_rows, batch_format="pyarrow", batch_size=None, fn_args=args)
     fail_at = testhooks.fail_at_step()
     run = train(cfg, ds, job.catalog.dim, job.n_items, job.catalog.store, fail_at_step=fail_at, sample=sample)
     for epoch, ckpt in run.checkpoints:

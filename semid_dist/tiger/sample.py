@@ -2,10 +2,11 @@
 
 The sample is the rule of kmeans's: the items whose ItemID hashes (math.sampling.hash_unit, with
 --seed) below a fraction, so which items it holds does not depend on sharding, row order or the
-number of workers. Each train worker keeps the sampled rows of its shard as it reads them; the
-validation split (--val_fraction) is then drawn from the sample, and the encode pass still
-encodes every item. The resolved sample size is part of what defines a run (run_name): a
---resume with another size starts afresh.
+number of workers. The read tasks keep only the sampled rows (``sample_rows``, fused with the
+read), and each train worker checks them again as it reads its shard; the validation split
+(--val_fraction) is then drawn from the sample, and the encode pass still encodes every item. The
+resolved sample size is part of what defines a run (run_name): a --resume with another size starts
+afresh.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import pyarrow as pa
 
+from semid_dist.catalog.schema import ID_COL, batch_names, id_keys
 from semid_dist.config import Config
 from semid_dist.errors import UserError
 from semid_dist.math.sampling import hash_unit, margin
@@ -98,3 +101,15 @@ def keep(ids_N: np.ndarray, seed: int, fraction: float) -> np.ndarray:
     if fraction >= 1.0:
         return np.ones(len(ids_N), bool)
     return hash_unit(ids_N, seed) < fraction
+
+
+def sample_rows(block: pa.Table, fraction: float, seed: int) -> pa.Table:
+    """The rows of a read block that are in the sample, for a map fused with the read: the rest
+    of the catalog then never enters the object store on its way to the workers. A block that
+    reports an unreadable file, or holds a null ItemID, goes on whole: the worker reports it."""
+    ids = block.column(ID_COL) if ID_COL in block.column_names else None
+    if ids is None or ids.null_count or "error" in block.column_names:
+        return block
+    names = batch_names(block)
+    keys = id_keys(names) if names is not None else ids.to_numpy().astype(np.int64, copy=False)
+    return block.take(pa.array(np.flatnonzero(keep(keys, seed, fraction))))
