@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -57,12 +56,6 @@ def prefix_buckets(codes_NL: np.ndarray, n_buckets: int) -> np.ndarray:
     return (h % np.uint64(n_buckets)).astype(np.int64)
 
 
-@dataclass
-class _Buffer:
-    parts: list[dict] = field(default_factory=list)  # pieces not yet put, one dict per block
-    nbytes: int = 0
-
-
 class CandidateSpool:
     """Takes the encode pass's result blocks (``plumbing.collect``'s keep), keeps their candidates
     in the object store by bucket, and relocates each bucket in a Ray task (module docstring)."""
@@ -84,8 +77,8 @@ class CandidateSpool:
         self.held: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # stream rows, cand, err
         self.n_buckets = 1 if n_levels == 1 else max(1, math.ceil(n_items / max(1, task_rows)))
         self.refs: list[list] = [[] for _ in range(self.n_buckets)]
-        self.buffers = [_Buffer() for _ in range(self.n_buckets)]
-        self.buffered = 0
+        self.buffers: list[list[dict]] = [[] for _ in range(self.n_buckets)]  # pieces not yet put
+        self.buffered = 0  # their bytes
         self.rows = 0  # result rows seen: the next block's first stream row
 
     def take(self, b: pa.Table) -> pa.Table:
@@ -111,10 +104,8 @@ class CandidateSpool:
             rows = by_bucket[bounds[q] : bounds[q + 1]]
             if rows.size:
                 part = {name: _take(col, rows) for name, col in piece.items()}
-                self.buffers[q].parts.append(part)
-                size = sum(_nbytes(c) for c in part.values())
-                self.buffers[q].nbytes += size
-                self.buffered += size
+                self.buffers[q].append(part)
+                self.buffered += sum(_nbytes(c) for c in part.values())
         if self.buffered >= FLUSH_BYTES:
             self.flush()
         kept = b.drop_columns(list(self.CANDIDATE_COLUMNS))
@@ -124,10 +115,10 @@ class CandidateSpool:
         """Put every bucket's buffered pieces in the object store, one object per bucket."""
         import ray
 
-        for q, buf in enumerate(self.buffers):
-            if buf.parts:
-                self.refs[q].append(ray.put(_concat(buf.parts)))
-                self.buffers[q] = _Buffer()
+        for q, parts in enumerate(self.buffers):
+            if parts:
+                self.refs[q].append(ray.put(_concat(parts)))
+        self.buffers = [[] for _ in range(self.n_buckets)]
         self.buffered = 0
 
     def relocate(self, codes_NL: np.ndarray, stream_order: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -148,6 +139,7 @@ class CandidateSpool:
         # at most parallelism() at once: a local Ray advertises more CPUs than cores, and each
         # task more would start a worker process of its own (the idle encode workers run these)
         window, running = parallelism(), []
+        log.info("relocation: %d bucket(s) of prefixes, %d Ray task(s) at a time", len(waiting), window)
         while waiting or running:
             while waiting and len(running) < window:
                 running.append(task.remote(*waiting.pop()))
