@@ -93,6 +93,7 @@ def churn_files(data: str, n: int, frac: float, out: str) -> dict[str, int]:
             continue
         t = pq.read_table(src)
         x = t.column("embedding").combine_chunks().flatten().to_numpy().reshape(t.num_rows, -1).copy()
+        dim = x.shape[1]
         row = np.arange(lo, start)
         chg = row < m
         x[chg] += 0.05 * rng.standard_normal((int(chg.sum()), x.shape[1]), dtype=np.float32)
@@ -100,7 +101,7 @@ def churn_files(data: str, n: int, frac: float, out: str) -> dict[str, int]:
         keep = (row < m) | (row >= 2 * m)
         ids = t.column("ItemID").to_numpy()[keep]
         pq.write_table(synth._table(ids, x[keep]), os.path.join(out, name), row_group_size=synth.ROW_GROUP)
-    cat = synth.Catalog(768, 0)
+    cat = synth.Catalog(dim, 0)  # the first shard always holds changed rows (m > 0)
     for i, lo in enumerate(range(n, n + m, synth.ROW_GROUP * 4)):
         hi = min(n + m, lo + synth.ROW_GROUP * 4)
         path = os.path.join(out, f"part-{len(shards) + i:05d}.parquet")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +26,6 @@ from semid_dist.catalog import plumbing
 from semid_dist.catalog.plumbing import flat, flat_names, guarded, lists, name_lists, total
 from semid_dist.catalog.schema import Catalog, batch_names, batch_to_arrays
 from semid_dist.errors import UserError
-from semid_dist.pipeline.relocation import CandidateSpool
 
 log = logging.getLogger("semid_dist")
 
@@ -52,6 +52,8 @@ class Extras:
         return min(1.0, 1.2 * self.sample / max(self.n_items, 1) + 1e-4) if self.sample else 0.0
 
 
+Keep = Callable[[pa.Table], pa.Table]  # what the driver keeps of a result block (plumbing.collect)
+
 SAMPLE_SALT = 7919  # the quality sample's hash seed differs from the fit sample's
 
 
@@ -66,8 +68,7 @@ class EncodeResult:
     sample_x: np.ndarray | None = None  # their embeddings (float32)
     sample_codes: np.ndarray | None = None  # and their codes before the collision policy
     names: pa.Array | None = None  # string ItemIDs sorted bytewise (row i is names[i]); None: integers
-    spool: CandidateSpool | None = None  # relocate in Ray tasks: the candidates, spooled by bucket
-    stream_order: np.ndarray | None = None  # with a spool: the result stream's row of each row
+    stream_order: np.ndarray | None = None  # with a keep: the result stream's row of each row
 
     def check_unique(self, catalog: Catalog) -> None:
         """No ItemID twice (when no scan pass checked it before)."""
@@ -163,7 +164,7 @@ def encode_block(block: pa.Table, dim: int, encoder, extras: Extras = Extras()) 
 
 
 def encode_result(
-    t: pa.Table, n_layers: int, extras: Extras = Extras(), dim: int = 0, spool: CandidateSpool | None = None
+    t: pa.Table, n_layers: int, extras: Extras = Extras(), dim: int = 0, stream_order: bool = False
 ) -> EncodeResult:
     ids_N = flat(t, "ids").astype(np.int64, copy=False)
     # 2 bytes a code (uint16: Config caps the codes per level at 65,535) keep the driver small
@@ -181,8 +182,8 @@ def encode_result(
         sq_norm_sum=total(t, "sq_norm"),
         names=names,
     )
-    if spool is not None:  # the candidates are in the object store, not in t
-        res.spool, res.stream_order = spool, order
+    if stream_order:  # rows were taken out of t by a keep (the candidates, pipeline/relocation.py)
+        res.stream_order = order
     if extras.fingerprints:
         res.fp_N = flat(t, "fp").astype(np.uint64, copy=False)[order]
     if extras.sample:
@@ -202,10 +203,11 @@ def encode_result(
 
 
 def encode_pass(
-    catalog: Catalog, tokenizer, n_items: int, extras: Extras = Extras(), spool: CandidateSpool | None = None
+    catalog: Catalog, tokenizer, n_items: int, extras: Extras = Extras(), keep: Keep | None = None
 ) -> EncodeResult:
     """The encode pass over the first n_items rows on CPUs, fused with the read: codes of every
-    item (and the extras asked for), sorted by ItemID. With a spool, the candidates go to it."""
+    item (and the extras asked for), sorted by ItemID. keep: what to keep of each result block
+    (plumbing.collect), e.g. all but the candidates, which it takes elsewhere."""
     t = plumbing.map_catalog(
         plumbing.dataset(catalog, n_items),
         encode_block,
@@ -213,12 +215,12 @@ def encode_pass(
         "encode",
         n_items,
         catalog,
-        keep=None if spool is None else spool.take,
+        keep=keep,
         dim=catalog.dim,
         encoder=tokenizer.cpu_encoder(),
         extras=extras,
     )
-    return encode_result(t, tokenizer.n_layers, extras, catalog.dim, spool)
+    return encode_result(t, tokenizer.n_layers, extras, catalog.dim, keep is not None)
 
 
 class DeviceEncoder:
@@ -257,7 +259,7 @@ def encode_pass_on_devices(
     actors: int,
     batch_size: int,
     extras: Extras = Extras(),
-    spool: CandidateSpool | None = None,
+    keep: Keep | None = None,
 ) -> EncodeResult:
     """The encode pass with `actors` actors (one GPU each when device is cuda) that hold the
     tokenizer on the device. Not fused with the read (actors cannot be): the read tasks' blocks
@@ -277,8 +279,8 @@ def encode_pass_on_devices(
         num_gpus=1 if device == "cuda" else 0,
     )
     log.info("encode: %d actor(s) on %s, batches of %d", actors, device, batch_size)
-    t = plumbing.collect(mapped, "encode", n_items, catalog, None if spool is None else spool.take)
-    return encode_result(t, tokenizer.n_layers, extras, catalog.dim, spool)
+    t = plumbing.collect(mapped, "encode", n_items, catalog, keep)
+    return encode_result(t, tokenizer.n_layers, extras, catalog.dim, keep is not None)
 
 
 def encode_catalog(
@@ -288,20 +290,13 @@ def encode_catalog(
     where: tuple[str, int],
     batch_size: int,
     extras: Extras = Extras(),
-    task_rows: int = 250_000,
-    hold=None,
+    keep: Keep | None = None,
 ) -> EncodeResult:
     """The encode pass where encode_device() said: actors on the GPUs, else the fused CPU pass.
-    The candidates (relocate) go to a CandidateSpool for relocation in Ray tasks of about
-    task_rows items (pipeline/relocation.py); the driver keeps those of the rows hold(block)
-    picks, if any."""
+    keep: what the driver keeps of each result block (the relocate policy's CandidateSpool.take
+    sends the candidates on to the object store); the result then records the stream order."""
     device, gpus = where
     extras = dataclasses.replace(extras, wide_codes=tokenizer.n_codes > 2**16, strings=catalog.string_ids)
-    spool = None
-    if extras.candidates:
-        spool = CandidateSpool(
-            n_items, tokenizer.n_layers, extras.candidates, catalog.string_ids, task_rows, hold
-        )
     if device == "cuda":
-        return encode_pass_on_devices(catalog, tokenizer, n_items, device, gpus, batch_size, extras, spool)
-    return encode_pass(catalog, tokenizer, n_items, extras, spool)
+        return encode_pass_on_devices(catalog, tokenizer, n_items, device, gpus, batch_size, extras, keep)
+    return encode_pass(catalog, tokenizer, n_items, extras, keep)

@@ -50,7 +50,7 @@ from semid_dist.pipeline.collisions import CollisionSummary
 from semid_dist.pipeline.fit import as_run, check_enough_items, fit_stage, payload_bytes, scan_stage
 from semid_dist.pipeline.ids import extras, write_report
 from semid_dist.pipeline.quality import add_quality
-from semid_dist.pipeline.relocation import NotStable
+from semid_dist.pipeline.relocation import CandidateSpool, NotStable
 from semid_dist.run import Run
 from semid_dist.tokenizer import Tokenizer, read_tokenizer, tokenizer_from_bytes
 
@@ -112,8 +112,8 @@ def run(cfg: Config, log_dir: str = "logs") -> dict:
         where = r.connect()
         tok = given or train_tokenizer(r, catalog, n_items)
         check_tokenizer(r.cfg, night, tok, catalog)
-        enc = encode(r, catalog, n_items, where, tok, night.parent)
-        tonight = assign(r, night, enc, tok, catalog.id_type)
+        enc, spool = encode(r, catalog, n_items, where, tok, night.parent)
+        tonight = assign(r, night, enc, spool, tok, catalog.id_type)
         return publish(r, night, tok, tonight, (catalog, n_items, where))
 
 
@@ -234,28 +234,21 @@ def encode(
     where: tuple[str, int],
     tok: NightTokenizer,
     parent: Generation | None,
-) -> EncodeResult:
+) -> tuple[EncodeResult, CandidateSpool | None]:
     """One pass: every item's codes and its embedding's fingerprint. Under relocate the
-    candidates go to the relocation tasks, and the driver keeps those of the items that are not
-    stable against the parent (only they can need a fresh ID)."""
+    candidates go to the spool's relocation tasks, and the driver keeps those of the items that
+    are not stable against the parent (only they can need a fresh ID)."""
     cfg = r.cfg
-    hold = None
-    if parent is not None:
-        hold = NotStable(parent.mapping.ids, parent.mapping.fp, parent.names)
+    hold = None if parent is None else NotStable(parent.mapping.ids, parent.mapping.fp, parent.names)
+    ext = extras(cfg, n_items, fingerprints=True)
+    spool = CandidateSpool.of(cfg, ext, tok.tokenizer.n_layers, catalog.string_ids, n_items, hold)
     with r.stage("encode"):
         enc = encode_catalog(
-            catalog,
-            tok.tokenizer,
-            n_items,
-            where,
-            cfg.encode_batch_size,
-            extras(cfg, n_items, fingerprints=True),
-            cfg.relocate_task_rows,
-            hold,
+            catalog, tok.tokenizer, n_items, where, cfg.encode_batch_size, ext, spool.take if spool else None
         )
         if not tok.scanned:
             enc.check_unique(catalog)
-    return enc
+    return enc, spool
 
 
 @dataclass
@@ -266,9 +259,17 @@ class Tonight:
     names: tuple | None = None  # string ItemIDs of the mapping's and the retired list's rows
 
 
-def assign(r: Run, night: Night, enc: EncodeResult, tok: NightTokenizer, id_type: pa.DataType) -> Tonight:
+def assign(
+    r: Run,
+    night: Night,
+    enc: EncodeResult,
+    spool: CandidateSpool | None,
+    tok: NightTokenizer,
+    id_type: pa.DataType,
+) -> Tonight:
     """Tonight's IDs against the parent's (math/generations.py), the quality figures and the
-    content digest. id_type: the catalog's ItemID type (string ItemIDs are written as it)."""
+    content digest. spool: the encode pass's candidates (relocate). id_type: the catalog's
+    ItemID type (string ItemIDs are written as it)."""
     tok_fp = tok.fingerprint
     width = tok.tokenizer.n_layers + 1
     parent = night.parent
@@ -291,9 +292,9 @@ def assign(r: Run, night: Night, enc: EncodeResult, tok: NightTokenizer, id_type
             tok.fingerprint,
             night.seq,
             r.cfg.changed_policy,
-            relocated=enc.spool.relocated(enc.codes_NL, enc.stream_order) if enc.spool else None,
+            relocated=spool.relocated(enc.codes_NL, enc.stream_order) if spool else None,
         )
-        enc.spool = enc.stream_order = None
+        enc.stream_order = None
         names = None
         if union is not None:
             names = (union.take(a.mapping.ids).cast(id_type), union.take(a.retired.ids).cast(id_type))

@@ -23,6 +23,7 @@ from semid_dist.math.metrics import collision_stats
 if TYPE_CHECKING:  # readers of the record (the report) import this module without Ray
     from semid_dist.catalog.encode import EncodeResult
     from semid_dist.config import Config
+    from semid_dist.pipeline.relocation import CandidateSpool
 
 log = logging.getLogger("semid_dist")
 
@@ -77,10 +78,11 @@ class CollisionSummary:
 
 
 def apply_policy(
-    cfg: Config, enc: EncodeResult
+    cfg: Config, enc: EncodeResult, spool: CandidateSpool | None = None
 ) -> tuple[np.ndarray, np.ndarray, CollisionSummary, np.ndarray | None]:
     """The codes and dedup codes of every item under --collision_policy, what the policy did,
-    and under suffix the sizes of the groups."""
+    and under suffix the sizes of the groups. relocate: spool took the encode pass's candidates
+    (pipeline/relocation.py)."""
     t0 = time.perf_counter()
     n = len(enc.ids_N)
     err_before = enc.sq_err_sum / enc.sq_norm_sum if enc.sq_norm_sum > 0 else 0.0
@@ -99,7 +101,6 @@ def apply_policy(
         )
         return enc.codes_NL, dedup_N, summary, sizes_G
     rate_before = collision_stats(enc.codes_NL)["collision_rate"]
-    spool, enc.spool = enc.spool, None  # relocation in Ray tasks (pipeline/relocation.py)
     codes_NL, dedup_N, counts = spool.relocate(enc.codes_NL, enc.stream_order)
     enc.stream_order = None
     err_after = (enc.sq_err_sum + counts["err_delta"]) / enc.sq_norm_sum if enc.sq_norm_sum > 0 else 0.0

@@ -14,6 +14,7 @@ from semid_dist.math.dedup import row_groups
 from semid_dist.math.metrics import quality_report
 from semid_dist.pipeline.collisions import apply_policy, log_policy
 from semid_dist.pipeline.quality import add_coherence, add_group_sizes, background
+from semid_dist.pipeline.relocation import CandidateSpool
 from semid_dist.run import Run, peak_rss_gb
 from semid_dist.tokenizer import Tokenizer
 
@@ -44,12 +45,15 @@ def export_ids(
     are checked on the encode pass's ItemIDs."""
     cfg = r.cfg
     with r.stage("encode"):
-        ext, rows = extras(cfg, n_items), cfg.relocate_task_rows
-        enc = encode_catalog(catalog, tokenizer, n_items, where, cfg.encode_batch_size, ext, rows)
+        ext = extras(cfg, n_items)
+        spool = CandidateSpool.of(cfg, ext, tokenizer.n_layers, catalog.string_ids, n_items)
+        keep = spool.take if spool else None
+        enc = encode_catalog(catalog, tokenizer, n_items, where, cfg.encode_batch_size, ext, keep)
         if not scanned:
             enc.check_unique(catalog)
     with r.stage("dedup"):
-        codes_NL, dedup_N, collisions, sizes_G = apply_policy(cfg, enc)
+        codes_NL, dedup_N, collisions, sizes_G = apply_policy(cfg, enc, spool)
+        del spool
         sid_NM = export.semantic_ids(codes_NL, dedup_N)
         # the tokenizer's codes as encoded; what the collision policy changed is in "collisions"
         quality = quality_report(enc.codes_NL, tokenizer.n_codes, enc.sq_err_sum, enc.sq_norm_sum, sizes_G)

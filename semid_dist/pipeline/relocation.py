@@ -18,11 +18,11 @@ The IDs equal ``relocate()`` over all rows at once for any number of buckets and
 a bucket holds whole prefixes, and within a bucket ``relocate()`` orders rows by ItemID only
 relative to each other (string ItemIDs: by their bytes, as the driver's ranks do).
 
-Driver memory beyond the ``suffix`` policy: the codes' copy and the stream order (about 16
-bytes per item with 3 levels), the buffer (``FLUSH_BYTES``), a reference per piece and the
-changes, whatever the catalog's size; each task holds about ``task_rows`` rows. The nightly job
-also keeps, through ``hold`` (``NotStable``), the candidates of the items that can need a fresh
-ID.
+Driver memory beyond the ``suffix`` policy: the codes' copy, the stream order and its inverse
+(about 22 bytes per item with 3 levels; 25 measured, BENCHMARKS.md), the buffer (``FLUSH_BYTES``),
+a reference per piece and the changes, whatever the catalog's size; each task holds about
+``task_rows`` rows. The nightly job also keeps, through ``hold`` (``NotStable``), the candidates
+of the items that can need a fresh ID.
 """
 
 from __future__ import annotations
@@ -57,10 +57,18 @@ def prefix_buckets(codes_NL: np.ndarray, n_buckets: int) -> np.ndarray:
 
 
 class CandidateSpool:
-    """Takes the encode pass's result blocks (``plumbing.collect``'s keep), keeps their candidates
-    in the object store by bucket, and relocates each bucket in a Ray task (module docstring)."""
+    """Takes the encode pass's result blocks (``take``: ``encode_catalog``'s keep), keeps their
+    candidates in the object store by bucket, and relocates each bucket in a Ray task (module
+    docstring)."""
 
     CANDIDATE_COLUMNS = ("cand", "cand_err")
+
+    @classmethod
+    def of(cls, cfg, extras, n_levels: int, strings: bool, n_items: int, hold=None) -> CandidateSpool | None:
+        """The spool for a run's encode pass: one when the pass emits candidates (relocate)."""
+        if not extras.candidates:
+            return None
+        return cls(n_items, n_levels, extras.candidates, strings, cfg.relocate_task_rows, hold)
 
     def __init__(
         self,
@@ -131,8 +139,7 @@ class CandidateSpool:
         task = ray.remote(num_cpus=1)(relocate_bucket)
         waiting = [refs for refs in self.refs if refs]
         self.refs = [[] for _ in range(self.n_buckets)]  # a task holds its pieces until it ends
-        row_of = np.empty(len(stream_order), np.int64)
-        row_of[stream_order] = np.arange(len(stream_order))
+        row_of = _inverse(stream_order)
         new_codes = codes_NL.copy()
         dedup_N = np.zeros(len(codes_NL), np.int64)
         counts = {"moved": 0, "suffix_items": 0, "err_delta": 0.0, "tasks": len(waiting)}
@@ -155,8 +162,7 @@ class CandidateSpool:
     def held_candidates(self, stream_order: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The rows hold() chose, in ItemID order (rows of the encode result), and their
         candidates and errors."""
-        row_of = np.empty(len(stream_order), np.int64)
-        row_of[stream_order] = np.arange(len(stream_order))
+        row_of = _inverse(stream_order)
         rows = row_of[np.concatenate([h[0] for h in self.held])] if self.held else np.zeros(0, np.int64)
         o = np.argsort(rows)
         cand = np.concatenate([h[1] for h in self.held]) if self.held else np.zeros((0, self.k), np.uint16)
@@ -234,6 +240,13 @@ def relocate_bucket(*pieces: dict) -> dict:
     del rel
     trim_heap()  # the next task, or an idle worker, starts small
     return out
+
+
+def _inverse(stream_order: np.ndarray) -> np.ndarray:
+    """The row (ItemID order) of each stream row."""
+    row_of = np.empty(len(stream_order), np.int64)
+    row_of[stream_order] = np.arange(len(stream_order))
+    return row_of
 
 
 def _take(col, rows: np.ndarray):
